@@ -1,0 +1,4 @@
+//! bnlab: batch normalization written from scratch on Burn, with the networks and training
+//! runs of the batch-norm chapter of *Dive into Deep Learning*.
+
+pub mod norm;

@@ -1,0 +1,316 @@
+//! Batch normalization as plain functions of Burn tensors.
+//!
+//! This is the chapter's `batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum)`
+//! split into its three steps, so that each can be tested and reused:
+//! [`normalize_train`] (batch statistics), [`normalize_eval`] (given statistics) and
+//! [`update_running`] (the exponential moving average). [`batch_norm`] strings them together.
+//!
+//! Shapes: `x` is `(N, C)`, `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)`. Statistics are per
+//! channel (axis 1), over every other axis. `gamma`, `beta` and the statistics have length `C`.
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// Everything that can be wrong with a batch-norm call or configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BnError {
+    #[error(
+        "batch norm in training mode needs more than one value per channel, got input of shape \
+         {shape:?} (as PyTorch: use a batch of at least 2 examples)"
+    )]
+    SingleValuePerChannel { shape: Vec<usize> },
+    #[error(
+        "batch norm expects input of shape (N, C, ...) with rank 2 to 5 and C = {channels}, got {shape:?}"
+    )]
+    Shape { channels: usize, shape: Vec<usize> },
+    #[error("batch norm: {0}")]
+    InvalidSetting(String),
+}
+
+/// Which convention moves the running statistics. The two differ in what `momentum` means and
+/// in which variance is averaged; both normalise with the biased batch variance in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Convention {
+    /// PyTorch: `running = (1 - m) * running + m * batch`, so `m = 0.1` is the weight of the
+    /// new batch; the running variance averages the *unbiased* batch variance; momentum `None`
+    /// is a cumulative average (`m = 1 / num_batches_tracked`).
+    #[default]
+    PyTorch,
+    /// The d2l chapter's scratch layer: `moving = m * moving + (1 - m) * batch`, so `m = 0.9`
+    /// is the weight of the *old* value; the moving variance averages the *biased* variance.
+    D2l,
+}
+
+/// How the running statistics move after a training batch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RunningUpdate {
+    /// Interpreted by `convention`; `None` is a cumulative average under either convention.
+    pub momentum: Option<f64>,
+    pub convention: Convention,
+}
+
+impl Default for RunningUpdate {
+    fn default() -> Self {
+        Self::pytorch(Some(0.1))
+    }
+}
+
+impl RunningUpdate {
+    pub fn pytorch(momentum: Option<f64>) -> Self {
+        Self {
+            momentum,
+            convention: Convention::PyTorch,
+        }
+    }
+
+    /// d2l's scratch layer: `moving = 0.9 * moving + 0.1 * batch`, biased variance.
+    pub fn d2l() -> Self {
+        Self {
+            momentum: Some(0.9),
+            convention: Convention::D2l,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), BnError> {
+        match self.momentum {
+            Some(m) if !(m.is_finite() && (0.0..=1.0).contains(&m)) => Err(
+                BnError::InvalidSetting(format!("momentum must be within [0, 1], got {m}")),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The weight the new batch's statistic gets, once `num_batches_tracked` counts this batch.
+    pub fn new_batch_weight(&self, num_batches_tracked: u64) -> f64 {
+        match (self.momentum, self.convention) {
+            (None, _) => 1.0 / num_batches_tracked.max(1) as f64,
+            (Some(m), Convention::PyTorch) => m,
+            (Some(m), Convention::D2l) => 1.0 - m,
+        }
+    }
+
+    /// Whether the running variance averages the unbiased (n / (n - 1)) batch variance.
+    pub fn unbiased_running_var(&self) -> bool {
+        self.convention == Convention::PyTorch
+    }
+}
+
+/// Statistics of one training batch, per channel.
+#[derive(Debug, Clone)]
+pub struct BatchStats {
+    pub mean: Tensor<1>,
+    /// The biased variance: the one training mode normalises with.
+    pub var: Tensor<1>,
+    /// How many values each channel's statistics average (N, N·L, N·H·W, ...).
+    pub count: usize,
+}
+
+/// Running statistics as the functional form carries them.
+#[derive(Debug, Clone)]
+pub struct RunningStats {
+    pub mean: Tensor<1>,
+    pub var: Tensor<1>,
+    pub num_batches_tracked: u64,
+}
+
+impl RunningStats {
+    /// PyTorch's (and the fixed d2l's) starting point: mean 0, variance 1.
+    pub fn new(num_features: usize, device: &burn::tensor::Device) -> Self {
+        Self {
+            mean: Tensor::zeros([num_features], device),
+            var: Tensor::ones([num_features], device),
+            num_batches_tracked: 0,
+        }
+    }
+}
+
+/// Training or evaluation behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// Checks the input's rank and channel count and returns `C`.
+pub fn channels_of(dims: &[usize], expected: Option<usize>) -> Result<usize, BnError> {
+    let shape_error = || BnError::Shape {
+        channels: expected.unwrap_or(0),
+        shape: dims.to_vec(),
+    };
+    if !(2..=5).contains(&dims.len()) {
+        return Err(shape_error());
+    }
+    let channels = dims[1];
+    if channels == 0 || expected.is_some_and(|e| e != channels) {
+        return Err(shape_error());
+    }
+    Ok(channels)
+}
+
+/// `[1, C, 1, ...]`, the shape that broadcasts a per-channel vector over a rank-`D` input.
+fn channel_shape<const D: usize>(channels: usize) -> [usize; D] {
+    let mut shape = [1; D];
+    shape[1] = channels;
+    shape
+}
+
+fn reduce_axes<const D: usize>() -> Vec<usize> {
+    (0..D).filter(|&axis| axis != 1).collect()
+}
+
+fn affine<const D: usize>(
+    normalized: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    channels: usize,
+) -> Tensor<D> {
+    let scaled = match gamma {
+        Some(gamma) => normalized * gamma.reshape(channel_shape::<D>(channels)),
+        None => normalized,
+    };
+    match beta {
+        Some(beta) => scaled + beta.reshape(channel_shape::<D>(channels)),
+        None => scaled,
+    }
+}
+
+/// Training-mode normalisation: `gamma * (x - mean) / sqrt(var + eps) + beta` with the batch
+/// mean and the biased batch variance. Returns the output and the (detached) batch statistics.
+///
+/// Accuracy: every value is first shifted by its channel's first value, a detached constant.
+/// For data far from zero (the `conv2d_large_mean` case: 1000 ± 0.01) the shift is exact in
+/// float32, and the sums that follow add small numbers, so neither the mean nor the variance
+/// suffers the cancellation of a naive float32 `E[x²] - E[x]²` or `sum(x) / n`. The gradient is
+/// unchanged, because batch norm's output does not depend on a constant shift.
+pub fn normalize_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+) -> Result<(Tensor<D>, BatchStats), BnError> {
+    let dims = x.dims();
+    let expected = gamma.as_ref().map(|g| g.dims()[0]);
+    let channels = channels_of(&dims, expected)?;
+    let count = dims.iter().product::<usize>() / channels;
+    if count < 2 {
+        return Err(BnError::SingleValuePerChannel {
+            shape: dims.to_vec(),
+        });
+    }
+    let axes = reduce_axes::<D>();
+
+    let mut pivot = x.clone().detach();
+    for &axis in &axes {
+        pivot = pivot.narrow(axis, 0, 1);
+    }
+    // `mul_scalar(1 / n)`, not `div_scalar(n)`: Burn 0.22.1's div_scalar backward rounds the
+    // scalar to float32, which costs float64 runs seven digits.
+    let inv_count = 1.0 / count as f64;
+    let shifted = x - pivot.clone();
+    let shifted_mean = shifted.clone().sum_dims(&axes).mul_scalar(inv_count);
+    let centered = shifted - shifted_mean.clone();
+    let var = centered
+        .clone()
+        .square()
+        .sum_dims(&axes)
+        .mul_scalar(inv_count);
+    let inv_std = var.clone().add_scalar(eps).sqrt().recip();
+    let output = affine(centered * inv_std, gamma, beta, channels);
+
+    let stats = BatchStats {
+        mean: (shifted_mean + pivot).detach().reshape([channels]),
+        var: var.detach().reshape([channels]),
+        count,
+    };
+    Ok((output, stats))
+}
+
+/// Eval-mode normalisation with given statistics (normally the running ones).
+pub fn normalize_eval<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    eps: f64,
+) -> Result<Tensor<D>, BnError> {
+    let channels = channels_of(&x.dims(), Some(mean.dims()[0]))?;
+    let shape = channel_shape::<D>(channels);
+    // Subtract first, then scale: for inputs far from zero, `x * scale + shift` would cancel
+    // two large numbers in float32.
+    let inv_std = var.add_scalar(eps).sqrt().recip().reshape(shape);
+    let normalized = (x - mean.reshape(shape)) * inv_std;
+    Ok(affine(normalized, gamma, beta, channels))
+}
+
+/// One step of the exponential moving average:
+/// `running = (1 - w) * running + w * batch`, with `w` from [`RunningUpdate::new_batch_weight`].
+/// `num_batches_tracked` must already count this batch.
+pub fn update_running(
+    running_mean: Tensor<1>,
+    running_var: Tensor<1>,
+    stats: &BatchStats,
+    update: RunningUpdate,
+    num_batches_tracked: u64,
+) -> (Tensor<1>, Tensor<1>) {
+    let weight = update.new_batch_weight(num_batches_tracked);
+    let batch_var = if update.unbiased_running_var() {
+        let n = stats.count as f64;
+        stats.var.clone().mul_scalar(n / (n - 1.0))
+    } else {
+        stats.var.clone()
+    };
+    let mean = running_mean.mul_scalar(1.0 - weight) + stats.mean.clone().mul_scalar(weight);
+    let var = running_var.mul_scalar(1.0 - weight) + batch_var.mul_scalar(weight);
+    (mean, var)
+}
+
+/// The whole layer as one function, in the chapter's style.
+///
+/// - `Mode::Train`: normalise with batch statistics; if `running` is given, return it updated.
+/// - `Mode::Eval`: normalise with `running`; without running statistics (PyTorch's
+///   `track_running_stats=False`) the batch statistics are used, as PyTorch does.
+pub fn batch_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    running: Option<RunningStats>,
+    mode: Mode,
+    eps: f64,
+    update: RunningUpdate,
+) -> Result<(Tensor<D>, Option<RunningStats>), BnError> {
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(BnError::InvalidSetting(format!(
+            "eps must be > 0, got {eps}"
+        )));
+    }
+    update.validate()?;
+    match (mode, running) {
+        (Mode::Eval, Some(running)) => {
+            let y = normalize_eval(
+                x,
+                gamma,
+                beta,
+                running.mean.clone(),
+                running.var.clone(),
+                eps,
+            )?;
+            Ok((y, Some(running)))
+        }
+        (Mode::Eval, None) => Ok((normalize_train(x, gamma, beta, eps)?.0, None)),
+        (Mode::Train, running) => {
+            let (y, stats) = normalize_train(x, gamma, beta, eps)?;
+            let running = running.map(|r| {
+                let tracked = r.num_batches_tracked + 1;
+                let (mean, var) = update_running(r.mean, r.var, &stats, update, tracked);
+                RunningStats {
+                    mean,
+                    var,
+                    num_batches_tracked: tracked,
+                }
+            });
+            Ok((y, running))
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The batch-norm layer as a Burn [`Module`], written from the functions in
+//! [`super::functional`]. Burn's own `nn::BatchNorm` is not used here.
+
+use burn::config::Config;
+use burn::module::{Flag, Module, Param, RunningState};
+use burn::tensor::{Device, Tensor};
+
+use super::functional::{
+    channels_of, normalize_eval, normalize_train, update_running, BnError, Convention,
+    RunningUpdate,
+};
+
+/// Configuration of [`BatchNorm`]. The defaults are PyTorch's.
+#[derive(Config, Debug)]
+pub struct BatchNormConfig {
+    pub num_features: usize,
+    #[config(default = 1e-5)]
+    pub eps: f64,
+    /// Weight of the new batch under [`Convention::PyTorch`], of the old value under
+    /// [`Convention::D2l`]; `None` is a cumulative average.
+    #[config(default = "Some(0.1)")]
+    pub momentum: Option<f64>,
+    #[config(default = "Convention::PyTorch")]
+    pub convention: Convention,
+    /// Learn a per-channel scale (gamma) and shift (beta).
+    #[config(default = true)]
+    pub affine: bool,
+    /// Keep running statistics; without them, eval mode uses batch statistics too.
+    #[config(default = true)]
+    pub track_running_stats: bool,
+}
+
+impl BatchNormConfig {
+    /// The d2l chapter's scratch layer: momentum 0.9 on the old value, biased variance.
+    pub fn d2l(num_features: usize) -> Self {
+        Self::new(num_features)
+            .with_momentum(Some(0.9))
+            .with_convention(Convention::D2l)
+    }
+
+    fn running_update(&self) -> RunningUpdate {
+        RunningUpdate {
+            momentum: self.momentum,
+            convention: self.convention,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), BnError> {
+        if self.num_features == 0 {
+            return Err(BnError::InvalidSetting("num_features must be > 0".into()));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(BnError::InvalidSetting(format!(
+                "eps must be > 0, got {}",
+                self.eps
+            )));
+        }
+        self.running_update().validate()
+    }
+
+    pub fn try_init(&self, device: &Device) -> Result<BatchNorm, BnError> {
+        self.validate()?;
+        let c = self.num_features;
+        let param = |t: Tensor<1>| Param::from_tensor(t);
+        let state = |t: Tensor<1>| RunningState::new(t);
+        let (gamma, beta) = match self.affine {
+            true => (
+                Some(param(Tensor::ones([c], device))),
+                Some(param(Tensor::zeros([c], device))),
+            ),
+            false => (None, None),
+        };
+        let (running_mean, running_var, num_batches_tracked) = match self.track_running_stats {
+            // Variance starts at 1, not 0: the d2l notebook's zero start is a known bug.
+            true => (
+                Some(state(Tensor::zeros([c], device))),
+                Some(state(Tensor::ones([c], device))),
+                Some(state(Tensor::zeros([1], device))),
+            ),
+            false => (None, None, None),
+        };
+        Ok(BatchNorm {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            training: Param::from_bool(true),
+            num_features: c,
+            eps: self.eps,
+            update: self.running_update(),
+        })
+    }
+
+    /// # Panics
+    /// On an invalid configuration; [`Self::try_init`] returns the error instead.
+    pub fn init(&self, device: &Device) -> BatchNorm {
+        self.try_init(device).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Batch normalization over axis 1 of `(N, C, ...)` input.
+///
+/// Trains (batch statistics, running-statistics update) when the input is on an autodiff device
+/// and the layer's `training` flag is on; `model.valid()` turns both off, which gives eval mode.
+/// This is the rule Burn's built-in layer follows, so the two can be swapped in a model.
+#[derive(Module, Debug)]
+pub struct BatchNorm {
+    pub gamma: Option<Param<Tensor<1>>>,
+    pub beta: Option<Param<Tensor<1>>>,
+    pub running_mean: Option<RunningState<Tensor<1>>>,
+    pub running_var: Option<RunningState<Tensor<1>>>,
+    /// A float so that it lives in a `RunningState` with the other buffers.
+    pub num_batches_tracked: Option<RunningState<Tensor<1>>>,
+    pub training: Param<Flag>,
+    pub num_features: usize,
+    pub eps: f64,
+    #[module(skip)]
+    pub update: RunningUpdate,
+}
+
+impl BatchNorm {
+    /// Whether a forward pass on `x` uses batch statistics.
+    pub fn is_training_for<const D: usize>(&self, x: &Tensor<D>) -> bool {
+        x.device().is_autodiff() && self.training.is_enabled()
+    }
+
+    /// # Panics
+    /// On a wrong input shape, or on one value per channel in training mode (PyTorch raises an
+    /// error there too). [`Self::try_forward`] returns these as errors.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.try_forward(x).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>, BnError> {
+        channels_of(&x.dims(), Some(self.num_features))?;
+        let gamma = self.gamma.as_ref().map(|p| p.val());
+        let beta = self.beta.as_ref().map(|p| p.val());
+        let running = self.running_mean.as_ref().zip(self.running_var.as_ref());
+
+        match (self.is_training_for(&x), running) {
+            (false, Some((mean, var))) => {
+                let device = x.device();
+                normalize_eval(
+                    x,
+                    gamma,
+                    beta,
+                    mean.value().to_device(&device),
+                    var.value().to_device(&device),
+                    self.eps,
+                )
+            }
+            (false, None) => Ok(normalize_train(x, gamma, beta, self.eps)?.0),
+            (true, running) => {
+                let device = x.device();
+                let (y, stats) = normalize_train(x, gamma, beta, self.eps)?;
+                if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
+                    let tracked_now = tracked.value_sync().to_device(&device).add_scalar(1.0);
+                    // The count reaches the host only for a cumulative average.
+                    let count = match self.update.momentum {
+                        None => tracked_now.clone().into_scalar::<f32>() as u64,
+                        Some(_) => 0,
+                    };
+                    let (new_mean, new_var) = update_running(
+                        mean.value_sync().to_device(&device),
+                        var.value_sync().to_device(&device),
+                        &stats,
+                        self.update,
+                        count,
+                    );
+                    mean.update(new_mean.detach());
+                    var.update(new_var.detach());
+                    tracked.update(tracked_now.detach());
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    /// The running statistics, as stored (eval reads them).
+    pub fn running_stats(&self) -> Option<(Tensor<1>, Tensor<1>)> {
+        Some((
+            self.running_mean.as_ref()?.value(),
+            self.running_var.as_ref()?.value(),
+        ))
+    }
+}
