@@ -29,13 +29,14 @@ pub enum BnError {
 
 /// Which convention moves the running statistics. The two differ in what `momentum` means and
 /// in which variance is averaged; both normalise with the biased batch variance in training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Convention {
     /// PyTorch: `running = (1 - m) * running + m * batch`, so `m = 0.1` is the weight of the
     /// new batch; the running variance averages the *unbiased* batch variance; momentum `None`
     /// is a cumulative average (`m = 1 / num_batches_tracked`).
     #[default]
+    #[value(name = "pytorch")]
     PyTorch,
     /// The d2l chapter's scratch layer: `moving = m * moving + (1 - m) * batch`, so `m = 0.9`
     /// is the weight of the *old* value; the moving variance averages the *biased* variance.

@@ -26,6 +26,53 @@ pub enum NormKind {
     None,
 }
 
+/// Which batch norm, and its settings (`--norm`, `--bn-eps`, `--bn-momentum`, `--bn-convention`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NormConfig {
+    pub kind: NormKind,
+    pub eps: f64,
+    /// Read by `convention`; `None` is a cumulative average.
+    pub momentum: Option<f64>,
+    pub convention: Convention,
+}
+
+impl Default for NormConfig {
+    /// This project's layer with PyTorch's settings.
+    fn default() -> Self {
+        Self::of(NormKind::Scratch)
+    }
+}
+
+impl NormConfig {
+    /// `kind` with PyTorch's settings: eps 1e-5, momentum 0.1 on the new batch.
+    pub fn of(kind: NormKind) -> Self {
+        Self {
+            kind,
+            eps: 1e-5,
+            momentum: Some(0.1),
+            convention: Convention::PyTorch,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), BnError> {
+        let layer = BatchNormConfig::new(1)
+            .with_eps(self.eps)
+            .with_momentum(self.momentum)
+            .with_convention(self.convention);
+        layer.validate()?;
+        if self.kind == NormKind::Burn
+            && (self.convention != Convention::PyTorch || self.momentum.is_none())
+        {
+            return Err(BnError::InvalidSetting(
+                "Burn's built-in layer (--norm burn) supports only the PyTorch convention with a \
+                 fixed momentum: use --norm scratch for d2l's convention or a cumulative average"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A batch-norm layer of either implementation.
 #[derive(Module, Debug)]
 pub enum NormLayer {
@@ -34,14 +81,24 @@ pub enum NormLayer {
 }
 
 impl NormLayer {
-    /// The layer for `kind` with PyTorch's defaults, or `None` for [`NormKind::None`].
-    pub fn new(kind: NormKind, num_features: usize, device: &Device) -> Option<Self> {
-        match kind {
+    /// The layer `config` describes, or `None` for [`NormKind::None`].
+    ///
+    /// # Panics
+    /// On settings that [`NormConfig::validate`] rejects.
+    pub fn new(config: &NormConfig, num_features: usize, device: &Device) -> Option<Self> {
+        match config.kind {
             NormKind::Scratch => Some(Self::Scratch(
-                BatchNormConfig::new(num_features).init(device),
+                BatchNormConfig::new(num_features)
+                    .with_eps(config.eps)
+                    .with_momentum(config.momentum)
+                    .with_convention(config.convention)
+                    .init(device),
             )),
             NormKind::Burn => Some(Self::Burn(
-                burn::nn::BatchNormConfig::new(num_features).init(device),
+                burn::nn::BatchNormConfig::new(num_features)
+                    .with_epsilon(config.eps)
+                    .with_momentum(config.momentum.expect("validated: a fixed momentum"))
+                    .init(device),
             )),
             NormKind::None => None,
         }

@@ -1,0 +1,222 @@
+//! Fashion-MNIST: the IDX reader, validation, and batches as Burn tensors.
+
+pub mod idx;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+pub use idx::{read_idx, IdxArray, IdxError};
+
+/// Where Debian's `dataset-fashion-mnist` package installs the files.
+pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The ten classes, in label order (the names d2l prints).
+pub const CLASS_NAMES: [&str; 10] = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+];
+
+const FIX: &str = "install dataset-fashion-mnist or pass --data DIR";
+
+/// A data problem, with the file it concerns and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: not found ({FIX})", path = .0.display())]
+    Missing(PathBuf),
+    #[error("{0} ({FIX})")]
+    Idx(#[from] IdxError),
+    #[error("{path}: {what} ({FIX})", path = .path.display())]
+    Invalid { path: PathBuf, what: String },
+}
+
+/// One split: `count` grayscale images of `rows × cols` bytes, and their labels.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The training and test splits.
+#[derive(Debug, Clone)]
+pub struct FashionMnist {
+    pub train: Split,
+    pub test: Split,
+}
+
+impl FashionMnist {
+    /// Loads `train-*` and `t10k-*` from `dir`, each `.gz` or plain.
+    pub fn load(dir: &Path) -> Result<Self, DataError> {
+        Ok(Self {
+            train: Split::load(dir, "train")?,
+            test: Split::load(dir, "t10k")?,
+        })
+    }
+
+    pub fn load_default() -> Result<Self, DataError> {
+        Self::load(Path::new(DEFAULT_DATA_DIR))
+    }
+}
+
+/// `dir/name.gz` if it exists, else `dir/name`; an error names the `.gz` path.
+fn find(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let gz = dir.join(format!("{name}.gz"));
+    let plain = dir.join(name);
+    match (gz.is_file(), plain.is_file()) {
+        (true, _) => Ok(gz),
+        (false, true) => Ok(plain),
+        (false, false) => Err(DataError::Missing(gz)),
+    }
+}
+
+impl Split {
+    pub fn load(dir: &Path, prefix: &str) -> Result<Self, DataError> {
+        let image_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
+        let label_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
+        let images = read_idx(&image_path, 3)?;
+        let labels = read_idx(&label_path, 1)?;
+        let invalid = |path: &Path, what: String| DataError::Invalid {
+            path: path.into(),
+            what,
+        };
+
+        let [count, rows, cols] = [images.dims[0], images.dims[1], images.dims[2]];
+        if (rows, cols) != (28, 28) {
+            return Err(invalid(
+                &image_path,
+                format!("images are {rows}x{cols}, expected 28x28"),
+            ));
+        }
+        if count == 0 {
+            return Err(invalid(&image_path, "holds no images".into()));
+        }
+        if labels.dims[0] != count {
+            return Err(invalid(
+                &label_path,
+                format!(
+                    "{} labels for {count} images in {}",
+                    labels.dims[0],
+                    image_path.display()
+                ),
+            ));
+        }
+        if let Some(pos) = labels
+            .values
+            .iter()
+            .position(|&l| l as usize >= CLASS_NAMES.len())
+        {
+            return Err(invalid(
+                &label_path,
+                format!(
+                    "label {} at index {pos} is not a class 0-9",
+                    labels.values[pos]
+                ),
+            ));
+        }
+        Ok(Self {
+            images: images.values,
+            labels: labels.values,
+            rows,
+            cols,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The first `n` examples (all of them if `n` is larger): for quick runs and tests.
+    pub fn take(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        Split {
+            images: self.images[..n * self.rows * self.cols].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// Images `indices` as an `(n, 1, rows, cols)` tensor scaled to [0, 1], and their labels.
+    pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        let pixels = self.rows * self.cols;
+        let mut values = Vec::with_capacity(indices.len() * pixels);
+        for &i in indices {
+            values.extend(
+                self.images[i * pixels..(i + 1) * pixels]
+                    .iter()
+                    .map(|&p| p as f32 / 255.0),
+            );
+        }
+        let images = Tensor::from_data(
+            TensorData::new(values, [indices.len(), 1, self.rows, self.cols]),
+            device,
+        );
+        let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
+        let labels = Tensor::from_data(TensorData::new(labels, [indices.len()]), device);
+        (images, labels)
+    }
+}
+
+/// The order in which an epoch visits `n` examples: a permutation drawn from `(seed, epoch)`
+/// alone, so that any epoch can be reproduced without replaying the ones before it. With
+/// `shuffle` off, file order.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let stream = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(stream);
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// Splits an order into batches of `batch_size`; the last may be smaller. A last batch of a
+/// single example is dropped in training: batch norm cannot train on one value per channel.
+pub fn batches(order: &[usize], batch_size: usize, training: bool) -> Vec<&[usize]> {
+    let mut chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+    if training && chunks.len() > 1 && chunks.last().is_some_and(|c| c.len() == 1) {
+        chunks.pop();
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_reproducible_permutation() {
+        let a = epoch_order(1000, 7, 3, true);
+        assert_eq!(a, epoch_order(1000, 7, 3, true));
+        assert_ne!(a, epoch_order(1000, 7, 4, true));
+        assert_ne!(a, epoch_order(1000, 8, 3, true));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(epoch_order(5, 7, 3, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_trailing_single_example_is_dropped_only_in_training() {
+        let order: Vec<usize> = (0..9).collect();
+        assert_eq!(batches(&order, 4, true).len(), 2);
+        assert_eq!(batches(&order, 4, false).len(), 3);
+        assert_eq!(batches(&order, 3, true).len(), 3);
+    }
+}

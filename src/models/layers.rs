@@ -1,0 +1,167 @@
+//! Pieces the models share: pooling and activation choices, and seeded weight initialisation.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu, Sigmoid};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+/// `--pool`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    Avg,
+    Max,
+}
+
+/// `--activation`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationKind {
+    Sigmoid,
+    Relu,
+}
+
+#[derive(Module, Debug)]
+pub enum Pool2d {
+    Avg(AvgPool2d),
+    Max(MaxPool2d),
+}
+
+impl Pool2d {
+    /// A `size × size` pool with stride `size`, as LeNet uses.
+    pub fn new(kind: PoolKind, size: usize) -> Self {
+        match kind {
+            PoolKind::Avg => Self::Avg(AvgPool2dConfig::new([size, size]).init()),
+            PoolKind::Max => Self::Max(MaxPool2dConfig::new([size, size]).init()),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Self::Avg(p) => p.forward(x),
+            Self::Max(p) => p.forward(x),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum Activation {
+    Sigmoid(Sigmoid),
+    Relu(Relu),
+}
+
+impl Activation {
+    pub fn new(kind: ActivationKind) -> Self {
+        match kind {
+            ActivationKind::Sigmoid => Self::Sigmoid(Sigmoid::new()),
+            ActivationKind::Relu => Self::Relu(Relu::new()),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Sigmoid(a) => a.forward(x),
+            Self::Relu(a) => a.forward(x),
+        }
+    }
+}
+
+/// How conv and linear weights are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightInit {
+    /// `nn.init.xavier_uniform_`, as the d2l PyTorch notebooks apply to every conv and linear.
+    XavierUniform,
+    /// N(0, std²), as the MXNet notebook's `init.Normal(sigma=0.01)`.
+    Normal { std: f64 },
+    /// PyTorch's default: U(±1/√fan_in).
+    PyTorchDefault,
+}
+
+/// Draws every initial weight from one seeded generator, so that a seed fixes the whole model
+/// whatever the backend's own RNG does. Biases get PyTorch's default U(±1/√fan_in) (Burn's
+/// Xavier initializer would apply to the conv bias too, unlike PyTorch).
+pub struct Initializer {
+    rng: rand_pcg::Pcg64,
+    scheme: WeightInit,
+    device: Device,
+}
+
+impl Initializer {
+    pub fn new(seed: u64, scheme: WeightInit, device: &Device) -> Self {
+        Self {
+            rng: rand_pcg::Pcg64::seed_from_u64(seed),
+            scheme,
+            device: device.clone(),
+        }
+    }
+
+    fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), &self.device)
+    }
+
+    fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64) -> Tensor<D> {
+        let n = shape.iter().product();
+        let values = (0..n)
+            .map(|_| self.rng.random_range(-bound..bound) as f32)
+            .collect();
+        self.tensor(values, shape)
+    }
+
+    fn weight<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        fan_in: usize,
+        fan_out: usize,
+    ) -> Tensor<D> {
+        match self.scheme {
+            WeightInit::XavierUniform => {
+                self.uniform(shape, (6.0 / (fan_in + fan_out) as f64).sqrt())
+            }
+            WeightInit::PyTorchDefault => self.uniform(shape, 1.0 / (fan_in as f64).sqrt()),
+            WeightInit::Normal { std } => {
+                let normal = Normal::new(0.0, std).expect("std is finite and positive");
+                let n = shape.iter().product();
+                let values = (0..n)
+                    .map(|_| normal.sample(&mut self.rng) as f32)
+                    .collect();
+                self.tensor(values, shape)
+            }
+        }
+    }
+
+    /// A `k × k` convolution with the given stride and symmetric padding.
+    pub fn conv2d(
+        &mut self,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Conv2d {
+        let mut conv = Conv2dConfig::new([cin, cout], [k, k])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .init(&self.device);
+        let (fan_in, fan_out) = (cin * k * k, cout * k * k);
+        conv.weight = Param::from_tensor(self.weight([cout, cin, k, k], fan_in, fan_out));
+        conv.bias = Some(Param::from_tensor(
+            self.uniform([cout], 1.0 / (fan_in as f64).sqrt()),
+        ));
+        conv
+    }
+
+    /// A linear layer; Burn stores its weight as `[in, out]` (PyTorch: `[out, in]`).
+    pub fn linear(&mut self, d_in: usize, d_out: usize) -> Linear {
+        let mut linear = LinearConfig::new(d_in, d_out).init(&self.device);
+        linear.weight = Param::from_tensor(self.weight([d_in, d_out], d_in, d_out));
+        linear.bias = Some(Param::from_tensor(
+            self.uniform([d_out], 1.0 / (d_in as f64).sqrt()),
+        ));
+        linear
+    }
+}

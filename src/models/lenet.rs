@@ -1,0 +1,89 @@
+//! LeNet with batch norm after every conv and linear layer but the last, as in d2l:
+//!
+//! ```text
+//! Conv(1→6, 5) → BN → act → pool 2 → Conv(6→16, 5) → BN → act → pool 2 → Flatten →
+//! Linear(256→120) → BN → act → Linear(120→84) → BN → act → Linear(84→10)
+//! ```
+//!
+//! With [`crate::norm::NormKind::None`] the BN layers are left out: the plain LeNet of the comparison.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, WeightInit};
+use crate::norm::{apply_norm, NormConfig, NormLayer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LeNetConfig {
+    pub norm: NormConfig,
+    pub pool: PoolKind,
+    pub activation: ActivationKind,
+    pub init: WeightInit,
+}
+
+impl Default for LeNetConfig {
+    /// The chapter's LeNet-BN: sigmoid, average pooling, Xavier-uniform weights.
+    fn default() -> Self {
+        Self {
+            norm: NormConfig::default(),
+            pool: PoolKind::Avg,
+            activation: ActivationKind::Sigmoid,
+            init: WeightInit::XavierUniform,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LeNet {
+    pub conv1: Conv2d,
+    pub bn1: Option<NormLayer>,
+    pub conv2: Conv2d,
+    pub bn2: Option<NormLayer>,
+    pub fc1: Linear,
+    pub bn3: Option<NormLayer>,
+    pub fc2: Linear,
+    pub bn4: Option<NormLayer>,
+    pub fc3: Linear,
+    pub pool: Pool2d,
+    pub activation: Activation,
+}
+
+impl LeNetConfig {
+    pub fn init(&self, seed: u64, device: &Device) -> LeNet {
+        let mut init = Initializer::new(seed, self.init, device);
+        let norm = |c| NormLayer::new(&self.norm, c, device);
+        LeNet {
+            conv1: init.conv2d(1, 6, 5, 1, 0),
+            bn1: norm(6),
+            conv2: init.conv2d(6, 16, 5, 1, 0),
+            bn2: norm(16),
+            fc1: init.linear(16 * 4 * 4, 120),
+            bn3: norm(120),
+            fc2: init.linear(120, 84),
+            bn4: norm(84),
+            fc3: init.linear(84, 10),
+            pool: Pool2d::new(self.pool, 2),
+            activation: Activation::new(self.activation),
+        }
+    }
+}
+
+impl LeNet {
+    /// `(N, 1, 28, 28)` images to `(N, 10)` logits.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let act = &self.activation;
+        let x = self
+            .pool
+            .forward(act.forward(apply_norm(&self.bn1, self.conv1.forward(x))));
+        let x = self
+            .pool
+            .forward(act.forward(apply_norm(&self.bn2, self.conv2.forward(x))));
+        let x: Tensor<2> = x.flatten(1, 3);
+        let x = act.forward(apply_norm(&self.bn3, self.fc1.forward(x)));
+        let x = act.forward(apply_norm(&self.bn4, self.fc2.forward(x)));
+        self.fc3.forward(x)
+    }
+}

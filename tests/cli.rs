@@ -1,0 +1,218 @@
+//! The `bnlab` binary as a user meets it: help, errors, and the per-epoch output.
+
+use std::process::{Command, Output};
+
+fn bnlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args)
+        .output()
+        .expect("bnlab runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `args`, expects failure with exactly one line on stderr, and returns that line.
+fn one_line_error(args: &[&str]) -> String {
+    let out = bnlab(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?}: one line, got:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let top = text(&bnlab(&["--help"]).stdout);
+    assert!(top.contains("train"), "{top}");
+    let help = text(&bnlab(&["train", "--help"]).stdout);
+    let lines: Vec<&str> = help.lines().collect();
+    let is_flag_line =
+        |l: &str| l.trim_start().starts_with("--") || l.trim_start().starts_with("-h");
+    for flag in [
+        "--model",
+        "--norm",
+        "--epochs",
+        "--lr",
+        "--batch-size",
+        "--data",
+        "--seed",
+        "--threads",
+        "--json",
+        "--metrics",
+        "--limit-batches",
+        "--no-shuffle",
+        "--bn-eps",
+        "--bn-momentum",
+        "--bn-convention",
+    ] {
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().split([' ', '=']).next() == Some(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from help:\n{help}"));
+        // Its explanation: the rest of its line and the lines up to the next flag.
+        let rest: Vec<&str> = std::iter::once(lines[at].trim_start().trim_start_matches(flag))
+            .chain(
+                lines[at + 1..]
+                    .iter()
+                    .copied()
+                    .take_while(|l| !is_flag_line(l)),
+            )
+            .collect();
+        let words = rest
+            .join(" ")
+            .split_whitespace()
+            .filter(|w| w.chars().all(char::is_alphabetic))
+            .count();
+        assert!(words >= 3, "{flag} is explained in help: {rest:?}");
+    }
+    for default in [
+        "lenet-bn",
+        "scratch",
+        "[default: 10]",
+        "[default: 1]",
+        "[default: 256]",
+    ] {
+        assert!(help.contains(default), "default {default} in help");
+    }
+}
+
+#[test]
+fn invalid_values_are_one_line_errors() {
+    let cases: [(&[&str], &str); 12] = [
+        (&["train", "--bn-eps", "0"], "--bn-eps"),
+        (&["train", "--bn-momentum", "1.5"], "--bn-momentum"),
+        (&["train", "--bn-momentum", "-0.1"], "--bn-momentum"),
+        (
+            &["train", "--norm", "burn", "--bn-convention", "d2l"],
+            "--norm burn",
+        ),
+        (&["train", "--lr", "0"], "--lr"),
+        (&["train", "--lr", "-0.5"], "--lr"),
+        (&["train", "--lr", "fast"], "--lr"),
+        (&["train", "--batch-size", "0"], "--batch-size"),
+        (&["train", "--model", "alexnet"], "--model"),
+        (&["train", "--norm", "layer"], "--norm"),
+        (&["train", "--epochs", "0"], "--epochs"),
+        (&["train", "--batch-size", "1"], "--batch-size 1"),
+    ];
+    for (args, flag) in cases {
+        let line = one_line_error(args);
+        assert!(
+            line.contains(flag),
+            "{args:?}: the error names {flag}: {line}"
+        );
+    }
+    let line = one_line_error(&["train", "--model", "alexnet"]);
+    assert!(line.contains("lenet-bn"), "lists the models: {line}");
+}
+
+#[test]
+fn missing_data_says_how_to_fix_it() {
+    let line = one_line_error(&["train", "--data", "/nonexistent/dir", "--epochs", "1"]);
+    assert!(
+        line.contains("/nonexistent/dir/train-images-idx3-ubyte.gz"),
+        "{line}"
+    );
+    assert!(
+        line.contains("install dataset-fashion-mnist or pass --data DIR"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unwritable_metrics_file_fails_before_training() {
+    let line = one_line_error(&["train", "--metrics", "/nonexistent/dir/m.jsonl"]);
+    assert!(
+        line.contains("--metrics /nonexistent/dir/m.jsonl"),
+        "{line}"
+    );
+}
+
+const KEYS: [&str; 6] = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_acc",
+    "examples_per_sec",
+    "seconds",
+];
+
+#[test]
+fn json_mode_prints_only_json_lines_and_writes_the_metrics_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let out = bnlab(&[
+        "train",
+        "--epochs",
+        "2",
+        "--limit-batches",
+        "4",
+        "--batch-size",
+        "64",
+        "--json",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per epoch:\n{stdout}");
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("each line is JSON");
+        let obj = v.as_object().unwrap();
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = KEYS.to_vec();
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(obj["epoch"].as_u64(), Some(i as u64 + 1));
+        for k in ["train_loss", "examples_per_sec", "seconds"] {
+            assert!(obj[k].as_f64().unwrap() > 0.0, "{k} > 0");
+        }
+        for k in ["train_acc", "test_acc"] {
+            assert!(
+                (0.0..=1.0).contains(&obj[k].as_f64().unwrap()),
+                "{k} in [0, 1]"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&metrics).unwrap(),
+        stdout,
+        "the file holds the same lines"
+    );
+}
+
+#[test]
+fn readable_mode_prints_one_line_per_epoch() {
+    let out = bnlab(&[
+        "train",
+        "--epochs",
+        "2",
+        "--limit-batches",
+        "3",
+        "--batch-size",
+        "32",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (i, line) in lines.iter().enumerate() {
+        assert!(line.starts_with(&format!("epoch {}/2", i + 1)), "{line}");
+        for part in ["loss", "train acc", "test acc", "examples/s"] {
+            assert!(line.contains(part), "{line}");
+        }
+    }
+}
