@@ -1,17 +1,22 @@
 //! The `bnlab` command line.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use burn::module::Module;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use bnlab::config::{BnMomentum, InitKind, OptimizerKind, RunConfig};
 use bnlab::data::{FashionMnist, DEFAULT_DATA_DIR};
-use bnlab::models::{ModelKind, ModelSpec};
-use bnlab::norm::{Convention, NormConfig, NormKind};
-use bnlab::report::{write_jsonl, EpochMetrics};
-use bnlab::train::{train, Observer, TrainConfig};
+use bnlab::models::{ActivationKind, Model, ModelKind, ModelSpec, PoolKind, Trace};
+use bnlab::norm::{Convention, NormKind};
+use bnlab::recipes;
+use bnlab::report::{plot, read_jsonl, table, write_atomically, write_jsonl, EpochMetrics};
+use bnlab::train::checkpoint::{self, METRICS_FILE, MODEL_FILE};
+use bnlab::train::{self, eval_device, evaluate, recalibrate_bn, Observer};
+use bnlab::value_name;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,65 +35,206 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a model on Fashion-MNIST, reporting loss and accuracy per epoch.
-    Train(TrainArgs),
+    Train {
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Run one of the chapter's experiments by name; any setting can be overridden.
+    Run {
+        /// Recipe name (see `bnlab recipes`).
+        recipe: String,
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List the recipes with what each shows.
+    Recipes,
+    /// Run several recipes and write a comparison table and training-curve plots.
+    Compare {
+        /// Recipe names (see `bnlab recipes`).
+        #[arg(required = true, num_args = 1..)]
+        recipes: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Directory for the table, the plots and one run directory per recipe.
+        #[arg(long, value_name = "DIR", default_value = "runs/compare")]
+        out: PathBuf,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Redraw training-curve plots (SVG and PNG) from metrics files.
+    Plot {
+        /// Metrics files (JSON lines, as `--metrics` and run directories hold).
+        #[arg(required = true, num_args = 1..)]
+        metrics: Vec<PathBuf>,
+        /// Output path without extension: writes STEM.svg and STEM.png.
+        #[arg(long, value_name = "STEM", default_value = "curves")]
+        out: PathBuf,
+    },
+    /// Print the output shape of each top-level block of a model for one input image.
+    Shapes {
+        /// Network whose blocks to show.
+        #[arg(value_enum)]
+        model: ModelKind,
+        /// Input side length [default: 28, or 96 for densenet].
+        #[arg(long, value_name = "N", value_parser = at_least_one)]
+        resize: Option<usize>,
+    },
+    /// Evaluate a saved model on the test set.
+    Eval {
+        /// A run directory (its final model) or a .bpk file inside one.
+        #[arg(long, value_name = "PATH")]
+        checkpoint: PathBuf,
+        /// Re-estimate the BN statistics over the training set first (precise BN).
+        #[arg(long)]
+        recalibrate_bn: bool,
+        /// Evaluate only the first N test batches.
+        #[arg(long, value_name = "N", value_parser = at_least_one)]
+        limit_batches: Option<usize>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Print gamma, beta and the running statistics of each BN layer of a saved model.
+    Inspect {
+        /// A run directory (its final model) or a .bpk file inside one.
+        path: PathBuf,
+        /// Print every value instead of a summary.
+        #[arg(long)]
+        full: bool,
+    },
 }
 
-#[derive(Args, Debug)]
-struct TrainArgs {
-    /// Network to train.
-    #[arg(long, value_enum, default_value = "lenet-bn")]
-    model: ModelKind,
-    /// Batch norm implementation: this project's (scratch), Burn's built-in (burn), or none.
-    #[arg(long, value_enum, default_value = "scratch")]
-    norm: NormKind,
-    /// Batch norm's eps, added to the variance before the square root (> 0).
-    #[arg(long, default_value_t = 1e-5, value_parser = positive_float)]
-    bn_eps: f64,
+/// Settings of a run. Unset ones come from the recipe, or for `train` from the defaults shown.
+#[derive(Args, Debug, Default, Clone)]
+struct RunArgs {
+    /// Network to train [default: lenet-bn].
+    #[arg(long, value_enum)]
+    model: Option<ModelKind>,
+    /// Batch norm: this project's (scratch), Burn's built-in (burn), or none [default: scratch].
+    #[arg(long, value_enum)]
+    norm: Option<NormKind>,
+    /// Pooling in LeNet's conv blocks [default: avg].
+    #[arg(long, value_enum)]
+    pool: Option<PoolKind>,
+    /// Activation in LeNet's layers [default: sigmoid].
+    #[arg(long, value_enum)]
+    activation: Option<ActivationKind>,
+    /// Weight initialisation [default: xavier-uniform for LeNet, normal for lenet-gluon,
+    /// pytorch-default for resnet18 and densenet].
+    #[arg(long, value_enum)]
+    init: Option<InitKind>,
+    /// Standard deviation of `--init normal` [default: 0.01].
+    #[arg(long, value_name = "STD", value_parser = positive_float)]
+    init_std: Option<f64>,
+    /// Optimizer that updates the weights [default: sgd].
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// Learning rate of the optimizer, > 0 [default: 1].
+    #[arg(long, value_parser = positive_float, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// Momentum of `--optimizer sgd-momentum`, in [0, 1] [default: 0.9].
+    #[arg(long, value_parser = unit_interval, allow_negative_numbers = true)]
+    momentum: Option<f64>,
+    /// StepLR: multiply the learning rate by --lr-gamma every N epochs [default: off].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    lr_step_size: Option<usize>,
+    /// The factor StepLR multiplies the learning rate by [default: 0.1].
+    #[arg(long, value_name = "GAMMA", value_parser = positive_float)]
+    lr_gamma: Option<f64>,
+    /// Examples per mini-batch, ≥ 1 (≥ 2 with batch norm) [default: 256].
+    #[arg(long, value_parser = at_least_one)]
+    batch_size: Option<usize>,
+    /// Number of passes over the training set [default: 10].
+    #[arg(long, value_parser = at_least_one)]
+    epochs: Option<usize>,
+    /// Resize the 28×28 images to N×N, bilinearly [default: no resize].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    resize: Option<usize>,
+    /// Batch norm's eps, added to the variance before the square root, > 0 [default: 1e-5].
+    #[arg(long, value_parser = positive_float)]
+    bn_eps: Option<f64>,
     /// Batch norm's momentum, read by --bn-convention, or "cumulative" for a cumulative
     /// average [default: 0.1 for pytorch, 0.9 for d2l].
-    #[arg(long, value_name = "M|cumulative", value_parser = momentum, allow_negative_numbers = true)]
-    bn_momentum: Option<Momentum>,
+    #[arg(long, value_name = "M|cumulative", allow_negative_numbers = true)]
+    bn_momentum: Option<BnMomentum>,
     /// How running statistics move: pytorch (momentum weighs the new batch, unbiased variance)
-    /// or d2l (momentum weighs the old value, biased variance).
-    #[arg(long, value_enum, default_value = "pytorch")]
-    bn_convention: Convention,
-    /// Number of passes over the training set.
-    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
-    epochs: usize,
-    /// Learning rate of mini-batch SGD (> 0).
-    #[arg(long, default_value_t = 1.0, value_parser = positive_float, allow_negative_numbers = true)]
-    lr: f64,
-    /// Examples per mini-batch (≥ 1; ≥ 2 with batch norm).
-    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
-    batch_size: usize,
+    /// or d2l (momentum weighs the old value, biased variance) [default: pytorch].
+    #[arg(long, value_enum)]
+    bn_convention: Option<Convention>,
+    /// Seed for weight initialisation and shuffling [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Visit the training set in file order instead of shuffling it.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Stop each epoch after N training batches and N test batches (quick runs).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    limit_batches: Option<usize>,
+    /// Re-estimate BN statistics over the training set before each test pass (precise BN).
+    #[arg(long)]
+    recalibrate_bn: bool,
+}
+
+impl RunArgs {
+    /// `config` with every flag that was given written over it.
+    fn apply(&self, mut config: RunConfig) -> RunConfig {
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field { config.$field = v; })* };
+        }
+        macro_rules! set_option {
+            ($($field:ident),*) => { $(if self.$field.is_some() { config.$field = self.$field; })* };
+        }
+        set!(model, init_std, optimizer, lr, momentum, lr_gamma, batch_size, epochs, bn_eps);
+        set!(bn_convention, seed);
+        set_option!(
+            norm,
+            pool,
+            activation,
+            init,
+            lr_step_size,
+            resize,
+            bn_momentum,
+            limit_batches
+        );
+        config.shuffle &= !self.no_shuffle;
+        config.recalibrate_bn |= self.recalibrate_bn;
+        config
+    }
+}
+
+/// Where data comes from and how much of the machine to use.
+#[derive(Args, Debug, Clone)]
+struct EnvArgs {
     /// Directory holding the Fashion-MNIST IDX files (.gz or plain).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
     data: PathBuf,
-    /// Seed for weight initialisation and shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct OutputArgs {
+    #[command(flatten)]
+    env: EnvArgs,
     /// Print only JSON lines on stdout, one object per epoch.
     #[arg(long)]
     json: bool,
     /// Also write the per-epoch JSON lines to FILE (rewritten atomically after each epoch).
     #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
-    /// Stop each epoch after N training batches and N test batches (quick runs).
+    /// Run directory for config.json, metrics.jsonl and the model [default: runs/NAME-TIME].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Also save the model every N epochs (DIR/epoch-NNN.bpk).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
-    limit_batches: Option<usize>,
-    /// Visit the training set in file order instead of shuffling it.
-    #[arg(long)]
-    no_shuffle: bool,
-}
-
-/// The name a value has on the command line.
-fn value_name(v: impl clap::ValueEnum) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
+    save_every: Option<usize>,
 }
 
 fn positive_float(s: &str) -> Result<f64, String> {
@@ -100,22 +246,10 @@ fn positive_float(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A `--bn-momentum` value: a weight in [0, 1], or a cumulative average.
-#[derive(Debug, Clone, Copy)]
-enum Momentum {
-    Weight(f64),
-    Cumulative,
-}
-
-fn momentum(s: &str) -> Result<Momentum, String> {
-    if s == "cumulative" {
-        return Ok(Momentum::Cumulative);
-    }
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is neither a number nor \"cumulative\""))?;
+fn unit_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if (0.0..=1.0).contains(&v) {
-        Ok(Momentum::Weight(v))
+        Ok(v)
     } else {
         Err(format!("must be within [0, 1], got {s}"))
     }
@@ -144,7 +278,7 @@ pub fn parse() -> Cli {
     }
 }
 
-/// Folds clap's multi-line message into one line, without the "try --help" tail.
+/// Folds clap's multi-line message into one line, without the usage and "try --help" tail.
 fn one_line(message: &str) -> String {
     message
         .lines()
@@ -157,7 +291,36 @@ fn one_line(message: &str) -> String {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(args) => train_command(args),
+        Command::Train { run, output } => {
+            let config = run.apply(RunConfig::default());
+            let name = config.model.name();
+            train_and_save(config, &name, &output).map(|_| ())
+        }
+        Command::Run {
+            recipe,
+            run,
+            output,
+        } => {
+            let config = run.apply(recipes::load(&recipe)?);
+            train_and_save(config, &recipe, &output).map(|_| ())
+        }
+        Command::Recipes => list_recipes(),
+        Command::Compare {
+            recipes,
+            run,
+            out,
+            env,
+        } => compare(&recipes, &run, &out, &env),
+        Command::Plot { metrics, out } => plot_files(&metrics, &out),
+        Command::Shapes { model, resize } => shapes(model, resize),
+        Command::Eval {
+            checkpoint,
+            recalibrate_bn,
+            limit_batches,
+            json,
+            env,
+        } => eval(&checkpoint, recalibrate_bn, limit_batches, json, &env),
+        Command::Inspect { path, full } => inspect(&path, full),
     }
 }
 
@@ -171,69 +334,75 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn norm_config(args: &TrainArgs) -> NormConfig {
-    let momentum = match (args.bn_momentum, args.bn_convention) {
-        (Some(Momentum::Weight(m)), _) => Some(m),
-        (Some(Momentum::Cumulative), _) => None,
-        (None, Convention::PyTorch) => Some(0.1),
-        (None, Convention::D2l) => Some(0.9),
-    };
-    NormConfig {
-        kind: args.norm,
-        eps: args.bn_eps,
-        momentum,
-        convention: args.bn_convention,
-    }
+fn default_run_dir(name: &str) -> PathBuf {
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    PathBuf::from("runs").join(format!("{name}-{stamp}"))
 }
 
-fn train_command(args: TrainArgs) -> anyhow::Result<()> {
-    set_threads(args.threads)?;
-    let config = TrainConfig {
-        model: ModelSpec {
-            kind: args.model,
-            norm: norm_config(&args),
-        },
-        epochs: args.epochs,
-        lr: args.lr,
-        batch_size: args.batch_size,
-        seed: args.seed,
-        shuffle: !args.no_shuffle,
-        limit_batches: args.limit_batches,
-    };
+/// Trains as `config` says, saving the run into its directory; returns the metrics.
+fn train_and_save(
+    config: RunConfig,
+    name: &str,
+    output: &OutputArgs,
+) -> anyhow::Result<Vec<EpochMetrics>> {
+    set_threads(output.env.threads)?;
     config.validate()?;
-    if let Some(path) = &args.metrics {
-        // Fail before training, not after the first epoch.
+    let dir = output.out.clone().unwrap_or_else(|| default_run_dir(name));
+    // Fail on unwritable places before training, not after the first epoch.
+    checkpoint::prepare_dir(&dir)?;
+    if let Some(path) = &output.metrics {
         write_jsonl(path, &[])
             .with_context(|| format!("--metrics {}: cannot write", path.display()))?;
     }
-    let data = FashionMnist::load(&args.data)?;
+    let data = FashionMnist::load(&output.env.data)?;
+    checkpoint::save_config(&dir, &config)?;
+    run_in_dir(&config, name, &data, &dir, output)
+}
+
+fn run_in_dir(
+    config: &RunConfig,
+    name: &str,
+    data: &FashionMnist,
+    dir: &Path,
+    output: &OutputArgs,
+) -> anyhow::Result<Vec<EpochMetrics>> {
     eprintln!(
-        "bnlab: training {} (norm {}) on {} images, testing on {}, {} epochs, lr {}, batch {}, {} threads",
-        value_name(args.model),
-        value_name(args.norm),
-        data.train.len(),
-        data.test.len(),
-        args.epochs,
-        args.lr,
-        args.batch_size,
+        "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
+        config.model.name(),
+        value_name(config.norm_kind()),
+        config.epochs,
+        value_name(config.optimizer),
+        config.lr,
+        config.batch_size,
         rayon::current_num_threads(),
+        dir.display(),
     );
-    let mut observer = Console {
-        json: args.json,
-        metrics_path: args.metrics,
-        epochs: args.epochs,
-        ..Default::default()
+    let mut console = Console {
+        json: output.json,
+        metrics_paths: [Some(dir.join(METRICS_FILE)), output.metrics.clone()]
+            .into_iter()
+            .flatten()
+            .collect(),
+        dir: dir.to_path_buf(),
+        save_every: output.save_every,
+        epochs: config.epochs,
+        bar: None,
+        history: Vec::new(),
     };
-    train(&config, &data, &mut observer)?;
-    Ok(())
+    let outcome = train::train(config, data, &mut console)?;
+    let model_path = dir.join(MODEL_FILE);
+    checkpoint::save_model(&outcome.model, &model_path)?;
+    eprintln!("bnlab: saved {}", model_path.display());
+    Ok(outcome.metrics)
 }
 
 /// Shows training on the terminal: a progress bar on stderr, one line (or JSON object) per
-/// epoch on stdout, and the metrics file.
-#[derive(Default)]
+/// epoch on stdout; writes the metrics files and the per-epoch checkpoints.
 struct Console {
     json: bool,
-    metrics_path: Option<PathBuf>,
+    metrics_paths: Vec<PathBuf>,
+    dir: PathBuf,
+    save_every: Option<usize>,
     epochs: usize,
     bar: Option<ProgressBar>,
     history: Vec<EpochMetrics>,
@@ -258,7 +427,7 @@ impl Observer for Console {
         }
     }
 
-    fn epoch_done(&mut self, m: &EpochMetrics) -> anyhow::Result<()> {
+    fn epoch_done(&mut self, m: &EpochMetrics, model: &Model) -> anyhow::Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
@@ -272,10 +441,174 @@ impl Observer for Console {
             .and_then(|_| out.flush())
             .context("cannot write to stdout")?;
         self.history.push(m.clone());
-        if let Some(path) = &self.metrics_path {
+        for path in &self.metrics_paths {
             write_jsonl(path, &self.history)
-                .with_context(|| format!("--metrics {}: cannot write", path.display()))?;
+                .with_context(|| format!("{}: cannot write the metrics", path.display()))?;
+        }
+        if self.save_every.is_some_and(|n| m.epoch.is_multiple_of(n)) {
+            checkpoint::save_model(model, &self.dir.join(checkpoint::epoch_file(m.epoch)))?;
         }
         Ok(())
     }
+}
+
+fn list_recipes() -> anyhow::Result<()> {
+    let width = recipes::names().iter().map(|n| n.len()).max().unwrap_or(0);
+    for name in recipes::names() {
+        let config = recipes::load(name)?;
+        println!("{name:width$}  {}", config.description);
+    }
+    Ok(())
+}
+
+fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow::Result<()> {
+    set_threads(env.threads)?;
+    // Every recipe must exist and validate before the first one trains.
+    let configs: Vec<RunConfig> = names
+        .iter()
+        .map(|name| {
+            let config = run.apply(recipes::load(name)?);
+            config
+                .validate()
+                .with_context(|| format!("recipe {name}"))?;
+            Ok(config)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    checkpoint::prepare_dir(out)?;
+    let data = FashionMnist::load(&env.data)?;
+    let mut runs = Vec::new();
+    for (name, config) in names.iter().zip(configs) {
+        let dir = out.join(name);
+        checkpoint::prepare_dir(&dir)?;
+        checkpoint::save_config(&dir, &config)?;
+        let output = OutputArgs {
+            env: env.clone(),
+            json: false,
+            metrics: None,
+            out: Some(dir.clone()),
+            save_every: None,
+        };
+        let metrics = run_in_dir(&config, name, &data, &dir, &output)?;
+        runs.push((name.clone(), metrics));
+    }
+    let markdown = table::markdown(&runs);
+    let table_path = out.join("comparison.md");
+    write_atomically(&table_path, markdown.as_bytes())
+        .with_context(|| format!("{}: cannot write", table_path.display()))?;
+    let [svg, png] = plot::write_curves(&runs, &out.join("curves"))?;
+    println!("{markdown}");
+    eprintln!(
+        "bnlab: wrote {}, {} and {}",
+        table_path.display(),
+        svg.display(),
+        png.display()
+    );
+    Ok(())
+}
+
+fn plot_files(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let runs = files
+        .iter()
+        .map(|path| Ok((run_label(path), read_jsonl(path)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let [svg, png] = plot::write_curves(&runs, out)?;
+    eprintln!("bnlab: wrote {} and {}", svg.display(), png.display());
+    Ok(())
+}
+
+/// A metrics file's label: its run directory's name for `DIR/metrics.jsonl`, else its stem.
+fn run_label(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    match (stem.as_str(), path.parent().and_then(|p| p.file_name())) {
+        ("metrics", Some(dir)) => dir.to_string_lossy().to_string(),
+        _ => stem,
+    }
+}
+
+fn shapes(model: ModelKind, resize: Option<usize>) -> anyhow::Result<()> {
+    let size = resize.unwrap_or(if model == ModelKind::Densenet { 96 } else { 28 });
+    let config = RunConfig {
+        model,
+        resize: Some(size),
+        ..Default::default()
+    };
+    config.validate()?;
+    let device = eval_device();
+    let spec = ModelSpec::of(model, NormKind::Scratch);
+    let net = spec.init(0, &device);
+    let x = burn::tensor::Tensor::<4>::zeros([1, 1, size, size], &device);
+    let mut trace = Trace::recording();
+    net.forward_traced(x, &mut trace);
+    println!("{} on a 1x1x{size}x{size} input:", model.name());
+    let width = trace.blocks.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (name, dims) in trace.blocks {
+        println!("  {name:width$}  output shape {dims:?}");
+    }
+    Ok(())
+}
+
+fn eval(
+    path: &Path,
+    recalibrate: bool,
+    limit: Option<usize>,
+    json: bool,
+    env: &EnvArgs,
+) -> anyhow::Result<()> {
+    set_threads(env.threads)?;
+    let ckpt = checkpoint::load_checkpoint(path)?;
+    let data = FashionMnist::load(&env.data)?;
+    let config = &ckpt.config;
+    let mut model = ckpt.model;
+    if recalibrate {
+        let size = config.image_size();
+        model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
+    }
+    let acc = evaluate(
+        &model,
+        &data.test,
+        config.batch_size,
+        config.image_size(),
+        limit,
+    );
+    let examples = limit.map_or(data.test.len(), |l| {
+        (l * config.batch_size).min(data.test.len())
+    });
+    if json {
+        let v = serde_json::json!({
+            "checkpoint": ckpt.path, "test_acc": acc, "examples": examples,
+            "recalibrate_bn": recalibrate,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{}: test accuracy {acc:.4} on {examples} images",
+            ckpt.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path, full: bool) -> anyhow::Result<()> {
+    let ckpt = checkpoint::load_checkpoint(path)?;
+    let mut model = ckpt.model;
+    let layers = bnlab::report::inspect::describe(&mut model);
+    if layers.is_empty() {
+        println!(
+            "{}: the model has no batch-norm layers",
+            ckpt.path.display()
+        );
+    }
+    for layer in layers {
+        println!("{} ({} channels)", layer.name, layer.channels);
+        for (what, values) in layer.vectors {
+            println!(
+                "  {what:<12} {}",
+                bnlab::report::inspect::format_values(&values, full)
+            );
+        }
+    }
+    Ok(())
 }

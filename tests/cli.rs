@@ -34,28 +34,27 @@ fn one_line_error(args: &[&str]) -> String {
 #[test]
 fn help_explains_every_flag() {
     let top = text(&bnlab(&["--help"]).stdout);
-    assert!(top.contains("train"), "{top}");
+    for command in [
+        "train", "run", "recipes", "compare", "plot", "shapes", "eval", "inspect",
+    ] {
+        assert!(
+            top.lines().any(|l| l.trim_start().starts_with(command)),
+            "{command}:\n{top}"
+        );
+    }
     let help = text(&bnlab(&["train", "--help"]).stdout);
     let lines: Vec<&str> = help.lines().collect();
     let is_flag_line =
         |l: &str| l.trim_start().starts_with("--") || l.trim_start().starts_with("-h");
-    for flag in [
-        "--model",
-        "--norm",
-        "--epochs",
-        "--lr",
-        "--batch-size",
-        "--data",
-        "--seed",
-        "--threads",
-        "--json",
-        "--metrics",
-        "--limit-batches",
-        "--no-shuffle",
-        "--bn-eps",
-        "--bn-momentum",
-        "--bn-convention",
-    ] {
+    #[rustfmt::skip]
+    let flags = [
+        "--model", "--norm", "--epochs", "--lr", "--batch-size", "--data", "--seed", "--threads",
+        "--json", "--metrics", "--limit-batches", "--no-shuffle", "--bn-eps", "--bn-momentum",
+        "--bn-convention", "--pool", "--activation", "--init", "--init-std", "--optimizer",
+        "--momentum", "--lr-step-size", "--lr-gamma", "--resize", "--recalibrate-bn", "--out",
+        "--save-every",
+    ];
+    for flag in flags {
         let at = lines
             .iter()
             .position(|l| l.trim_start().split([' ', '=']).next() == Some(flag))
@@ -69,12 +68,11 @@ fn help_explains_every_flag() {
                     .take_while(|l| !is_flag_line(l)),
             )
             .collect();
-        let words = rest
-            .join(" ")
+        let text = rest.join(" ");
+        let words = text
             .split_whitespace()
-            .filter(|w| w.chars().all(char::is_alphabetic))
-            .count();
-        assert!(words >= 3, "{flag} is explained in help: {rest:?}");
+            .filter(|w| w.chars().all(char::is_alphabetic));
+        assert!(words.count() >= 3, "{flag} is explained in help: {rest:?}");
     }
     for default in [
         "lenet-bn",
@@ -89,14 +87,7 @@ fn help_explains_every_flag() {
 
 #[test]
 fn invalid_values_are_one_line_errors() {
-    let cases: [(&[&str], &str); 12] = [
-        (&["train", "--bn-eps", "0"], "--bn-eps"),
-        (&["train", "--bn-momentum", "1.5"], "--bn-momentum"),
-        (&["train", "--bn-momentum", "-0.1"], "--bn-momentum"),
-        (
-            &["train", "--norm", "burn", "--bn-convention", "d2l"],
-            "--norm burn",
-        ),
+    let cases: &[(&[&str], &str)] = &[
         (&["train", "--lr", "0"], "--lr"),
         (&["train", "--lr", "-0.5"], "--lr"),
         (&["train", "--lr", "fast"], "--lr"),
@@ -105,6 +96,21 @@ fn invalid_values_are_one_line_errors() {
         (&["train", "--norm", "layer"], "--norm"),
         (&["train", "--epochs", "0"], "--epochs"),
         (&["train", "--batch-size", "1"], "--batch-size 1"),
+        (&["train", "--bn-eps", "0"], "--bn-eps"),
+        (&["train", "--bn-momentum", "1.5"], "--bn-momentum"),
+        (&["train", "--bn-momentum", "-0.1"], "--bn-momentum"),
+        (
+            &["train", "--norm", "burn", "--bn-convention", "d2l"],
+            "--norm burn",
+        ),
+        (&["train", "--momentum", "1.2"], "--momentum"),
+        (&["train", "--model", "resnet18", "--pool", "max"], "--pool"),
+        (
+            &["train", "--model", "lenet", "--norm", "scratch"],
+            "--model lenet has no batch norm",
+        ),
+        (&["train", "--model", "densenet"], "--resize"),
+        (&["run", "alexnet"], "unknown recipe 'alexnet'"),
     ];
     for (args, flag) in cases {
         let line = one_line_error(args);
@@ -119,7 +125,9 @@ fn invalid_values_are_one_line_errors() {
 
 #[test]
 fn missing_data_says_how_to_fix_it() {
-    let line = one_line_error(&["train", "--data", "/nonexistent/dir", "--epochs", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let line = one_line_error(&["train", "--data", "/nonexistent/dir", "--out", out]);
     assert!(
         line.contains("/nonexistent/dir/train-images-idx3-ubyte.gz"),
         "{line}"
@@ -131,10 +139,23 @@ fn missing_data_says_how_to_fix_it() {
 }
 
 #[test]
-fn unwritable_metrics_file_fails_before_training() {
-    let line = one_line_error(&["train", "--metrics", "/nonexistent/dir/m.jsonl"]);
+fn unwritable_outputs_fail_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let line = one_line_error(&[
+        "train",
+        "--out",
+        out,
+        "--metrics",
+        "/nonexistent/dir/m.jsonl",
+    ]);
     assert!(
         line.contains("--metrics /nonexistent/dir/m.jsonl"),
+        "{line}"
+    );
+    let line = one_line_error(&["train", "--out", "/proc/bnlab-run"]);
+    assert!(
+        line.contains("--out /proc/bnlab-run: cannot write there"),
         "{line}"
     );
 }
@@ -152,17 +173,11 @@ const KEYS: [&str; 6] = [
 fn json_mode_prints_only_json_lines_and_writes_the_metrics_file() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.jsonl");
+    let run_dir = dir.path().join("run");
+    #[rustfmt::skip]
     let out = bnlab(&[
-        "train",
-        "--epochs",
-        "2",
-        "--limit-batches",
-        "4",
-        "--batch-size",
-        "64",
-        "--json",
-        "--metrics",
-        metrics.to_str().unwrap(),
+        "train", "--epochs", "2", "--limit-batches", "4", "--batch-size", "64", "--json",
+        "--metrics", metrics.to_str().unwrap(), "--out", run_dir.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -190,21 +205,30 @@ fn json_mode_prints_only_json_lines_and_writes_the_metrics_file() {
     assert_eq!(
         std::fs::read_to_string(&metrics).unwrap(),
         stdout,
-        "the file holds the same lines"
+        "the file holds the lines"
     );
+    let in_run_dir = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(in_run_dir, stdout, "the run directory holds them too");
+    assert!(run_dir.join("model.bpk").is_file() && run_dir.join("config.json").is_file());
 }
 
 #[test]
-fn readable_mode_prints_one_line_per_epoch() {
-    let out = bnlab(&[
-        "train",
-        "--epochs",
-        "2",
-        "--limit-batches",
-        "3",
-        "--batch-size",
-        "32",
-    ]);
+fn readable_mode_prints_one_line_per_epoch_and_saves_the_run() {
+    // Run where the default run directory (runs/lenet-bn-TIME) can be created and checked.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args([
+            "train",
+            "--epochs",
+            "2",
+            "--limit-batches",
+            "3",
+            "--batch-size",
+            "32",
+        ])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -215,4 +239,18 @@ fn readable_mode_prints_one_line_per_epoch() {
             assert!(line.contains(part), "{line}");
         }
     }
+    let runs: Vec<_> = std::fs::read_dir(cwd.path().join("runs"))
+        .unwrap()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let run = runs[0].as_ref().unwrap().path();
+    assert!(
+        run.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("lenet-bn-"),
+        "{run:?}"
+    );
+    assert!(run.join("model.bpk").is_file());
 }

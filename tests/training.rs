@@ -1,34 +1,32 @@
-//! Short training runs on the real data: they learn, they are reproducible, and the scratch
-//! layer trains like Burn's built-in one.
+//! Short training runs on the real data: they learn, they are reproducible, the scratch layer
+//! trains like Burn's built-in one, and precise BN computes the exact average it promises.
 
-use bnlab::data::FashionMnist;
-use bnlab::models::{ModelKind, ModelSpec};
-use bnlab::norm::{NormConfig, NormKind};
-use bnlab::train::{train, Quiet, TrainConfig};
+use bnlab::config::{OptimizerKind, RunConfig};
+use bnlab::data::{batches, FashionMnist};
+use bnlab::models::{Model, ModelKind};
+use bnlab::norm::{NormKind, NormLayer};
+use bnlab::train::{input_batch, recalibrate_bn, train, train_device, Quiet};
+use burn::module::Module;
+use burn::tensor::Tensor;
 
 fn data() -> FashionMnist {
     FashionMnist::load_default().expect("apt-get install dataset-fashion-mnist")
 }
 
-fn config(norm: NormKind, batches: usize) -> TrainConfig {
-    TrainConfig {
-        model: ModelSpec {
-            kind: ModelKind::LenetBn,
-            norm: NormConfig::of(norm),
-        },
+fn config(norm: NormKind, batches: usize) -> RunConfig {
+    RunConfig {
+        norm: Some(norm),
         epochs: 1,
-        lr: 1.0,
         batch_size: 128,
         seed: 3,
-        shuffle: true,
         limit_batches: Some(batches),
+        ..Default::default()
     }
 }
 
 #[test]
 fn lenet_bn_learns_in_a_few_batches() {
-    let data = data();
-    let out = train(&config(NormKind::Scratch, 60), &data, &mut Quiet).unwrap();
+    let out = train(&config(NormKind::Scratch, 60), &data(), &mut Quiet).unwrap();
     let m = &out.metrics[0];
     // 60 batches of 128 (an eighth of an epoch); chance is 0.1.
     assert!(m.test_acc > 0.6, "test accuracy {}", m.test_acc);
@@ -42,8 +40,10 @@ fn the_same_seed_gives_the_same_run() {
     let b = train(&config(NormKind::Scratch, 8), &data, &mut Quiet).unwrap();
     assert_eq!(a.metrics[0].train_loss, b.metrics[0].train_loss);
     assert_eq!(a.metrics[0].test_acc, b.metrics[0].test_acc);
-    let mut other = config(NormKind::Scratch, 8);
-    other.seed = 4;
+    let other = RunConfig {
+        seed: 4,
+        ..config(NormKind::Scratch, 8)
+    };
     let c = train(&other, &data, &mut Quiet).unwrap();
     assert_ne!(a.metrics[0].train_loss, c.metrics[0].train_loss);
 }
@@ -62,4 +62,78 @@ fn scratch_and_builtin_batch_norm_train_alike() {
         (plain.metrics[0].train_loss - a).abs() > 1e-2,
         "without BN the run differs"
     );
+}
+
+/// Each optimizer trains: the loss of the last of 30 steps is well below the first's.
+#[test]
+fn every_optimizer_lowers_the_loss() {
+    let data = data();
+    for (optimizer, lr) in [
+        (OptimizerKind::Sgd, 1.0),
+        (OptimizerKind::SgdMomentum, 0.5),
+        (OptimizerKind::Adam, 0.01),
+    ] {
+        let config = RunConfig {
+            optimizer,
+            lr,
+            epochs: 2,
+            ..config(NormKind::Scratch, 15)
+        };
+        let out = train(&config, &data, &mut Quiet).unwrap();
+        let (first, second) = (out.metrics[0].train_loss, out.metrics[1].train_loss);
+        assert!(
+            second < first * 0.8,
+            "{optimizer:?}: loss {first} then {second}"
+        );
+    }
+}
+
+/// Precise BN: after recalibration, bn1's running mean is the size-weighted average of conv1's
+/// per-batch channel means over the training batches, computed here independently.
+#[test]
+fn recalibration_averages_batch_statistics_exactly() {
+    let data = data();
+    let (batch_size, limit) = (100, 7);
+    let device = train_device();
+    let model =
+        bnlab::models::ModelSpec::of(ModelKind::LenetBn, NormKind::Scratch).init(1, &device);
+    let Model::LeNet(lenet) = &model else {
+        unreachable!()
+    };
+    let conv1 = lenet.conv1.valid();
+
+    let order: Vec<usize> = (0..data.train.len()).collect();
+    let mut want = Tensor::<1>::zeros([6], &bnlab::train::eval_device());
+    let mut seen = 0;
+    for indices in batches(&order, batch_size, true).into_iter().take(limit) {
+        let (x, _) = input_batch(&data.train, indices, 28, &bnlab::train::eval_device());
+        let mean: Tensor<1> = conv1.forward(x).mean_dims(&[0, 2, 3]).reshape([6]);
+        want = want + mean.mul_scalar(indices.len() as f64);
+        seen += indices.len();
+    }
+    let want: Vec<f32> = want
+        .div_scalar(seen as f64)
+        .into_data()
+        .iter::<f32>()
+        .collect();
+
+    let mut recalibrated = recalibrate_bn(model, &data.train, batch_size, 28, Some(limit)).valid();
+    let (_, NormLayer::Scratch(bn1)) = &recalibrated.norms_mut()[0] else {
+        unreachable!()
+    };
+    let got: Vec<f32> = bn1
+        .running_stats()
+        .unwrap()
+        .0
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+            "running mean {got:?} vs {want:?}"
+        );
+    }
+    // The momentum is restored afterwards.
+    assert_eq!(bn1.update.momentum, Some(0.1));
 }

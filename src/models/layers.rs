@@ -4,6 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu, Sigmoid};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -163,5 +164,61 @@ impl Initializer {
             self.uniform([d_out], 1.0 / (d_in as f64).sqrt()),
         ));
         linear
+    }
+}
+
+/// Collects `(block name, output shape)` as a model runs, for `bnlab shapes`.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub enabled: bool,
+    pub blocks: Vec<(String, Vec<usize>)>,
+}
+
+impl Trace {
+    /// A trace that records.
+    pub fn recording() -> Self {
+        Self {
+            enabled: true,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// A trace that records nothing: the normal forward pass.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&mut self, name: &str, dims: &[usize]) {
+        if self.enabled {
+            self.blocks.push((name.to_string(), dims.to_vec()));
+        }
+    }
+}
+
+/// The stem ResNet and DenseNet share: Conv 7×7/2 (64, pad 3) → BN → ReLU → MaxPool 3×3/2 (pad 1).
+#[derive(Module, Debug)]
+pub struct Stem {
+    pub conv: Conv2d,
+    pub bn: Option<crate::norm::NormLayer>,
+    pub pool: MaxPool2d,
+}
+
+impl Stem {
+    pub fn new(spec: &super::ModelSpec, init: &mut Initializer, device: &Device) -> Self {
+        Self {
+            conv: init.conv2d(1, 64, 7, 2, 3),
+            bn: crate::norm::NormLayer::new(&spec.norm, 64, device),
+            pool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.pool.forward(relu(crate::norm::apply_norm(
+            &self.bn,
+            self.conv.forward(x),
+        )))
     }
 }

@@ -13,7 +13,7 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, WeightInit};
+use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, Trace, WeightInit};
 use crate::norm::{apply_norm, NormConfig, NormLayer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -73,17 +73,33 @@ impl LeNetConfig {
 
 impl LeNet {
     /// `(N, 1, 28, 28)` images to `(N, 10)` logits.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         let act = &self.activation;
         let x = self
             .pool
             .forward(act.forward(apply_norm(&self.bn1, self.conv1.forward(x))));
+        trace.record("conv1-bn-act-pool", &x.dims());
         let x = self
             .pool
             .forward(act.forward(apply_norm(&self.bn2, self.conv2.forward(x))));
+        trace.record("conv2-bn-act-pool", &x.dims());
         let x: Tensor<2> = x.flatten(1, 3);
+        trace.record("flatten", &x.dims());
         let x = act.forward(apply_norm(&self.bn3, self.fc1.forward(x)));
+        trace.record("fc1-bn-act", &x.dims());
         let x = act.forward(apply_norm(&self.bn4, self.fc2.forward(x)));
-        self.fc3.forward(x)
+        trace.record("fc2-bn-act", &x.dims());
+        let x = self.fc3.forward(x);
+        trace.record("fc3", &x.dims());
+        x
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        super::named_norms([
+            ("bn1", &mut self.bn1),
+            ("bn2", &mut self.bn2),
+            ("bn3", &mut self.bn3),
+            ("bn4", &mut self.bn4),
+        ])
     }
 }

@@ -1,57 +1,151 @@
 //! The chapter's networks.
 
+pub mod densenet;
+pub mod gluon;
 pub mod layers;
 pub mod lenet;
+pub mod resnet;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use layers::{ActivationKind, PoolKind, WeightInit};
+pub use densenet::DenseNet;
+pub use gluon::GluonLeNet;
+pub use layers::{ActivationKind, PoolKind, Trace, WeightInit};
 pub use lenet::{LeNet, LeNetConfig};
+pub use resnet::ResNet18;
 
-use crate::norm::NormConfig;
+use crate::norm::{NormConfig, NormKind, NormLayer};
 
 /// `--model`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
+    /// d2l's LeNet without batch norm (the baseline of the comparison).
+    Lenet,
     /// d2l's LeNet with batch norm after each conv and linear layer but the last.
     LenetBn,
+    /// The MXNet notebook's LeNet: ReLU, 20 and 50 channels, max pooling, BN after the convs.
+    LenetGluon,
+    /// d2l's ResNet-18.
+    Resnet18,
+    /// d2l's DenseNet (4 dense blocks of 4 layers, growth rate 32).
+    Densenet,
 }
 
-/// Everything that fixes a model's architecture.
+impl ModelKind {
+    pub fn name(self) -> String {
+        crate::value_name(self)
+    }
+
+    pub fn has_batch_norm(self) -> bool {
+        self != Self::Lenet
+    }
+
+    /// The smallest input side the architecture accepts.
+    pub fn min_image_size(self) -> usize {
+        match self {
+            Self::Lenet | Self::LenetBn => 28,
+            Self::LenetGluon => 18,
+            Self::Resnet18 => 16,
+            Self::Densenet => 32,
+        }
+    }
+}
+
+/// Everything that fixes a model's architecture and initial weights (with a seed).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub kind: ModelKind,
     pub norm: NormConfig,
-}
-
-/// Any of the chapter's networks.
-#[derive(Module, Debug)]
-pub enum Model {
-    LeNet(LeNet),
+    pub pool: PoolKind,
+    pub activation: ActivationKind,
+    pub init: WeightInit,
 }
 
 impl ModelSpec {
+    /// A model of `kind` with the chapter's defaults and PyTorch's batch-norm settings.
+    pub fn of(kind: ModelKind, norm: NormKind) -> Self {
+        Self {
+            kind,
+            norm: NormConfig::of(if kind.has_batch_norm() {
+                norm
+            } else {
+                NormKind::None
+            }),
+            pool: PoolKind::Avg,
+            activation: ActivationKind::Sigmoid,
+            init: match kind {
+                ModelKind::Lenet | ModelKind::LenetBn => WeightInit::XavierUniform,
+                ModelKind::LenetGluon => WeightInit::Normal { std: 0.01 },
+                _ => WeightInit::PyTorchDefault,
+            },
+        }
+    }
+
     pub fn init(&self, seed: u64, device: &Device) -> Model {
         match self.kind {
-            ModelKind::LenetBn => Model::LeNet(
+            ModelKind::Lenet | ModelKind::LenetBn => Model::LeNet(
                 LeNetConfig {
                     norm: self.norm,
-                    ..Default::default()
+                    pool: self.pool,
+                    activation: self.activation,
+                    init: self.init,
                 }
                 .init(seed, device),
             ),
+            ModelKind::LenetGluon => Model::Gluon(GluonLeNet::new(self, seed, device)),
+            ModelKind::Resnet18 => Model::ResNet(ResNet18::new(self, seed, device)),
+            ModelKind::Densenet => Model::DenseNet(DenseNet::new(self, seed, device)),
         }
     }
+}
+
+/// Any of the chapter's networks. (The variants hold layer handles, not weights, so their
+/// size difference is a few kilobytes at most.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Model {
+    LeNet(LeNet),
+    Gluon(GluonLeNet),
+    ResNet(ResNet18),
+    DenseNet(DenseNet),
 }
 
 impl Model {
     /// Images `(N, 1, H, W)` to logits `(N, 10)`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_traced(x, &mut Trace::off())
+    }
+
+    /// The forward pass, recording each top-level block's output shape in `trace`.
+    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         match self {
-            Self::LeNet(m) => m.forward(x),
+            Self::LeNet(m) => m.forward_traced(x, trace),
+            Self::Gluon(m) => m.forward_traced(x, trace),
+            Self::ResNet(m) => m.forward_traced(x, trace),
+            Self::DenseNet(m) => m.forward_traced(x, trace),
         }
     }
+
+    /// Every batch-norm layer, named by where it sits.
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        match self {
+            Self::LeNet(m) => m.norms_mut(),
+            Self::Gluon(m) => m.norms_mut(),
+            Self::ResNet(m) => m.norms_mut(),
+            Self::DenseNet(m) => m.norms_mut(),
+        }
+    }
+}
+
+/// The layers that exist among `(name, optional layer)` pairs.
+pub(crate) fn named_norms<'a, const N: usize>(
+    items: [(&str, &'a mut Option<NormLayer>); N],
+) -> Vec<(String, &'a mut NormLayer)> {
+    items
+        .into_iter()
+        .filter_map(|(name, layer)| layer.as_mut().map(|l| (name.to_string(), l)))
+        .collect()
 }

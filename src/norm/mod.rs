@@ -64,8 +64,8 @@ impl NormConfig {
             && (self.convention != Convention::PyTorch || self.momentum.is_none())
         {
             return Err(BnError::InvalidSetting(
-                "Burn's built-in layer (--norm burn) supports only the PyTorch convention with a \
-                 fixed momentum: use --norm scratch for d2l's convention or a cumulative average"
+                "--norm burn (Burn's built-in layer) supports only the pytorch convention with a \
+                 fixed momentum: use --norm scratch for --bn-convention d2l or a cumulative average"
                     .into(),
             ));
         }
@@ -101,6 +101,38 @@ impl NormLayer {
                     .init(device),
             )),
             NormKind::None => None,
+        }
+    }
+
+    /// How the running statistics move, in this project's terms.
+    pub fn running_update(&self) -> RunningUpdate {
+        match self {
+            Self::Scratch(bn) => bn.update,
+            Self::Burn(bn) => RunningUpdate::pytorch(Some(bn.momentum)),
+        }
+    }
+
+    /// Restores a setting that [`Self::running_update`] returned.
+    pub fn set_running_update(&mut self, update: RunningUpdate) {
+        match self {
+            Self::Scratch(bn) => bn.update = update,
+            Self::Burn(bn) => {
+                bn.momentum = update.momentum.expect("Burn's layer has a fixed momentum")
+            }
+        }
+    }
+
+    /// Makes the next training batch weigh `weight` in the running statistics (under the
+    /// layer's own convention), as precise BN needs.
+    pub fn set_new_batch_weight(&mut self, weight: f64) {
+        match self {
+            Self::Scratch(bn) => {
+                bn.update.momentum = Some(match bn.update.convention {
+                    Convention::PyTorch => weight,
+                    Convention::D2l => 1.0 - weight,
+                })
+            }
+            Self::Burn(bn) => bn.momentum = weight,
         }
     }
 

@@ -67,3 +67,22 @@ pub fn write_jsonl(path: &Path, metrics: &[EpochMetrics]) -> std::io::Result<()>
     }
     write_atomically(path, text.as_bytes())
 }
+
+/// Reads a metrics file written by [`write_jsonl`]; an error names the file and the line.
+pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}: not a bnlab metrics line ({e})",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}

@@ -1,5 +1,8 @@
-//! What a run reports: per-epoch metrics as JSON lines, written atomically.
+//! What runs report: per-epoch metrics (JSON lines), comparison tables and training curves.
 
+pub mod inspect;
 pub mod metrics;
+pub mod plot;
+pub mod table;
 
-pub use metrics::{write_atomically, write_jsonl, EpochMetrics};
+pub use metrics::{read_jsonl, write_atomically, write_jsonl, EpochMetrics};

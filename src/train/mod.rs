@@ -1,30 +1,25 @@
-//! The training loop: mini-batch SGD with cross-entropy, one test pass in eval mode per epoch.
+//! The training loop: mini-batches, cross-entropy, SGD / momentum / Adam with StepLR, and one
+//! test pass in eval mode per epoch.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod recalibrate;
 
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::GradientsParams;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor};
-use serde::{Deserialize, Serialize};
 
+use crate::config::RunConfig;
 use crate::data::{batches, epoch_order, FashionMnist, Split};
-use crate::models::{Model, ModelSpec};
+use crate::models::Model;
 use crate::report::EpochMetrics;
 
-/// Everything that fixes a training run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub model: ModelSpec,
-    pub epochs: usize,
-    pub lr: f64,
-    pub batch_size: usize,
-    pub seed: u64,
-    /// Shuffle the training set each epoch (seeded by `seed`); off means file order.
-    pub shuffle: bool,
-    /// At most this many training batches and this many test batches per epoch.
-    pub limit_batches: Option<usize>,
-}
+pub use recalibrate::recalibrate_bn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -36,8 +31,6 @@ pub enum TrainError {
         step: usize,
         loss: f64,
     },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// What a run ends with.
@@ -46,14 +39,14 @@ pub struct TrainOutcome {
     pub metrics: Vec<EpochMetrics>,
 }
 
-/// Hooks for what a caller shows while training runs.
+/// Hooks for what a caller shows or saves while training runs.
 pub trait Observer {
     /// An epoch of `steps` training batches begins.
     fn epoch_started(&mut self, _epoch: usize, _steps: usize) {}
     /// One training step finished.
     fn step_done(&mut self) {}
     /// An epoch finished; an error stops training.
-    fn epoch_done(&mut self, _metrics: &EpochMetrics) -> anyhow::Result<()> {
+    fn epoch_done(&mut self, _metrics: &EpochMetrics, _model: &Model) -> anyhow::Result<()> {
         Ok(())
     }
 }
@@ -62,56 +55,69 @@ pub trait Observer {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-impl TrainConfig {
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let invalid = |m: String| Err(TrainError::Invalid(m));
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return invalid(format!("--lr must be > 0, got {}", self.lr));
-        }
-        if self.batch_size == 0 {
-            return invalid("--batch-size must be at least 1".into());
-        }
-        if self.batch_size == 1 && self.model.norm.kind != crate::norm::NormKind::None {
-            return invalid(
-                "--batch-size 1: batch norm needs at least 2 examples per batch to train \
-                 (use --batch-size 2 or more, or --norm none)"
-                    .into(),
-            );
-        }
-        self.model
-            .norm
-            .validate()
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        if self.epochs == 0 {
-            return invalid("--epochs must be at least 1".into());
-        }
-        if self.limit_batches == Some(0) {
-            return invalid("--limit-batches must be at least 1".into());
-        }
-        Ok(())
-    }
-}
-
 /// The training device: Flex with autodiff.
 pub fn train_device() -> Device {
     Device::flex().autodiff()
 }
 
-/// Trains a freshly initialised model on `data`.
+/// The evaluation device: Flex without autodiff.
+pub fn eval_device() -> Device {
+    Device::flex()
+}
+
+/// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
+/// (half-pixel centres, as PyTorch's `align_corners=False`) when `size` is not 28.
+pub fn input_batch(
+    split: &Split,
+    indices: &[usize],
+    size: usize,
+    device: &Device,
+) -> (Tensor<4>, Tensor<1, Int>) {
+    if size == split.rows {
+        return split.batch(indices, device);
+    }
+    // Resize on the plain device: nothing of it needs a gradient.
+    let (images, labels) = split.batch(indices, &eval_device());
+    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+        .with_align_corners(false)
+        .with_output_size([size, size]);
+    let images = interpolate(images, options);
+    (images.to_device(device), labels.to_device(device))
+}
+
+/// Trains a freshly initialised model as `config` says.
 pub fn train(
-    config: &TrainConfig,
+    config: &RunConfig,
     data: &FashionMnist,
     observer: &mut dyn Observer,
-) -> Result<TrainOutcome, anyhow::Error> {
+) -> anyhow::Result<TrainOutcome> {
     config.validate()?;
     let device = train_device();
-    let mut model = config.model.init(config.seed, &device);
-    let mut optim = SgdConfig::new().init();
+    let model = config.model_spec().init(config.seed, &device);
+    train_from(config, data, model, 1, observer)
+}
+
+/// Trains `model` from 1-based `first_epoch` to `config.epochs`.
+pub fn train_from(
+    config: &RunConfig,
+    data: &FashionMnist,
+    mut model: Model,
+    first_epoch: usize,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<TrainOutcome> {
+    let device = train_device();
+    let mut optim = optim::optimizer(config);
+    let mut schedule = optim::scheduler(config);
+    for _ in 1..first_epoch {
+        schedule.step();
+    }
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let size = config.image_size();
     let mut metrics = Vec::with_capacity(config.epochs);
 
-    for epoch in 1..=config.epochs {
+    for epoch in first_epoch..=config.epochs {
         let started = Instant::now();
+        let lr = schedule.step().base();
         let order = epoch_order(data.train.len(), config.seed, epoch, config.shuffle);
         let mut train_batches = batches(&order, config.batch_size, true);
         if let Some(limit) = config.limit_batches {
@@ -121,34 +127,39 @@ pub fn train(
 
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         for (step, indices) in train_batches.iter().enumerate() {
-            let (images, labels) = data.train.batch(indices, &device);
+            let (images, labels) = input_batch(&data.train, indices, size, &device);
             let logits = model.forward(images);
             let loss = loss_fn.forward(logits.clone(), labels.clone());
-            let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
-                return Err(TrainError::Diverged {
+                let diverged = TrainError::Diverged {
                     epoch,
                     step: step + 1,
                     loss: loss_value,
-                }
-                .into());
+                };
+                return Err(diverged.into());
             }
             loss_sum += loss_value * indices.len() as f64;
             correct += count_correct(logits.detach(), labels);
             seen += indices.len();
 
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(config.lr, model, grads);
+            model = optim.step(lr, model, grads);
             observer.step_done();
         }
         let train_seconds = started.elapsed().as_secs_f64();
 
-        let test_acc = evaluate(
-            &model.valid(),
-            &data.test,
-            config.batch_size,
-            config.limit_batches,
-        );
+        if config.recalibrate_bn {
+            model = recalibrate_bn(
+                model,
+                &data.train,
+                config.batch_size,
+                size,
+                config.limit_batches,
+            );
+        }
+        let limit = config.limit_batches;
+        let test_acc = evaluate(&model.valid(), &data.test, config.batch_size, size, limit);
         let m = EpochMetrics {
             epoch,
             train_loss: loss_sum / seen as f64,
@@ -157,7 +168,7 @@ pub fn train(
             examples_per_sec: seen as f64 / train_seconds,
             seconds: started.elapsed().as_secs_f64(),
         };
-        observer.epoch_done(&m)?;
+        observer.epoch_done(&m, &model)?;
         metrics.push(m);
     }
     Ok(TrainOutcome { model, metrics })
@@ -171,8 +182,14 @@ pub fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
 }
 
 /// Accuracy of an eval-mode model on `split` (the first `limit` batches if given).
-pub fn evaluate(model: &Model, split: &Split, batch_size: usize, limit: Option<usize>) -> f64 {
-    let device = Device::flex();
+pub fn evaluate(
+    model: &Model,
+    split: &Split,
+    batch_size: usize,
+    size: usize,
+    limit: Option<usize>,
+) -> f64 {
+    let device = eval_device();
     let order: Vec<usize> = (0..split.len()).collect();
     let mut chunks = batches(&order, batch_size, false);
     if let Some(limit) = limit {
@@ -180,7 +197,7 @@ pub fn evaluate(model: &Model, split: &Split, batch_size: usize, limit: Option<u
     }
     let (mut correct, mut seen) = (0usize, 0usize);
     for indices in chunks {
-        let (images, labels) = split.batch(indices, &device);
+        let (images, labels) = input_batch(split, indices, size, &device);
         correct += count_correct(model.forward(images), labels);
         seen += indices.len();
     }

@@ -1,0 +1,285 @@
+//! A run, fully described: what `bnlab train` builds from flags, what a recipe file holds, and
+//! what a run directory records in `config.json`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::{ActivationKind, ModelKind, ModelSpec, PoolKind, WeightInit};
+use crate::norm::{Convention, NormConfig, NormKind};
+
+/// `optimizer`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// Plain mini-batch SGD.
+    Sgd,
+    /// SGD with momentum (PyTorch's form: v = μv + g, no dampening).
+    SgdMomentum,
+    /// Adam (β = 0.9, 0.999; ε = 1e-8, as PyTorch).
+    Adam,
+}
+
+/// `init`: how conv and linear weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitKind {
+    /// Xavier-uniform, as the d2l PyTorch notebooks.
+    XavierUniform,
+    /// N(0, init_std²), as the MXNet notebook.
+    Normal,
+    /// PyTorch's default, U(±1/√fan_in).
+    PytorchDefault,
+}
+
+/// Batch norm's momentum: a weight in [0, 1] (read by the convention) or a cumulative average.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BnMomentum {
+    Weight(f64),
+    Cumulative(CumulativeWord),
+}
+
+/// The word `cumulative`, so that a recipe can write `bn_momentum = "cumulative"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CumulativeWord {
+    Cumulative,
+}
+
+impl std::str::FromStr for BnMomentum {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cumulative" {
+            return Ok(Self::Cumulative(CumulativeWord::Cumulative));
+        }
+        let v: f64 = s
+            .parse()
+            .map_err(|_| format!("'{s}' is neither a number nor \"cumulative\""))?;
+        match (0.0..=1.0).contains(&v) {
+            true => Ok(Self::Weight(v)),
+            false => Err(format!("must be within [0, 1], got {s}")),
+        }
+    }
+}
+
+/// Every setting of a run. Options left `None` take the model's or the convention's default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// One line on what the run shows (recipes fill it in).
+    pub description: String,
+    pub model: ModelKind,
+    /// Default: `scratch` for models with batch norm, `none` for `lenet`.
+    pub norm: Option<NormKind>,
+    /// LeNet only. Default: avg.
+    pub pool: Option<PoolKind>,
+    /// LeNet only. Default: sigmoid.
+    pub activation: Option<ActivationKind>,
+    /// Default: xavier-uniform for LeNet, normal for lenet-gluon, pytorch-default otherwise.
+    pub init: Option<InitKind>,
+    /// Standard deviation for `init = "normal"`.
+    pub init_std: f64,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    /// Momentum of `sgd-momentum`.
+    pub momentum: f64,
+    /// StepLR: multiply the learning rate by `lr_gamma` every `lr_step_size` epochs.
+    pub lr_step_size: Option<usize>,
+    pub lr_gamma: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    /// Bilinear resize of the 28×28 images to N×N.
+    pub resize: Option<usize>,
+    pub bn_eps: f64,
+    /// Default: 0.1 under the pytorch convention, 0.9 under d2l.
+    pub bn_momentum: Option<BnMomentum>,
+    pub bn_convention: Convention,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// At most this many training and test batches per epoch (quick runs).
+    pub limit_batches: Option<usize>,
+    /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
+    pub recalibrate_bn: bool,
+}
+
+impl Default for RunConfig {
+    /// The chapter's LeNet-BN run: scratch BN, SGD lr 1.0, batch 256, 10 epochs.
+    fn default() -> Self {
+        Self {
+            description: String::new(),
+            model: ModelKind::LenetBn,
+            norm: None,
+            pool: None,
+            activation: None,
+            init: None,
+            init_std: 0.01,
+            optimizer: OptimizerKind::Sgd,
+            lr: 1.0,
+            momentum: 0.9,
+            lr_step_size: None,
+            lr_gamma: 0.1,
+            batch_size: 256,
+            epochs: 10,
+            resize: None,
+            bn_eps: 1e-5,
+            bn_momentum: None,
+            bn_convention: Convention::PyTorch,
+            seed: 0,
+            shuffle: true,
+            limit_batches: None,
+            recalibrate_bn: false,
+        }
+    }
+}
+
+/// A setting that does not make sense; the message names the flag and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+impl RunConfig {
+    /// The norm after defaults: `none` for the model without batch norm.
+    pub fn norm_kind(&self) -> NormKind {
+        self.norm.unwrap_or(match self.model.has_batch_norm() {
+            true => NormKind::Scratch,
+            false => NormKind::None,
+        })
+    }
+
+    pub fn norm_config(&self) -> NormConfig {
+        let momentum = match (self.bn_momentum, self.bn_convention) {
+            (Some(BnMomentum::Weight(m)), _) => Some(m),
+            (Some(BnMomentum::Cumulative(_)), _) => None,
+            (None, Convention::PyTorch) => Some(0.1),
+            (None, Convention::D2l) => Some(0.9),
+        };
+        NormConfig {
+            kind: self.norm_kind(),
+            eps: self.bn_eps,
+            momentum,
+            convention: self.bn_convention,
+        }
+    }
+
+    pub fn weight_init(&self) -> WeightInit {
+        let kind = self.init.unwrap_or(match self.model {
+            ModelKind::Lenet | ModelKind::LenetBn => InitKind::XavierUniform,
+            ModelKind::LenetGluon => InitKind::Normal,
+            ModelKind::Resnet18 | ModelKind::Densenet => InitKind::PytorchDefault,
+        });
+        match kind {
+            InitKind::XavierUniform => WeightInit::XavierUniform,
+            InitKind::Normal => WeightInit::Normal { std: self.init_std },
+            InitKind::PytorchDefault => WeightInit::PyTorchDefault,
+        }
+    }
+
+    /// The architecture this run trains.
+    pub fn model_spec(&self) -> ModelSpec {
+        ModelSpec {
+            kind: self.model,
+            norm: self.norm_config(),
+            pool: self.pool.unwrap_or(PoolKind::Avg),
+            activation: self.activation.unwrap_or(ActivationKind::Sigmoid),
+            init: self.weight_init(),
+        }
+    }
+
+    /// The side length of the images the model sees.
+    pub fn image_size(&self) -> usize {
+        self.resize.unwrap_or(28)
+    }
+
+    /// The learning rate of 1-based `epoch`, after StepLR.
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        match self.lr_step_size {
+            Some(step) => self.lr * self.lr_gamma.powi(((epoch - 1) / step) as i32),
+            None => self.lr,
+        }
+    }
+
+    /// Rejects settings that make no sense, naming the flag.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.lr) {
+            return err(format!("--lr must be > 0, got {}", self.lr));
+        }
+        if self.batch_size == 0 {
+            return err("--batch-size must be at least 1");
+        }
+        if self.epochs == 0 {
+            return err("--epochs must be at least 1");
+        }
+        if self.limit_batches == Some(0) {
+            return err("--limit-batches must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return err(format!(
+                "--momentum must be within [0, 1], got {}",
+                self.momentum
+            ));
+        }
+        if self.lr_step_size == Some(0) {
+            return err("--lr-step-size must be at least 1");
+        }
+        if !positive(self.lr_gamma) {
+            return err(format!("--lr-gamma must be > 0, got {}", self.lr_gamma));
+        }
+        if !positive(self.init_std) {
+            return err(format!("--init-std must be > 0, got {}", self.init_std));
+        }
+        if let Some(size) = self.resize {
+            if !(8..=512).contains(&size) {
+                return err(format!("--resize must be within 8..=512, got {size}"));
+            }
+        }
+        let min_size = self.model.min_image_size();
+        if self.image_size() < min_size {
+            return err(format!(
+                "--model {} needs images of at least {min_size}x{min_size}, got {} (use --resize)",
+                self.model.name(),
+                self.image_size()
+            ));
+        }
+        let lenet_only = !matches!(self.model, ModelKind::Lenet | ModelKind::LenetBn);
+        if lenet_only && self.pool.is_some() {
+            return err(format!(
+                "--pool applies to lenet and lenet-bn, not {}",
+                self.model.name()
+            ));
+        }
+        if lenet_only && self.activation.is_some() {
+            return err(format!(
+                "--activation applies to lenet and lenet-bn, not {}",
+                self.model.name()
+            ));
+        }
+        if !self.model.has_batch_norm() && self.norm.is_some_and(|n| n != NormKind::None) {
+            return err(format!(
+                "--model {} has no batch norm: use --model lenet-bn for --norm {}",
+                self.model.name(),
+                crate::value_name(self.norm_kind())
+            ));
+        }
+        if !positive(self.bn_eps) {
+            return err(format!("--bn-eps must be > 0, got {}", self.bn_eps));
+        }
+        if let Some(BnMomentum::Weight(m)) = self.bn_momentum {
+            if !(0.0..=1.0).contains(&m) {
+                return err(format!("--bn-momentum must be within [0, 1], got {m}"));
+            }
+        }
+        let norm = self.norm_config();
+        norm.validate().map_err(|e| ConfigError(e.to_string()))?;
+        if self.batch_size == 1 && norm.kind != NormKind::None {
+            return err(
+                "--batch-size 1: batch norm needs at least 2 examples per batch to train \
+                 (use --batch-size 2 or more, or --norm none)",
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! d2l's DenseNet for 1-channel images:
+//!
+//! ```text
+//! stem:   Conv 7×7/2, 64, pad 3 → BN → ReLU → MaxPool 3×3/2, pad 1
+//! 4 dense blocks of 4 layers BN → ReLU → Conv 3×3 (growth rate 32), each layer's output
+//!   concatenated to its input; between blocks a transition BN → ReLU → Conv 1×1 → AvgPool 2
+//!   that halves the channels
+//! head:   BN → ReLU → global average pool → Linear
+//! ```
+//! Channels: 64 → 192 → 96 → 224 → 112 → 240 → 120 → 248.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgPool2dConfig};
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use super::layers::{Initializer, Stem, Trace};
+use super::ModelSpec;
+use crate::norm::{apply_norm, NormLayer};
+
+const GROWTH: usize = 32;
+const LAYERS_PER_BLOCK: usize = 4;
+const BLOCKS: usize = 4;
+
+/// BN → ReLU → Conv 3×3: one layer of a dense block.
+#[derive(Module, Debug)]
+pub struct ConvBlock {
+    pub bn: Option<NormLayer>,
+    pub conv: Conv2d,
+}
+
+impl ConvBlock {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.conv.forward(relu(apply_norm(&self.bn, x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Transition {
+    pub bn: Option<NormLayer>,
+    pub conv: Conv2d,
+    pub pool: AvgPool2d,
+}
+
+impl Transition {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.pool
+            .forward(self.conv.forward(relu(apply_norm(&self.bn, x))))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DenseNet {
+    pub stem: Stem,
+    pub blocks: Vec<Vec<ConvBlock>>,
+    pub transitions: Vec<Transition>,
+    pub bn: Option<NormLayer>,
+    pub pool: AdaptiveAvgPool2d,
+    pub fc: Linear,
+}
+
+impl DenseNet {
+    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+        let mut init = Initializer::new(seed, spec.init, device);
+        let stem = Stem::new(spec, &mut init, device);
+        let norm = |c| NormLayer::new(&spec.norm, c, device);
+        let (mut blocks, mut transitions) = (Vec::new(), Vec::new());
+        let mut channels = 64;
+        for b in 0..BLOCKS {
+            let layers = (0..LAYERS_PER_BLOCK)
+                .map(|i| {
+                    let cin = channels + i * GROWTH;
+                    ConvBlock {
+                        bn: norm(cin),
+                        conv: init.conv2d(cin, GROWTH, 3, 1, 1),
+                    }
+                })
+                .collect();
+            blocks.push(layers);
+            channels += LAYERS_PER_BLOCK * GROWTH;
+            if b + 1 < BLOCKS {
+                transitions.push(Transition {
+                    bn: norm(channels),
+                    conv: init.conv2d(channels, channels / 2, 1, 1, 0),
+                    pool: AvgPool2dConfig::new([2, 2]).init(),
+                });
+                channels /= 2;
+            }
+        }
+        Self {
+            stem,
+            blocks,
+            transitions,
+            bn: norm(channels),
+            pool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            fc: init.linear(channels, 10),
+        }
+    }
+
+    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+        let mut x = self.stem.forward(x);
+        trace.record("stem", &x.dims());
+        for (b, block) in self.blocks.iter().enumerate() {
+            for layer in block {
+                let y = layer.forward(x.clone());
+                x = Tensor::cat(vec![x, y], 1);
+            }
+            trace.record(&format!("dense{}", b + 1), &x.dims());
+            if let Some(transition) = self.transitions.get(b) {
+                x = transition.forward(x);
+                trace.record(&format!("transition{}", b + 1), &x.dims());
+            }
+        }
+        let x = self
+            .pool
+            .forward(relu(apply_norm(&self.bn, x)))
+            .flatten::<2>(1, 3);
+        trace.record("bn-relu-global-avg-pool", &x.dims());
+        let x = self.fc.forward(x);
+        trace.record("fc", &x.dims());
+        x
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        let mut all = super::named_norms([("stem.bn", &mut self.stem.bn)]);
+        for (b, block) in self.blocks.iter_mut().enumerate() {
+            for (i, layer) in block.iter_mut().enumerate() {
+                all.extend(super::named_norms([(
+                    format!("dense{}.{i}.bn", b + 1).as_str(),
+                    &mut layer.bn,
+                )]));
+            }
+        }
+        for (t, transition) in self.transitions.iter_mut().enumerate() {
+            all.extend(super::named_norms([(
+                format!("transition{}.bn", t + 1).as_str(),
+                &mut transition.bn,
+            )]));
+        }
+        all.extend(super::named_norms([("bn", &mut self.bn)]));
+        all
+    }
+}

@@ -1,0 +1,63 @@
+//! The MXNet (Gluon) notebook's LeNet with batch norm, ReLU and max pooling:
+//!
+//! ```text
+//! Conv 20@5×5 → BN → ReLU → MaxPool 2 → Conv 50@3×3 → BN → ReLU → MaxPool 2 →
+//! Flatten → Dense 1250→128 → ReLU → Dense 128→10
+//! ```
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use super::layers::{Initializer, Trace};
+use super::ModelSpec;
+use crate::norm::{apply_norm, NormLayer};
+
+#[derive(Module, Debug)]
+pub struct GluonLeNet {
+    pub conv1: Conv2d,
+    pub bn1: Option<NormLayer>,
+    pub conv2: Conv2d,
+    pub bn2: Option<NormLayer>,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub pool: MaxPool2d,
+}
+
+impl GluonLeNet {
+    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+        let mut init = Initializer::new(seed, spec.init, device);
+        Self {
+            conv1: init.conv2d(1, 20, 5, 1, 0),
+            bn1: NormLayer::new(&spec.norm, 20, device),
+            conv2: init.conv2d(20, 50, 3, 1, 0),
+            bn2: NormLayer::new(&spec.norm, 50, device),
+            fc1: init.linear(1250, 128),
+            fc2: init.linear(128, 10),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+        }
+    }
+
+    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+        let x = self
+            .pool
+            .forward(relu(apply_norm(&self.bn1, self.conv1.forward(x))));
+        trace.record("conv1-bn-relu-pool", &x.dims());
+        let x = self
+            .pool
+            .forward(relu(apply_norm(&self.bn2, self.conv2.forward(x))));
+        trace.record("conv2-bn-relu-pool", &x.dims());
+        let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
+        trace.record("dense1-relu", &x.dims());
+        let x = self.fc2.forward(x);
+        trace.record("dense2", &x.dims());
+        x
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        super::named_norms([("bn1", &mut self.bn1), ("bn2", &mut self.bn2)])
+    }
+}

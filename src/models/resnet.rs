@@ -1,0 +1,125 @@
+//! d2l's ResNet-18 for 1-channel images:
+//!
+//! ```text
+//! stem:  Conv 7×7/2, 64, pad 3 → BN → ReLU → MaxPool 3×3/2, pad 1
+//! b2..b5: 2 residual blocks each, at 64, 128, 256, 512 channels; the first block of b3..b5
+//!         halves the size and has a 1×1/2 conv shortcut
+//! head:  global average pool → Linear 512→10
+//! ```
+//! A residual block: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use super::layers::{Initializer, Stem, Trace};
+use super::ModelSpec;
+use crate::norm::{apply_norm, NormLayer};
+
+#[derive(Module, Debug)]
+pub struct Residual {
+    pub conv1: Conv2d,
+    pub bn1: Option<NormLayer>,
+    pub conv2: Conv2d,
+    pub bn2: Option<NormLayer>,
+    /// The 1×1 conv shortcut of a block that changes the shape.
+    pub conv3: Option<Conv2d>,
+}
+
+impl Residual {
+    fn new(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        spec: &ModelSpec,
+        init: &mut Initializer,
+        device: &Device,
+    ) -> Self {
+        let shortcut = stride != 1 || cin != cout;
+        Self {
+            conv1: init.conv2d(cin, cout, 3, stride, 1),
+            bn1: NormLayer::new(&spec.norm, cout, device),
+            conv2: init.conv2d(cout, cout, 3, 1, 1),
+            bn2: NormLayer::new(&spec.norm, cout, device),
+            conv3: shortcut.then(|| init.conv2d(cin, cout, 1, stride, 0)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let y = relu(apply_norm(&self.bn1, self.conv1.forward(x.clone())));
+        let y = apply_norm(&self.bn2, self.conv2.forward(y));
+        let shortcut = match &self.conv3 {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        relu(y + shortcut)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet18 {
+    pub stem: Stem,
+    /// b2..b5, two blocks each.
+    pub stages: Vec<Vec<Residual>>,
+    pub pool: AdaptiveAvgPool2d,
+    pub fc: Linear,
+}
+
+impl ResNet18 {
+    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+        let mut init = Initializer::new(seed, spec.init, device);
+        let stem = Stem::new(spec, &mut init, device);
+        let widths = [64, 128, 256, 512];
+        let mut cin = 64;
+        let stages = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &cout)| {
+                let stride = if i == 0 { 1 } else { 2 };
+                let first = Residual::new(cin, cout, stride, spec, &mut init, device);
+                let second = Residual::new(cout, cout, 1, spec, &mut init, device);
+                cin = cout;
+                vec![first, second]
+            })
+            .collect();
+        Self {
+            stem,
+            stages,
+            pool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            fc: init.linear(512, 10),
+        }
+    }
+
+    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+        let mut x = self.stem.forward(x);
+        trace.record("stem", &x.dims());
+        for (i, stage) in self.stages.iter().enumerate() {
+            for block in stage {
+                x = block.forward(x);
+            }
+            trace.record(&format!("b{}", i + 2), &x.dims());
+        }
+        let x = self.pool.forward(x).flatten::<2>(1, 3);
+        trace.record("global-avg-pool", &x.dims());
+        let x = self.fc.forward(x);
+        trace.record("fc", &x.dims());
+        x
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        let mut all = super::named_norms([("stem.bn", &mut self.stem.bn)]);
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            for (j, block) in stage.iter_mut().enumerate() {
+                let prefix = format!("b{}.{j}", i + 2);
+                all.extend(super::named_norms([
+                    (format!("{prefix}.bn1").as_str(), &mut block.bn1),
+                    (format!("{prefix}.bn2").as_str(), &mut block.bn2),
+                ]));
+            }
+        }
+        all
+    }
+}

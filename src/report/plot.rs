@@ -1,0 +1,137 @@
+//! Training curves as in the d2l book: train loss, train accuracy and test accuracy per epoch,
+//! one line per run, drawn with plotters as SVG and rasterised to PNG with resvg.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use super::{write_atomically, EpochMetrics};
+
+/// A panel: its title and the metric it draws.
+type Panel = (&'static str, fn(&EpochMetrics) -> f64);
+
+const PANELS: [Panel; 3] = [
+    ("train loss", |m| m.train_loss),
+    ("train accuracy", |m| m.train_acc),
+    ("test accuracy", |m| m.test_acc),
+];
+
+/// Distinguishable line colours (Tableau 10).
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Draws the three panels side by side as an SVG document.
+pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String> {
+    let (width, height) = (1500u32, 480u32);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let max_epoch = runs
+            .iter()
+            .flat_map(|(_, m)| m.iter().map(|e| e.epoch))
+            .max()
+            .unwrap_or(1);
+        for (panel, area) in PANELS.iter().zip(root.split_evenly((1, 3))) {
+            let (title, value) = panel;
+            let values: Vec<f64> = runs.iter().flat_map(|(_, m)| m.iter().map(value)).collect();
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+            let pad = ((hi - lo) * 0.08).max(0.01);
+            let mut chart = ChartBuilder::on(&area)
+                .caption(*title, ("sans-serif", 24))
+                .margin(12)
+                .x_label_area_size(48)
+                .y_label_area_size(64)
+                .build_cartesian_2d(0.5f64..max_epoch as f64 + 0.5, (lo - pad)..(hi + pad))?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .y_desc(*title)
+                .x_labels(max_epoch.min(10))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.2}"))
+                .label_style(("sans-serif", 15))
+                .axis_desc_style(("sans-serif", 17))
+                .draw()?;
+            for (i, (name, metrics)) in runs.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let points: Vec<(f64, f64)> =
+                    metrics.iter().map(|m| (m.epoch as f64, value(m))).collect();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                    });
+                chart.draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, color.filled())),
+                )?;
+            }
+            chart
+                .configure_series_labels()
+                .position(if title.contains("loss") {
+                    SeriesLabelPosition::UpperRight
+                } else {
+                    SeriesLabelPosition::LowerRight
+                })
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .label_font(("sans-serif", 15))
+                .draw()?;
+        }
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// Rasterises an SVG document to PNG, with DejaVu Sans (built in) for the text.
+pub fn svg_to_png(svg: &str) -> anyhow::Result<Vec<u8>> {
+    let mut options = resvg::usvg::Options::default();
+    let fonts = options.fontdb_mut();
+    fonts.load_font_data(dejavu::sans::regular().to_vec());
+    fonts.set_sans_serif_family("DejaVu Sans");
+    let tree = resvg::usvg::Tree::from_str(svg, &options).context("cannot parse the SVG")?;
+    let size = tree.size().to_int_size();
+    let mut pixmap =
+        resvg::tiny_skia::Pixmap::new(size.width(), size.height()).context("empty image")?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::default(),
+        &mut pixmap.as_mut(),
+    );
+    pixmap.encode_png().context("cannot encode the PNG")
+}
+
+/// Writes `stem.svg` and `stem.png`; returns both paths.
+pub fn write_curves(
+    runs: &[(String, Vec<EpochMetrics>)],
+    stem: &Path,
+) -> anyhow::Result<[PathBuf; 2]> {
+    let svg = curves_svg(runs)?;
+    let png = svg_to_png(&svg)?;
+    let svg_path = stem.with_extension("svg");
+    let png_path = stem.with_extension("png");
+    write_atomically(&svg_path, svg.as_bytes())
+        .with_context(|| format!("{}: cannot write", svg_path.display()))?;
+    write_atomically(&png_path, &png)
+        .with_context(|| format!("{}: cannot write", png_path.display()))?;
+    Ok([svg_path, png_path])
+}

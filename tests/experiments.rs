@@ -1,0 +1,309 @@
+//! The chapter's experiments from the command line: every recipe runs, `compare` writes its
+//! table and plots, `plot` redraws them, and saved models can be evaluated and inspected.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bnlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args)
+        .output()
+        .expect("bnlab runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = bnlab(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn recipe_names() -> Vec<String> {
+    ok(&["recipes"])
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn recipes_lists_the_chapter_experiments() {
+    let names = recipe_names();
+    for want in [
+        "lenet-sgdm",
+        "lenet-adam",
+        "lenet-bn-sgdm",
+        "lenet-bn-adam",
+        "lenet-bn-scratch",
+        "lenet-bn-concise",
+        "lenet-bn-adam-128",
+        "lenet-gluon-bn",
+        "resnet18",
+        "densenet",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+/// Every recipe, one epoch of a few batches (the big networks on smaller batches).
+#[test]
+fn every_recipe_runs_one_quick_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in recipe_names() {
+        let out = dir.path().join(&name);
+        let mut args = vec![
+            "run",
+            &name,
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "2",
+            "--json",
+        ];
+        if name == "densenet" || name == "resnet18" {
+            args.extend(["--batch-size", "8"]);
+        }
+        args.extend(["--out", out.to_str().unwrap()]);
+        let stdout = ok(&args);
+        let m: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(m["epoch"], 1, "{name}");
+        assert!(m["train_loss"].as_f64().unwrap().is_finite(), "{name}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["epochs"], 1,
+            "{name}: overrides reach the saved config"
+        );
+        assert!(out.join("model.bpk").is_file(), "{name}");
+    }
+}
+
+#[test]
+fn compare_writes_table_and_plots_and_plot_redraws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let stdout = ok(&[
+        "compare",
+        "lenet-sgdm",
+        "lenet-bn-sgdm",
+        "--epochs",
+        "2",
+        "--limit-batches",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(
+        stdout.trim_end().ends_with(table.trim()),
+        "the table ends stdout:\n{stdout}"
+    );
+    assert!(
+        table.contains("| lenet-sgdm | 2 |") && table.contains("| lenet-bn-sgdm | 2 |"),
+        "{table}"
+    );
+    for header in [
+        "final test acc",
+        "best test acc",
+        "first epoch ≥ 0.85",
+        "wall time",
+        "examples/s",
+    ] {
+        assert!(table.contains(header), "{header}");
+    }
+    check_plot(&out.join("curves"), &["lenet-sgdm", "lenet-bn-sgdm"]);
+
+    let redrawn = dir.path().join("again");
+    ok(&[
+        "plot",
+        out.join("lenet-sgdm/metrics.jsonl").to_str().unwrap(),
+        out.join("lenet-bn-sgdm/metrics.jsonl").to_str().unwrap(),
+        "--out",
+        redrawn.to_str().unwrap(),
+    ]);
+    check_plot(&redrawn, &["lenet-sgdm", "lenet-bn-sgdm"]);
+}
+
+fn check_plot(stem: &Path, labels: &[&str]) {
+    let svg = std::fs::read_to_string(stem.with_extension("svg")).unwrap();
+    for text in ["train loss", "train accuracy", "test accuracy", "epoch"]
+        .iter()
+        .chain(labels)
+    {
+        assert!(svg.contains(text), "the plot shows {text}");
+    }
+    let png = std::fs::read(stem.with_extension("png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(png.len() > 20_000, "a real picture, not an empty one");
+}
+
+#[test]
+fn shapes_match_the_notebooks() {
+    let resnet = ok(&["shapes", "resnet18", "--resize", "224"]);
+    for (block, dims) in [
+        ("stem", "[1, 64, 56, 56]"),
+        ("b2", "[1, 64, 56, 56]"),
+        ("b3", "[1, 128, 28, 28]"),
+        ("b4", "[1, 256, 14, 14]"),
+        ("b5", "[1, 512, 7, 7]"),
+        ("fc", "[1, 10]"),
+    ] {
+        let line = resnet
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{block} ")));
+        assert!(
+            line.is_some_and(|l| l.ends_with(dims)),
+            "{block} {dims}:\n{resnet}"
+        );
+    }
+    let densenet = ok(&["shapes", "densenet"]);
+    assert!(densenet.contains("1x1x96x96"), "{densenet}");
+    for dims in [
+        "[1, 192, 24, 24]",
+        "[1, 96, 12, 12]",
+        "[1, 248, 3, 3]",
+        "[1, 248]",
+        "[1, 10]",
+    ] {
+        assert!(densenet.contains(dims), "{dims}:\n{densenet}");
+    }
+    let lenet = ok(&["shapes", "lenet-bn"]);
+    assert!(
+        lenet.contains("[1, 16, 4, 4]") && lenet.contains("[1, 256]"),
+        "{lenet}"
+    );
+}
+
+#[test]
+fn saved_models_evaluate_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let stdout = ok(&[
+        "train",
+        "--epochs",
+        "2",
+        "--limit-batches",
+        "20",
+        "--save-every",
+        "1",
+        "--json",
+        "--out",
+        run_s,
+    ]);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for file in ["epoch-001.bpk", "epoch-002.bpk", "model.bpk"] {
+        assert!(run.join(file).is_file(), "{file}");
+    }
+    // The saved model gives the accuracy training reported (same 20 test batches).
+    let eval = ok(&[
+        "eval",
+        "--checkpoint",
+        run_s,
+        "--limit-batches",
+        "20",
+        "--json",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(&eval).unwrap();
+    assert_eq!(eval["test_acc"], last["test_acc"], "{eval} vs {last}");
+    // Epoch 1's checkpoint is a different model.
+    let first = ok(&[
+        "eval",
+        "--checkpoint",
+        run.join("epoch-001.bpk").to_str().unwrap(),
+        "--limit-batches",
+        "20",
+        "--json",
+    ]);
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_ne!(first["test_acc"], last["test_acc"]);
+    let recalibrated = ok(&[
+        "eval",
+        "--checkpoint",
+        run_s,
+        "--recalibrate-bn",
+        "--limit-batches",
+        "20",
+        "--json",
+    ]);
+    let recalibrated: serde_json::Value = serde_json::from_str(&recalibrated).unwrap();
+    assert_eq!(recalibrated["recalibrate_bn"], true);
+    assert_ne!(
+        recalibrated["test_acc"], last["test_acc"],
+        "recalibration moves the statistics"
+    );
+
+    let inspect = ok(&["inspect", run_s]);
+    for layer in [
+        "bn1 (6 channels)",
+        "bn2 (16 channels)",
+        "bn3 (120 channels)",
+        "bn4 (84 channels)",
+    ] {
+        assert!(inspect.contains(layer), "{layer}:\n{inspect}");
+    }
+    for quantity in ["gamma", "beta", "running_mean", "running_var"] {
+        assert_eq!(
+            inspect.matches(quantity).count(),
+            4,
+            "{quantity}:\n{inspect}"
+        );
+    }
+    let full = ok(&["inspect", run_s, "--full"]);
+    let gamma = full
+        .lines()
+        .find(|l| l.trim_start().starts_with("gamma"))
+        .unwrap();
+    assert_eq!(
+        gamma.split_whitespace().count(),
+        1 + 6,
+        "all six values of bn1's gamma: {gamma}"
+    );
+}
+
+#[test]
+fn a_damaged_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    ok(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "2",
+        "--out",
+        run_s,
+    ]);
+    let model = run.join("model.bpk");
+    let bytes = std::fs::read(&model).unwrap();
+    for damaged in [
+        bytes[..bytes.len() / 2].to_vec(),
+        vec![0u8; 100],
+        b"not a model".to_vec(),
+    ] {
+        std::fs::write(&model, &damaged).unwrap();
+        for args in [vec!["eval", "--checkpoint", run_s], vec!["inspect", run_s]] {
+            let out = bnlab(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            assert!(
+                stderr.contains("model.bpk: truncated or corrupt checkpoint"),
+                "{stderr}"
+            );
+        }
+    }
+    let out = bnlab(&["eval", "--checkpoint", "/nonexistent/run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/run: no such run directory"),
+        "{stderr}"
+    );
+}
