@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod interop;
 pub mod models;
 pub mod norm;
 pub mod recipes;

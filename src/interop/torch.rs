@@ -1,0 +1,588 @@
+//! PyTorch `state_dict`s as safetensors files, in and out.
+//!
+//! [`export`] writes a model's weights under the names PyTorch gives the same architecture;
+//! [`import`] reads such a file back into a bnlab [`Model`]. The PyTorch side of each model is
+//! the d2l chapter's `nn.Sequential` (for ResNet-18 and DenseNet the definitions in
+//! `torch_bench.py`, copied into `tools/torch_crosscheck.py`):
+//!
+//! | model | keys |
+//! | --- | --- |
+//! | `lenet-bn` | conv `0`, bn `1`, conv `4`, bn `5`, linear `9`, bn `10`, linear `12`, bn `13`, linear `15` |
+//! | `lenet` | conv `0`, conv `3`, linear `7`, linear `9`, linear `11` |
+//! | `lenet-gluon` | conv `0`, bn `1`, conv `4`, bn `5`, linear `9`, linear `11` |
+//! | `resnet18` | stem conv `0.0`, bn `0.1`; block `j` of stage `s` (1..=4) `s.j.conv1`, `s.j.bn1`, `s.j.conv2`, `s.j.bn2`, shortcut `s.0.conv3` (s ≥ 2); linear `7` |
+//! | `densenet` | stem conv `0.0`, bn `0.1`; dense block `b` (1, 3, 5, 7) layer `i`: bn `b.net.i.0`, conv `b.net.i.2`; transition `t` (2, 4, 6): bn `t.0`, conv `t.2`; bn `8`; linear `12` |
+//!
+//! Each conv and linear has `.weight` and `.bias`; each batch norm `.weight` (gamma), `.bias`
+//! (beta), `.running_mean`, `.running_var` and `.num_batches_tracked`. A model built without batch
+//! norm (`--norm none`) leaves its BN layers out of the Sequential, as d2l's plain LeNet does, so
+//! the indices after them shift (this is how `lenet` gets its keys).
+//!
+//! Layouts: conv weights are `[out, in, kh, kw]` in both; Burn's linear weight is `[in, out]`
+//! and PyTorch's `[out, in]`, so it is transposed both ways. Floats are written as F32 and read
+//! from F32 or F64. `num_batches_tracked` is an I64 scalar in PyTorch; bnlab's own layer keeps
+//! it as a float, Burn's built-in layer keeps none (it is written as 0 and ignored on import).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::Context;
+use burn::module::{Param, RunningState};
+use burn::nn::conv::Conv2d;
+use burn::nn::Linear;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::models::densenet::DenseNet;
+use crate::models::gluon::GluonLeNet;
+use crate::models::lenet::LeNet;
+use crate::models::resnet::ResNet18;
+use crate::models::{Model, ModelSpec};
+use crate::norm::NormLayer;
+use crate::report::write_atomically;
+
+/// The one `__metadata__` key bnlab writes: a JSON object of the fields below, for tools
+/// that rebuild the model. One key, because safetensors writes several in hash order and the
+/// same model should give the same bytes.
+pub const META_KEY: &str = "bnlab";
+pub const META_MODEL: &str = "model";
+pub const META_NORM: &str = "norm";
+pub const META_EPS: &str = "bn_eps";
+pub const META_POOL: &str = "pool";
+pub const META_ACTIVATION: &str = "activation";
+pub const META_IMAGE_SIZE: &str = "image_size";
+
+/// How many key names an error lists before it says "and N more".
+const LISTED_KEYS: usize = 8;
+
+/// What is wrong with a state_dict file. Each message is one line naming the key, and the
+/// caller prefixes the file ([`import_file`] does).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TorchError {
+    #[error(
+        "not a safetensors file, or truncated or corrupt ({0}); write one with \
+         safetensors.torch.save_file(model.state_dict(), PATH)"
+    )]
+    Corrupt(String),
+    #[error("{}", keys_message(.model, .missing, .unexpected))]
+    Keys {
+        model: String,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
+    #[error(
+        "{key}: shape {} expected {} (a state_dict of another architecture: check --model)",
+        shape_text(.found),
+        shape_text(.expected)
+    )]
+    Shape {
+        key: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{key}: dtype {found}, expected {expected} ({fix})")]
+    Dtype {
+        key: String,
+        found: String,
+        expected: &'static str,
+        fix: &'static str,
+    },
+}
+
+fn shape_text(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    format!("[{}]", dims.join(","))
+}
+
+fn key_list(keys: &[String]) -> String {
+    let mut text = keys
+        .iter()
+        .take(LISTED_KEYS)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > LISTED_KEYS {
+        text.push_str(&format!(" and {} more", keys.len() - LISTED_KEYS));
+    }
+    text
+}
+
+fn keys_message(model: &str, missing: &[String], unexpected: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing keys {}", key_list(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected keys {}", key_list(unexpected)));
+    }
+    format!(
+        "not a state_dict of bnlab's {model}: {} (check --model and --norm; keys must be \
+         exactly those of model.state_dict(), with no prefix such as `module.`)",
+        parts.join("; ")
+    )
+}
+
+/// A layer with weights, as the PyTorch module at some key prefix sees it.
+enum Layer<'a> {
+    Conv(&'a mut Conv2d),
+    Linear(&'a mut Linear),
+    Norm(&'a mut NormLayer),
+}
+
+/// One tensor of the state_dict and where it lives in the Burn model.
+enum Slot<'a> {
+    Conv(&'a mut Param<Tensor<4>>),
+    Vector(&'a mut Param<Tensor<1>>),
+    /// Burn `[in, out]`, PyTorch `[out, in]`.
+    LinearWeight(&'a mut Param<Tensor<2>>),
+    Running(&'a mut RunningState<Tensor<1>>),
+    /// bnlab's float counter; `None` for Burn's layer, which has no counter.
+    Count(Option<&'a mut RunningState<Tensor<1>>>),
+}
+
+/// Walks an `nn.Sequential`: each item takes the next index, parameterless ones too, and
+/// layers the model left out take none.
+struct Sequential {
+    prefix: String,
+    index: usize,
+}
+
+impl Sequential {
+    fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            index: 0,
+        }
+    }
+
+    /// The key prefix of the next item.
+    fn next(&mut self) -> String {
+        let name = format!("{}{}.", self.prefix, self.index);
+        self.index += 1;
+        name
+    }
+
+    /// Steps over parameterless items (activations, pools, flatten).
+    fn skip(&mut self, items: usize) {
+        self.index += items;
+    }
+
+    fn norm<'a>(&mut self, layers: &mut Vec<(String, Layer<'a>)>, bn: &'a mut Option<NormLayer>) {
+        if let Some(bn) = bn {
+            layers.push((self.next(), Layer::Norm(bn)));
+        }
+    }
+}
+
+fn lenet_layers(m: &mut LeNet) -> Vec<(String, Layer<'_>)> {
+    let (mut out, mut seq) = (Vec::new(), Sequential::new(""));
+    out.push((seq.next(), Layer::Conv(&mut m.conv1)));
+    seq.norm(&mut out, &mut m.bn1);
+    seq.skip(2); // activation, pool
+    out.push((seq.next(), Layer::Conv(&mut m.conv2)));
+    seq.norm(&mut out, &mut m.bn2);
+    seq.skip(3); // activation, pool, flatten
+    out.push((seq.next(), Layer::Linear(&mut m.fc1)));
+    seq.norm(&mut out, &mut m.bn3);
+    seq.skip(1);
+    out.push((seq.next(), Layer::Linear(&mut m.fc2)));
+    seq.norm(&mut out, &mut m.bn4);
+    seq.skip(1);
+    out.push((seq.next(), Layer::Linear(&mut m.fc3)));
+    out
+}
+
+fn gluon_layers(m: &mut GluonLeNet) -> Vec<(String, Layer<'_>)> {
+    let (mut out, mut seq) = (Vec::new(), Sequential::new(""));
+    out.push((seq.next(), Layer::Conv(&mut m.conv1)));
+    seq.norm(&mut out, &mut m.bn1);
+    seq.skip(2); // relu, pool
+    out.push((seq.next(), Layer::Conv(&mut m.conv2)));
+    seq.norm(&mut out, &mut m.bn2);
+    seq.skip(3); // relu, pool, flatten
+    out.push((seq.next(), Layer::Linear(&mut m.fc1)));
+    seq.skip(1); // relu
+    out.push((seq.next(), Layer::Linear(&mut m.fc2)));
+    out
+}
+
+/// The stem both ResNet and DenseNet begin with: `Sequential(conv, bn, relu, maxpool)` at `0`.
+fn stem_layers<'a>(stem: &'a mut crate::models::layers::Stem, out: &mut Vec<(String, Layer<'a>)>) {
+    let mut seq = Sequential::new("0.");
+    out.push((seq.next(), Layer::Conv(&mut stem.conv)));
+    seq.norm(out, &mut stem.bn);
+}
+
+fn resnet_layers(m: &mut ResNet18) -> Vec<(String, Layer<'_>)> {
+    let mut out = Vec::new();
+    stem_layers(&mut m.stem, &mut out);
+    // Stages are items 1..=4 of the top Sequential; each is a Sequential of Residual modules,
+    // whose layers are named attributes.
+    for (s, stage) in m.stages.iter_mut().enumerate() {
+        for (j, block) in stage.iter_mut().enumerate() {
+            let p = format!("{}.{j}.", s + 1);
+            out.push((format!("{p}conv1."), Layer::Conv(&mut block.conv1)));
+            out.push((format!("{p}conv2."), Layer::Conv(&mut block.conv2)));
+            if let Some(conv3) = &mut block.conv3 {
+                out.push((format!("{p}conv3."), Layer::Conv(conv3)));
+            }
+            for (name, bn) in [("bn1", &mut block.bn1), ("bn2", &mut block.bn2)] {
+                if let Some(bn) = bn {
+                    out.push((format!("{p}{name}."), Layer::Norm(bn)));
+                }
+            }
+        }
+    }
+    // 5: AdaptiveAvgPool2d, 6: Flatten.
+    out.push(("7.".into(), Layer::Linear(&mut m.fc)));
+    out
+}
+
+fn densenet_layers(m: &mut DenseNet) -> Vec<(String, Layer<'_>)> {
+    let mut out = Vec::new();
+    stem_layers(&mut m.stem, &mut out);
+    let mut top = Sequential::new("");
+    top.skip(1); // the stem
+    let mut transitions = m.transitions.iter_mut();
+    for block in m.blocks.iter_mut() {
+        // A DenseBlock keeps its layers in `net`, each `Sequential(bn, relu, conv)`.
+        let net = format!("{}net.", top.next());
+        for (i, layer) in block.iter_mut().enumerate() {
+            let mut seq = Sequential::new(&format!("{net}{i}."));
+            seq.norm(&mut out, &mut layer.bn);
+            seq.skip(1); // relu
+            out.push((seq.next(), Layer::Conv(&mut layer.conv)));
+        }
+        if let Some(transition) = transitions.next() {
+            // `Sequential(bn, relu, conv, avgpool)`.
+            let mut seq = Sequential::new(&top.next());
+            seq.norm(&mut out, &mut transition.bn);
+            seq.skip(1); // relu
+            out.push((seq.next(), Layer::Conv(&mut transition.conv)));
+        }
+    }
+    top.norm(&mut out, &mut m.bn);
+    top.skip(3); // relu, global pool, flatten
+    out.push((top.next(), Layer::Linear(&mut m.fc)));
+    out
+}
+
+fn layers(model: &mut Model) -> Vec<(String, Layer<'_>)> {
+    match model {
+        Model::LeNet(m) => lenet_layers(m),
+        Model::Gluon(m) => gluon_layers(m),
+        Model::ResNet(m) => resnet_layers(m),
+        Model::DenseNet(m) => densenet_layers(m),
+    }
+}
+
+/// Every tensor of the state_dict, keyed by its PyTorch name, in PyTorch's order.
+fn slots(model: &mut Model) -> Vec<(String, Slot<'_>)> {
+    let mut out = Vec::new();
+    for (prefix, layer) in layers(model) {
+        let key = |name: &str| format!("{prefix}{name}");
+        match layer {
+            Layer::Conv(conv) => {
+                out.push((key("weight"), Slot::Conv(&mut conv.weight)));
+                if let Some(bias) = &mut conv.bias {
+                    out.push((key("bias"), Slot::Vector(bias)));
+                }
+            }
+            Layer::Linear(linear) => {
+                out.push((key("weight"), Slot::LinearWeight(&mut linear.weight)));
+                if let Some(bias) = &mut linear.bias {
+                    out.push((key("bias"), Slot::Vector(bias)));
+                }
+            }
+            Layer::Norm(NormLayer::Scratch(bn)) => {
+                if let Some(gamma) = &mut bn.gamma {
+                    out.push((key("weight"), Slot::Vector(gamma)));
+                }
+                if let Some(beta) = &mut bn.beta {
+                    out.push((key("bias"), Slot::Vector(beta)));
+                }
+                if let Some(mean) = &mut bn.running_mean {
+                    out.push((key("running_mean"), Slot::Running(mean)));
+                }
+                if let Some(var) = &mut bn.running_var {
+                    out.push((key("running_var"), Slot::Running(var)));
+                }
+                if let Some(count) = &mut bn.num_batches_tracked {
+                    out.push((key("num_batches_tracked"), Slot::Count(Some(count))));
+                }
+            }
+            Layer::Norm(NormLayer::Burn(bn)) => {
+                out.push((key("weight"), Slot::Vector(&mut bn.gamma)));
+                out.push((key("bias"), Slot::Vector(&mut bn.beta)));
+                out.push((key("running_mean"), Slot::Running(&mut bn.running_mean)));
+                out.push((key("running_var"), Slot::Running(&mut bn.running_var)));
+                out.push((key("num_batches_tracked"), Slot::Count(None)));
+            }
+        }
+    }
+    out
+}
+
+impl Slot<'_> {
+    /// The shape PyTorch gives this tensor.
+    fn torch_shape(&self) -> Vec<usize> {
+        match self {
+            Slot::Conv(p) => p.val().dims().to_vec(),
+            Slot::Vector(p) => p.val().dims().to_vec(),
+            Slot::LinearWeight(p) => {
+                let [d_in, d_out] = p.val().dims();
+                vec![d_out, d_in]
+            }
+            Slot::Running(s) => s.value().dims().to_vec(),
+            Slot::Count(_) => Vec::new(),
+        }
+    }
+
+    fn is_count(&self) -> bool {
+        matches!(self, Slot::Count(_))
+    }
+
+    /// The tensor in PyTorch's layout: dtype, shape and little-endian bytes.
+    fn export(&self) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let floats = |data: TensorData| -> Vec<u8> {
+            data.iter::<f32>().flat_map(f32::to_le_bytes).collect()
+        };
+        let shape = self.torch_shape();
+        match self {
+            Slot::Conv(p) => (Dtype::F32, shape, floats(p.val().into_data())),
+            Slot::Vector(p) => (Dtype::F32, shape, floats(p.val().into_data())),
+            Slot::LinearWeight(p) => (Dtype::F32, shape, floats(p.val().transpose().into_data())),
+            Slot::Running(s) => (Dtype::F32, shape, floats(s.value_sync().into_data())),
+            Slot::Count(count) => {
+                let n = count.as_ref().map_or(0.0, |c| {
+                    c.value_sync()
+                        .into_data()
+                        .iter::<f64>()
+                        .next()
+                        .unwrap_or(0.0)
+                });
+                (Dtype::I64, shape, (n.round() as i64).to_le_bytes().to_vec())
+            }
+        }
+    }
+
+    /// Whether the file's tensor can go into this slot: dtype, then shape.
+    fn check(&self, key: &str, view: &TensorView<'_>) -> Result<(), TorchError> {
+        let dtype_error = |expected, fix| TorchError::Dtype {
+            key: key.to_string(),
+            found: format!("{:?}", view.dtype()),
+            expected,
+            fix,
+        };
+        if self.is_count() {
+            if view.dtype() != Dtype::I64 {
+                return Err(dtype_error(
+                    "I64",
+                    "PyTorch saves num_batches_tracked as int64: do not convert it",
+                ));
+            }
+        } else if !matches!(view.dtype(), Dtype::F32 | Dtype::F64) {
+            return Err(dtype_error(
+                "F32 or F64",
+                "convert the weights with model.float() before saving",
+            ));
+        }
+        let expected = self.torch_shape();
+        if view.shape() != expected.as_slice() {
+            return Err(TorchError::Shape {
+                key: key.to_string(),
+                found: view.shape().to_vec(),
+                expected,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores a tensor that passed [`Self::check`].
+    fn store(self, view: &TensorView<'_>) {
+        let shape = self.torch_shape();
+        // Safetensors has checked that the byte count matches dtype and shape.
+        let floats = || -> Vec<f32> {
+            match view.dtype() {
+                Dtype::F64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+                _ => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect(),
+            }
+        };
+        match self {
+            Slot::Conv(p) => {
+                let device = p.val().device();
+                let value = Tensor::from_data(TensorData::new(floats(), shape), &device);
+                replace_param(p, value);
+            }
+            Slot::Vector(p) => {
+                let device = p.val().device();
+                let value = Tensor::from_data(TensorData::new(floats(), shape), &device);
+                replace_param(p, value);
+            }
+            Slot::LinearWeight(p) => {
+                // Transposed here rather than with `Tensor::transpose`, whose strided result
+                // makes the matmul round differently from a model that never left Burn.
+                let (d_out, d_in) = (shape[0], shape[1]);
+                let torch = floats();
+                let burn: Vec<f32> = (0..d_in * d_out)
+                    .map(|k| torch[(k % d_out) * d_in + k / d_out])
+                    .collect();
+                let device = p.val().device();
+                let value = Tensor::from_data(TensorData::new(burn, [d_in, d_out]), &device);
+                replace_param(p, value);
+            }
+            Slot::Running(s) => {
+                let device = s.value().device();
+                let value = Tensor::from_data(TensorData::new(floats(), shape), &device);
+                *s = RunningState::new(value);
+            }
+            Slot::Count(Some(s)) => {
+                let count = view.data().try_into().map_or(0, i64::from_le_bytes);
+                let device = s.value().device();
+                *s = RunningState::new(Tensor::from_data(
+                    TensorData::new(vec![count as f32], [1]),
+                    &device,
+                ));
+            }
+            // Burn's layer has no counter to restore.
+            Slot::Count(None) => {}
+        }
+    }
+}
+
+/// Replaces a parameter's value, keeping its id and whether it trains.
+fn replace_param<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
+    // Cloning a Param copies a handle, not the tensor.
+    *param = param.clone().map(|_| value);
+}
+
+/// The state_dict keys of `spec`'s model and their PyTorch shapes, in PyTorch's order.
+pub fn state_dict_keys(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+    let mut model = spec.init(0, &crate::train::eval_device());
+    slots(&mut model)
+        .into_iter()
+        .map(|(key, slot)| {
+            let shape = slot.torch_shape();
+            (key, shape)
+        })
+        .collect()
+}
+
+/// The metadata bnlab writes: what a tool needs to rebuild the PyTorch model.
+fn spec_metadata(spec: &ModelSpec) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (META_MODEL.to_string(), spec.kind.name()),
+        (META_NORM.to_string(), crate::value_name(spec.norm.kind)),
+        (META_EPS.to_string(), spec.norm.eps.to_string()),
+        (META_POOL.to_string(), crate::value_name(spec.pool)),
+        (
+            META_ACTIVATION.to_string(),
+            crate::value_name(spec.activation),
+        ),
+    ])
+}
+
+/// `model` as a safetensors file holding the PyTorch state_dict of the same architecture.
+pub fn export(model: &Model, spec: &ModelSpec) -> anyhow::Result<Vec<u8>> {
+    export_with_metadata(model, spec, &BTreeMap::new())
+}
+
+/// [`export`] with extra metadata fields (such as [`META_IMAGE_SIZE`]).
+pub fn export_with_metadata(
+    model: &Model,
+    spec: &ModelSpec,
+    extra: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    // Clones share their tensors: this copies handles, not weights.
+    let mut model = model.clone();
+    let tensors: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> = slots(&mut model)
+        .into_iter()
+        .map(|(key, slot)| (key, slot.export()))
+        .collect();
+    let views = tensors
+        .iter()
+        .map(|(key, (dtype, shape, bytes))| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (key.clone(), view))
+                .map_err(|e| anyhow::anyhow!("{key}: cannot encode: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut fields = spec_metadata(spec);
+    fields.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let json = serde_json::to_string(&fields).expect("a map of strings serializes");
+    safetensors::serialize(views, Some(HashMap::from([(META_KEY.to_string(), json)])))
+        .map_err(|e| anyhow::anyhow!("cannot encode the state_dict: {e}"))
+}
+
+/// Writes [`export`]'s file to `path` atomically.
+pub fn export_file(model: &Model, spec: &ModelSpec, path: &Path) -> anyhow::Result<()> {
+    let bytes = export(model, spec).with_context(|| format!("{}", path.display()))?;
+    write_atomically(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// A model of `spec`'s architecture with the weights of a PyTorch state_dict in safetensors
+/// form, on the evaluation device. Keys must match exactly, as `load_state_dict(strict=True)`.
+pub fn import(bytes: &[u8], spec: &ModelSpec) -> Result<Model, TorchError> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| TorchError::Corrupt(e.to_string()))?;
+    let mut model = spec.init(0, &crate::train::eval_device());
+    let wanted = slots(&mut model);
+
+    let file_keys: BTreeSet<&str> = file.names().into_iter().collect();
+    let want_keys: BTreeSet<&str> = wanted.iter().map(|(k, _)| k.as_str()).collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(k, _)| !file_keys.contains(k.as_str()))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let unexpected: Vec<String> = file_keys
+        .difference(&want_keys)
+        .map(|k| k.to_string())
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(TorchError::Keys {
+            model: spec.kind.name(),
+            missing,
+            unexpected,
+        });
+    }
+
+    // Check every tensor before storing any, so that the error reported is the first in
+    // PyTorch's key order.
+    let mut views = Vec::with_capacity(wanted.len());
+    for (key, slot) in &wanted {
+        let view = file
+            .tensor(key)
+            .map_err(|e| TorchError::Corrupt(e.to_string()))?;
+        slot.check(key, &view)?;
+        views.push(view);
+    }
+    for ((_, slot), view) in wanted.into_iter().zip(&views) {
+        slot.store(view);
+    }
+    Ok(model)
+}
+
+/// [`import`] from a file; errors name it.
+pub fn import_file(path: &Path, spec: &ModelSpec) -> anyhow::Result<Model> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    import(&bytes, spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The fields bnlab wrote in a file's metadata (empty for a file from elsewhere).
+pub fn metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, TorchError> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| TorchError::Corrupt(e.to_string()))?;
+    let json = meta.metadata().as_ref().and_then(|m| m.get(META_KEY));
+    Ok(json
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default())
+}

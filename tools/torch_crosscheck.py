@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Cross-check a bnlab model against PyTorch on the Fashion-MNIST test set.
+
+Given a state_dict that bnlab exported as safetensors and the logits bnlab computed (both
+written by `cargo run --release --example export_for_torch`), this builds the same network in
+PyTorch, loads the file with load_state_dict(strict=True), runs it in eval mode on the same
+test images and reports how many predicted classes differ and the largest |logit difference|.
+
+    python tools/torch_crosscheck.py OUT.safetensors --logits OUT.logits.npy
+    python tools/torch_crosscheck.py --dump-keys > tests/fixtures/torch_state_dict_keys.json
+
+The model kind, BN eps, pooling, activation and image size come from the file's metadata
+(bnlab writes them); flags override them. Exit status 1 if the largest logit difference
+exceeds --max-logit-diff. Needs torch and numpy; uses the `safetensors` package if installed,
+else reads the (simple) format itself. Not a test dependency.
+
+The networks are those of /work/shared/bench/torch_bench.py (d2l's definitions), extended with
+the options bnlab has: BN left out (--norm none), max pooling and ReLU for LeNet.
+"""
+import argparse
+import gzip
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+KINDS = ["lenet", "lenet-bn", "lenet-gluon", "resnet18", "densenet"]
+
+
+# ----------------------------------------------------------------------------- models
+def keep(*layers):
+    """nn.Sequential of the layers that exist: a left-out BN shifts the indices after it,
+    as in d2l's plain LeNet."""
+    return nn.Sequential(*[l for l in layers if l is not None])
+
+
+def lenet(bn, eps=1e-5, pool="avg", activation="sigmoid"):
+    b2 = (lambda c: nn.BatchNorm2d(c, eps=eps)) if bn else (lambda c: None)
+    b1 = (lambda c: nn.BatchNorm1d(c, eps=eps)) if bn else (lambda c: None)
+    act = nn.Sigmoid if activation == "sigmoid" else nn.ReLU
+    pool2 = (lambda: nn.AvgPool2d(2, 2)) if pool == "avg" else (lambda: nn.MaxPool2d(2, 2))
+    return keep(nn.Conv2d(1, 6, kernel_size=5), b2(6), act(), pool2(),
+                nn.Conv2d(6, 16, kernel_size=5), b2(16), act(), pool2(), nn.Flatten(),
+                nn.Linear(16 * 4 * 4, 120), b1(120), act(),
+                nn.Linear(120, 84), b1(84), act(),
+                nn.Linear(84, 10))
+
+
+def lenet_gluon(bn, eps=1e-5):
+    """The MXNet notebook's LeNet (Conv 20@5 → BN → ReLU → MaxPool → Conv 50@3 → BN → ReLU →
+    MaxPool → Dense 128 + ReLU → Dense 10) as the PyTorch Sequential of the same layers."""
+    b2 = (lambda c: nn.BatchNorm2d(c, eps=eps)) if bn else (lambda c: None)
+    return keep(nn.Conv2d(1, 20, kernel_size=5), b2(20), nn.ReLU(), nn.MaxPool2d(2, 2),
+                nn.Conv2d(20, 50, kernel_size=3), b2(50), nn.ReLU(), nn.MaxPool2d(2, 2),
+                nn.Flatten(), nn.Linear(1250, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+class Residual(nn.Module):
+    def __init__(self, cin, cout, use_1x1conv=False, strides=1, bn=True, eps=1e-5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, kernel_size=3, padding=1, stride=strides)
+        self.conv2 = nn.Conv2d(cout, cout, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(cin, cout, kernel_size=1, stride=strides) if use_1x1conv else None
+        self.bn1 = nn.BatchNorm2d(cout, eps=eps) if bn else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(cout, eps=eps) if bn else nn.Identity()
+
+    def forward(self, X):
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3 is not None:
+            X = self.conv3(X)
+        return F.relu(Y + X)
+
+
+def stem(bn, eps):
+    return keep(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+                nn.BatchNorm2d(64, eps=eps) if bn else None, nn.ReLU(),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+
+
+def resnet18(bn=True, eps=1e-5):
+    def block(cin, cout, first_block=False):
+        return nn.Sequential(
+            Residual(cin, cout, use_1x1conv=not first_block, strides=1 if first_block else 2,
+                     bn=bn, eps=eps),
+            Residual(cout, cout, bn=bn, eps=eps))
+
+    return nn.Sequential(stem(bn, eps), block(64, 64, first_block=True), block(64, 128),
+                         block(128, 256), block(256, 512),
+                         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, 10))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, num_convs, cin, growth, bn, eps):
+        super().__init__()
+        self.net = nn.Sequential(*[
+            keep(nn.BatchNorm2d(cin + i * growth, eps=eps) if bn else None, nn.ReLU(),
+                 nn.Conv2d(cin + i * growth, growth, kernel_size=3, padding=1))
+            for i in range(num_convs)])
+
+    def forward(self, X):
+        for blk in self.net:
+            X = torch.cat((X, blk(X)), dim=1)
+        return X
+
+
+def densenet(bn=True, eps=1e-5):
+    c, growth, layers = 64, 32, [4, 4, 4, 4]
+    blocks = []
+    for i, n in enumerate(layers):
+        blocks.append(DenseBlock(n, c, growth, bn, eps))
+        c += n * growth
+        if i != len(layers) - 1:
+            blocks.append(keep(nn.BatchNorm2d(c, eps=eps) if bn else None, nn.ReLU(),
+                               nn.Conv2d(c, c // 2, kernel_size=1), nn.AvgPool2d(2, 2)))
+            c //= 2
+    return keep(stem(bn, eps), *blocks, nn.BatchNorm2d(c, eps=eps) if bn else None, nn.ReLU(),
+                nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(c, 10))
+
+
+def build(kind, bn=True, eps=1e-5, pool="avg", activation="sigmoid"):
+    if kind == "lenet":
+        return lenet(False, eps, pool, activation)
+    if kind == "lenet-bn":
+        return lenet(bn, eps, pool, activation)
+    if kind == "lenet-gluon":
+        return lenet_gluon(bn, eps)
+    if kind == "resnet18":
+        return resnet18(bn, eps)
+    if kind == "densenet":
+        return densenet(bn, eps)
+    raise SystemExit(f"torch_crosscheck: --model {kind!r} is not one of {', '.join(KINDS)}")
+
+
+# ----------------------------------------------------------------------------- files
+DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+          "F16": np.float16}
+
+
+def read_safetensors(path):
+    """(state_dict of torch tensors, metadata dict)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        safe_open = None
+    if safe_open is not None:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    meta = header.pop("__metadata__", {}) or {}
+    state = {}
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[start:end], dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+        state[key] = torch.from_numpy(arr.copy())
+    return state, meta
+
+
+def read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        buf = f.read()
+    ndim = buf[3]
+    dims = [int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def find(data_dir, name):
+    for candidate in (name + ".gz", name):
+        path = os.path.join(data_dir, candidate)
+        if os.path.exists(path):
+            return path
+    raise SystemExit(f"torch_crosscheck: {os.path.join(data_dir, name)}.gz: not found "
+                     "(install dataset-fashion-mnist or pass --data-dir)")
+
+
+# ----------------------------------------------------------------------------- commands
+def dump_keys():
+    """Every model's state_dict keys, shapes and dtypes as PyTorch makes them, one key a line;
+    `KIND/none` is the model built without batch norm (`--norm none`)."""
+    variants = [(kind, kind, True) for kind in KINDS]
+    variants += [(f"{kind}/none", kind, False) for kind in KINDS if kind != "lenet"]
+    lines = []
+    for name, kind, bn in variants:
+        sd = build(kind, bn=bn).state_dict()
+        entries = ",\n".join("    " + json.dumps([k, list(v.shape), str(v.dtype).replace("torch.", "")])
+                             for k, v in sd.items())
+        lines.append(f'  {json.dumps(name)}: [\n{entries}\n  ]')
+    print('{"torch_version": %s, "models": {\n%s\n}}' % (json.dumps(torch.__version__),
+                                                        ",\n".join(lines)))
+
+
+@torch.no_grad()
+def crosscheck(args):
+    state, raw_meta = read_safetensors(args.state)
+    meta = json.loads(raw_meta.get("bnlab", "{}"))
+    kind = args.model or meta.get("model")
+    if kind is None:
+        raise SystemExit(f"torch_crosscheck: {args.state}: no bnlab model in its metadata; "
+                         "pass --model")
+    norm = args.norm or meta.get("norm", "scratch")
+    eps = float(meta.get("bn_eps", "1e-5"))
+    size = args.size or int(meta.get("image_size", "28"))
+    net = build(kind, bn=norm != "none", eps=eps, pool=meta.get("pool", "avg"),
+                activation=meta.get("activation", "sigmoid"))
+    net.load_state_dict(state, strict=True)
+    net.eval()
+
+    theirs = np.load(args.logits)
+    if theirs.ndim != 2 or theirs.shape[1] != 10:
+        raise SystemExit(f"torch_crosscheck: {args.logits}: shape {theirs.shape}, expected (n, 10)")
+    n = theirs.shape[0]
+    images = read_idx(find(args.data_dir, "t10k-images-idx3-ubyte"))[:n]
+    labels = read_idx(find(args.data_dir, "t10k-labels-idx1-ubyte"))[:n].astype(np.int64)
+    if len(images) < n:
+        raise SystemExit(f"torch_crosscheck: {args.logits}: {n} rows, but the test set has "
+                         f"{len(images)} images")
+
+    ours = []
+    for i in range(0, n, args.batch_size):
+        x = torch.from_numpy(images[i:i + args.batch_size].astype(np.float32) / 255.0).unsqueeze(1)
+        if size != 28:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        ours.append(net(x).numpy())
+    ours = np.concatenate(ours)
+
+    diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
+    pred_torch, pred_bnlab = ours.argmax(1), theirs.argmax(1)
+    differ = np.nonzero(pred_torch != pred_bnlab)[0]
+    scale = float(np.abs(ours).max())
+    report = {
+        "model": kind, "norm": norm, "image_size": size, "images": int(n),
+        "predictions_differ": int(len(differ)),
+        "max_abs_logit_diff": float(diff.max()),
+        "max_abs_logit": scale,
+        "mean_abs_logit_diff": float(diff.mean()),
+        "torch_accuracy": float((pred_torch == labels).mean()),
+        "bnlab_accuracy": float((pred_bnlab == labels).mean()),
+        "torch_version": torch.__version__,
+    }
+    print(json.dumps(report, indent=1))
+    for i in differ[:10]:
+        top = np.sort(ours[i])[-2:]
+        print(f"  image {i}: torch {pred_torch[i]}, bnlab {pred_bnlab[i]} "
+              f"(torch's top two logits differ by {top[1] - top[0]:.2e})", file=sys.stderr)
+    if report["max_abs_logit_diff"] > args.max_logit_diff:
+        print(f"torch_crosscheck: max |logit difference| {report['max_abs_logit_diff']:.3e} "
+              f"exceeds --max-logit-diff {args.max_logit_diff:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("state", nargs="?", help="the safetensors file bnlab exported")
+    ap.add_argument("--logits", help="bnlab's test-set logits, an (n, 10) float32 .npy")
+    ap.add_argument("--model", choices=KINDS, help="default: the model in the file's bnlab metadata")
+    ap.add_argument("--norm", choices=["scratch", "burn", "none"],
+                    help="default: the norm in the file's bnlab metadata")
+    ap.add_argument("--size", type=int, help="image side; default: image_size in the bnlab metadata, or 28")
+    ap.add_argument("--data-dir", default=DATA_DIR)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--max-logit-diff", type=float, default=1e-3,
+                    help="fail above this largest |logit difference| (default 1e-3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--dump-keys", action="store_true",
+                    help="print every model's state_dict keys and shapes as JSON, and exit")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.dump_keys:
+        dump_keys()
+        return 0
+    if not args.state or not args.logits:
+        ap.error("give the exported file and --logits (or --dump-keys)")
+    return crosscheck(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
