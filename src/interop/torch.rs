@@ -324,6 +324,9 @@ fn slots(model: &mut Model) -> Vec<(String, Slot<'_>)> {
     out
 }
 
+/// A tensor as safetensors stores it: dtype, shape and little-endian bytes.
+type Encoded = (Dtype, Vec<usize>, Vec<u8>);
+
 impl Slot<'_> {
     /// The shape PyTorch gives this tensor.
     fn torch_shape(&self) -> Vec<usize> {
@@ -343,8 +346,8 @@ impl Slot<'_> {
         matches!(self, Slot::Count(_))
     }
 
-    /// The tensor in PyTorch's layout: dtype, shape and little-endian bytes.
-    fn export(&self) -> (Dtype, Vec<usize>, Vec<u8>) {
+    /// The tensor in PyTorch's layout.
+    fn export(&self) -> Encoded {
         let floats = |data: TensorData| -> Vec<u8> {
             data.iter::<f32>().flat_map(f32::to_le_bytes).collect()
         };
@@ -504,7 +507,7 @@ pub fn export_with_metadata(
 ) -> anyhow::Result<Vec<u8>> {
     // Clones share their tensors: this copies handles, not weights.
     let mut model = model.clone();
-    let tensors: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> = slots(&mut model)
+    let tensors: Vec<(String, Encoded)> = slots(&mut model)
         .into_iter()
         .map(|(key, slot)| (key, slot.export()))
         .collect();
