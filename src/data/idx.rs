@@ -41,19 +41,26 @@ pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray, IdxError>
         path: path.into(),
         source,
     })?;
+    decode_idx(&raw, expected_rank, path)
+}
+
+/// The contents of an IDX file, gzip-compressed or plain; `path` only names it in errors.
+pub fn decode_idx(raw: &[u8], expected_rank: usize, path: &Path) -> Result<IdxArray, IdxError> {
+    let decompressed;
     let bytes = if raw.starts_with(&GZIP_MAGIC) {
         let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw.as_slice())
+        flate2::read::GzDecoder::new(raw)
             .read_to_end(&mut out)
             .map_err(|source| IdxError::Gzip {
                 path: path.into(),
                 source,
             })?;
-        out
+        decompressed = out;
+        &decompressed
     } else {
         raw
     };
-    parse_idx(&bytes, expected_rank).map_err(|what| IdxError::Format {
+    parse_idx(bytes, expected_rank).map_err(|what| IdxError::Format {
         path: path.into(),
         what,
     })
