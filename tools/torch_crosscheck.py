@@ -9,6 +9,15 @@ test images and reports how many predicted classes differ and the largest |logit
     python tools/torch_crosscheck.py OUT.safetensors --logits OUT.logits.npy
     python tools/torch_crosscheck.py --dump-keys > tests/fixtures/torch_state_dict_keys.json
 
+The other direction, a file PyTorch wrote read by bnlab:
+
+    python tools/torch_crosscheck.py --make-torch-file resnet18 FROM_TORCH.safetensors
+    cargo run --release --example predict_from_torch -- resnet18 FROM_TORCH.safetensors LOGITS.npy
+    python tools/torch_crosscheck.py FROM_TORCH.safetensors --model resnet18 --logits LOGITS.npy
+
+--make-torch-file saves a freshly initialised PyTorch model whose BN layers have seen a few
+training batches (so their running statistics and num_batches_tracked are not the defaults).
+
 The model kind, BN eps, pooling, activation and image size come from the file's metadata
 (bnlab writes them); flags override them. Exit status 1 if the largest logit difference
 exceeds --max-logit-diff. Needs torch and numpy; uses the `safetensors` package if installed,
@@ -166,6 +175,30 @@ def read_safetensors(path):
     return state, meta
 
 
+def write_safetensors(state, path):
+    """Saves a state_dict as PyTorch users do: safetensors.torch.save_file, or by hand (the same
+    format) when the package is missing."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        save_file = None
+    if save_file is not None:
+        save_file(state, path)
+        return
+    names = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+    header, chunks, offset = {}, [], 0
+    for key, t in state.items():
+        data = t.detach().contiguous().numpy().tobytes()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
 def read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -198,6 +231,24 @@ def dump_keys():
         lines.append(f'  {json.dumps(name)}: [\n{entries}\n  ]')
     print('{"torch_version": %s, "models": {\n%s\n}}' % (json.dumps(torch.__version__),
                                                         ",\n".join(lines)))
+
+
+def make_torch_file(kind, path, data_dir, seed=0):
+    """A PyTorch model of `kind` after a few training-mode passes over real images, saved."""
+    torch.manual_seed(seed)
+    net = build(kind)
+    size = 32 if kind == "densenet" else 28
+    images = read_idx(find(data_dir, "train-images-idx3-ubyte"))[:64]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    net.train()
+    with torch.no_grad():
+        for i in range(0, 64, 16):
+            net(x[i:i + 16])
+    write_safetensors(net.state_dict(), path)
+    print(f"{path}: PyTorch {kind} state_dict, {len(net.state_dict())} keys, "
+          f"images {size}x{size}", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -276,10 +327,17 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--dump-keys", action="store_true",
                     help="print every model's state_dict keys and shapes as JSON, and exit")
+    ap.add_argument("--make-torch-file", metavar="KIND", choices=KINDS,
+                    help="save a PyTorch KIND's state_dict to STATE (for bnlab to read), and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.dump_keys:
         dump_keys()
+        return 0
+    if args.make_torch_file:
+        if not args.state:
+            ap.error("--make-torch-file needs the path to write")
+        make_torch_file(args.make_torch_file, args.state, args.data_dir)
         return 0
     if not args.state or not args.logits:
         ap.error("give the exported file and --logits (or --dump-keys)")
