@@ -23,7 +23,7 @@ The model kind, BN eps, pooling, activation and image size come from the file's 
 exceeds --max-logit-diff. Needs torch and numpy; uses the `safetensors` package if installed,
 else reads the (simple) format itself. Not a test dependency.
 
-The networks are those of /work/shared/bench/torch_bench.py (d2l's definitions), extended with
+The networks are those of shared/bench/torch_bench.py (d2l's definitions), extended with
 the options bnlab has: BN left out (--norm none), max pooling and ReLU for LeNet.
 """
 import argparse

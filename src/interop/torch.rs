@@ -3,7 +3,8 @@
 //! [`export`] writes a model's weights under the names PyTorch gives the same architecture;
 //! [`import`] reads such a file back into a bnlab [`Model`]. The PyTorch side of each model is
 //! the d2l chapter's `nn.Sequential` (for ResNet-18 and DenseNet the definitions in
-//! `torch_bench.py`, copied into `tools/torch_crosscheck.py`):
+//! `shared/bench/torch_bench.py`, mirrored in `tools/torch_crosscheck.py`; the key list
+//! of every model is checked against PyTorch in `tests/torch_interop.rs`):
 //!
 //! | model | keys |
 //! | --- | --- |
