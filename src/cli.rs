@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use burn::module::Module;
@@ -15,8 +16,9 @@ use bnlab::norm::{Convention, NormKind};
 use bnlab::recipes;
 use bnlab::report::{plot, read_jsonl, table, write_atomically, write_jsonl, EpochMetrics};
 use bnlab::train::checkpoint::{self, METRICS_FILE, MODEL_FILE};
-use bnlab::train::{self, eval_device, evaluate, recalibrate_bn, Observer};
+use bnlab::train::{self, eval_device, evaluate, recalibrate_bn, Observer, Progress, RunOptions};
 use bnlab::value_name;
+use burn::optim::ModuleOptimizer;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +42,8 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         output: OutputArgs,
+        #[command(flatten)]
+        resume: ResumeArgs,
     },
     /// Run one of the chapter's experiments by name; any setting can be overridden.
     Run {
@@ -59,9 +63,10 @@ enum Command {
         recipes: Vec<String>,
         #[command(flatten)]
         run: RunArgs,
-        /// Directory for the table, the plots and one run directory per recipe.
-        #[arg(long, value_name = "DIR", default_value = "runs/compare")]
-        out: PathBuf,
+        /// Directory for the table, the plots and one run directory per recipe
+        /// [default: runs/compare-TIME].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         #[command(flatten)]
         env: EnvArgs,
     },
@@ -237,6 +242,15 @@ struct OutputArgs {
     save_every: Option<usize>,
 }
 
+/// `train --resume DIR`: continue a stopped run exactly.
+#[derive(Args, Debug, Clone)]
+struct ResumeArgs {
+    /// Continue the run saved in DIR where it stopped (Ctrl-C, or a finished run with a
+    /// larger --epochs); its settings come from DIR/config.json.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+}
+
 fn positive_float(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if v.is_finite() && v > 0.0 {
@@ -291,7 +305,16 @@ fn one_line(message: &str) -> String {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { run, output } => {
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: Some(dir) },
+        } => resume_run(&dir, &run, &output).map(|_| ()),
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: None },
+        } => {
             let config = run.apply(RunConfig::default());
             let name = config.model.name();
             train_and_save(config, &name, &output).map(|_| ())
@@ -310,7 +333,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             run,
             out,
             env,
-        } => compare(&recipes, &run, &out, &env),
+        } => {
+            let out = out.unwrap_or_else(|| default_run_dir("compare"));
+            compare(&recipes, &run, &out, &env)
+        }
         Command::Plot { metrics, out } => plot_files(&metrics, &out),
         Command::Shapes { model, resize } => shapes(model, resize),
         Command::Eval {
@@ -350,14 +376,70 @@ fn train_and_save(
     let dir = output.out.clone().unwrap_or_else(|| default_run_dir(name));
     // Fail on unwritable places before training, not after the first epoch.
     checkpoint::prepare_dir(&dir)?;
+    check_metrics_path(output)?;
+    let data = FashionMnist::load(&output.env.data)?;
+    checkpoint::save_config(&dir, &config)?;
+    let model = config
+        .model_spec()
+        .init(config.seed, &train::train_device());
+    let optim = train::optim::optimizer(&config);
+    let start = (model, optim, Progress::start());
+    run_in_dir(&config, name, &data, &dir, output, start)
+}
+
+fn check_metrics_path(output: &OutputArgs) -> anyhow::Result<()> {
     if let Some(path) = &output.metrics {
         write_jsonl(path, &[])
             .with_context(|| format!("--metrics {}: cannot write", path.display()))?;
     }
-    let data = FashionMnist::load(&output.env.data)?;
-    checkpoint::save_config(&dir, &config)?;
-    run_in_dir(&config, name, &data, &dir, output)
+    Ok(())
 }
+
+/// `train --resume DIR`: only `--epochs` may change (to extend a run).
+fn resume_run(dir: &Path, run: &RunArgs, output: &OutputArgs) -> anyhow::Result<Vec<EpochMetrics>> {
+    let only_epochs = RunArgs {
+        epochs: None,
+        ..run.clone()
+    };
+    if format!("{only_epochs:?}") != format!("{:?}", RunArgs::default()) {
+        anyhow::bail!(
+            "--resume {}: the run's settings come from its config.json; only --epochs may be given",
+            dir.display()
+        );
+    }
+    if output.out.as_ref().is_some_and(|out| out != dir) {
+        anyhow::bail!(
+            "--resume {} continues in that directory: drop --out",
+            dir.display()
+        );
+    }
+    set_threads(output.env.threads)?;
+    check_metrics_path(output)?;
+    let mut resumed = train::resume::load(dir)?;
+    if let Some(epochs) = run.epochs {
+        resumed.config.epochs = epochs;
+        checkpoint::save_config(dir, &resumed.config)?;
+    }
+    let data = FashionMnist::load(&output.env.data)?;
+    let p = &resumed.progress;
+    eprintln!(
+        "bnlab: resuming {} at epoch {}, step {}",
+        dir.display(),
+        p.epoch,
+        p.steps_done
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let start = (resumed.model, resumed.optim, resumed.progress);
+    run_in_dir(&resumed.config, &name, &data, dir, output, start)
+}
+
+/// The run stopped at the user's request after saving its resume point.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: progress saved in {0} (continue with: bnlab train --resume {0})")]
+pub struct Interrupted(pub String);
 
 fn run_in_dir(
     config: &RunConfig,
@@ -365,6 +447,7 @@ fn run_in_dir(
     data: &FashionMnist,
     dir: &Path,
     output: &OutputArgs,
+    (model, optim, progress): (Model, ModuleOptimizer, Progress),
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     eprintln!(
         "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
@@ -387,13 +470,47 @@ fn run_in_dir(
         save_every: output.save_every,
         epochs: config.epochs,
         bar: None,
-        history: Vec::new(),
+        history: progress.metrics.clone(),
     };
-    let outcome = train::train(config, data, &mut console)?;
+    let stop = stop_on_ctrl_c();
+    let options = RunOptions {
+        dir: Some(dir),
+        stop: Some(stop),
+    };
+    let outcome = train::run(config, data, model, optim, progress, &options, &mut console)
+        .map_err(|e| match train::resume::saved_epochs(dir) {
+            Some(done) if e.is::<train::TrainError>() => {
+                let kept = dir.join(train::resume::RESUME_DIR);
+                anyhow::anyhow!(
+                    "{e}; the last good state, after epoch {done}, is kept in {}",
+                    kept.display()
+                )
+            }
+            _ => e,
+        })?;
+    if outcome.interrupted {
+        return Err(Interrupted(dir.display().to_string()).into());
+    }
     let model_path = dir.join(MODEL_FILE);
     checkpoint::save_model(&outcome.model, &model_path)?;
     eprintln!("bnlab: saved {}", model_path.display());
     Ok(outcome.metrics)
+}
+
+/// The first Ctrl-C asks training to stop after the current step (and save); a second one
+/// quits at once, which loses nothing saved, since every file is written atomically.
+fn stop_on_ctrl_c() -> &'static AtomicBool {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nbnlab: stopping after this step (Ctrl-C again to quit at once)");
+        });
+    });
+    &STOP
 }
 
 /// Shows training on the terminal: a progress bar on stderr, one line (or JSON object) per
@@ -474,12 +591,21 @@ fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow
             Ok(config)
         })
         .collect::<anyhow::Result<_>>()?;
-    checkpoint::prepare_dir(out)?;
+    if out.join("comparison.md").exists() {
+        anyhow::bail!(
+            "--out {}: already holds a comparison; choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot write there", out.display()))?;
+    for name in names {
+        checkpoint::prepare_dir(&out.join(name))?;
+    }
     let data = FashionMnist::load(&env.data)?;
     let mut runs = Vec::new();
     for (name, config) in names.iter().zip(configs) {
         let dir = out.join(name);
-        checkpoint::prepare_dir(&dir)?;
         checkpoint::save_config(&dir, &config)?;
         let output = OutputArgs {
             env: env.clone(),
@@ -488,7 +614,11 @@ fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow
             out: Some(dir.clone()),
             save_every: None,
         };
-        let metrics = run_in_dir(&config, name, &data, &dir, &output)?;
+        let model = config
+            .model_spec()
+            .init(config.seed, &train::train_device());
+        let start = (model, train::optim::optimizer(&config), Progress::start());
+        let metrics = run_in_dir(&config, name, &data, &dir, &output, start)?;
         runs.push((name.clone(), metrics));
     }
     let markdown = table::markdown(&runs);
