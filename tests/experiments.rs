@@ -307,3 +307,30 @@ fn a_damaged_checkpoint_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_reports_every_workload() {
+    let stdout = ok(&["bench", "--quick", "--json"]);
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let named = |prefix: &str| {
+        records
+            .iter()
+            .filter(move |r| r["workload"].as_str().unwrap().starts_with(prefix))
+    };
+    assert_eq!(named("W1").count(), 2, "W1 per norm: {stdout}");
+    assert!(named("W1")
+        .chain(named("W4"))
+        .chain(named("W7"))
+        .all(|r| r["examples_per_sec"].as_f64().unwrap() > 0.0));
+    assert!(named("W6").all(|r| r["ms_per_fwd_bwd"].as_f64().unwrap() > 0.0));
+    assert_eq!(named("W7").count(), 2);
+    let rss = named("RSS").next().expect("peak RSS")["peak_rss_mb"]
+        .as_f64()
+        .unwrap();
+    assert!((20.0..5000.0).contains(&rss), "{rss} MB");
+    let err = bnlab(&["bench", "--only", "W9"]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--only W9: unknown workload"));
+}
