@@ -315,7 +315,7 @@ fn bench_reports_every_workload() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let named = |prefix: &str| {
+    let named = |prefix: &'static str| {
         records
             .iter()
             .filter(move |r| r["workload"].as_str().unwrap().starts_with(prefix))
