@@ -207,8 +207,13 @@ pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
 }
 
 /// W7: eval-mode inference over the test set.
-pub fn inference(data: &FashionMnist, kind: ModelKind, scale: Scale) -> Record {
+pub fn inference(data: &FashionMnist, kind: ModelKind, folded: bool, scale: Scale) -> Record {
     let model = ModelSpec::of(kind, NormKind::Scratch).init(0, &eval_device());
+    let model = if folded {
+        crate::models::fold_bn(model)
+    } else {
+        model
+    };
     let batch = 256;
     let n = scale
         .inference_batches

@@ -96,6 +96,10 @@ enum Command {
         /// Re-estimate the BN statistics over the training set first (precise BN).
         #[arg(long)]
         recalibrate_bn: bool,
+        /// Keep BN layers as they are instead of folding them into the conv or linear layer
+        /// before them (folding changes no output beyond 1e-5 and is faster).
+        #[arg(long)]
+        no_fold: bool,
         /// Evaluate only the first N test batches.
         #[arg(long, value_name = "N", value_parser = at_least_one)]
         limit_batches: Option<usize>,
@@ -357,10 +361,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval {
             checkpoint,
             recalibrate_bn,
+            no_fold,
             limit_batches,
             json,
             env,
-        } => eval(&checkpoint, recalibrate_bn, limit_batches, json, &env),
+        } => {
+            let options = EvalOptions {
+                recalibrate: recalibrate_bn,
+                fold: !no_fold,
+                limit: limit_batches,
+                json,
+            };
+            eval(&checkpoint, &options, &env)
+        }
         Command::Inspect { path, full } => inspect(&path, full),
         Command::Bench {
             json,
@@ -701,36 +714,34 @@ fn shapes(model: ModelKind, resize: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn eval(
-    path: &Path,
+struct EvalOptions {
     recalibrate: bool,
+    fold: bool,
     limit: Option<usize>,
     json: bool,
-    env: &EnvArgs,
-) -> anyhow::Result<()> {
+}
+
+fn eval(path: &Path, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
     set_threads(env.threads)?;
     let ckpt = checkpoint::load_checkpoint(path)?;
     let data = FashionMnist::load(&env.data)?;
     let config = &ckpt.config;
+    let (size, limit) = (config.image_size(), options.limit);
     let mut model = ckpt.model;
-    if recalibrate {
-        let size = config.image_size();
+    if options.recalibrate {
         model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
     }
-    let acc = evaluate(
-        &model,
-        &data.test,
-        config.batch_size,
-        config.image_size(),
-        limit,
-    );
+    if options.fold {
+        model = bnlab::models::fold_bn(model);
+    }
+    let acc = evaluate(&model, &data.test, config.batch_size, size, limit);
     let examples = limit.map_or(data.test.len(), |l| {
         (l * config.batch_size).min(data.test.len())
     });
-    if json {
+    if options.json {
         let v = serde_json::json!({
             "checkpoint": ckpt.path, "test_acc": acc, "examples": examples,
-            "recalibrate_bn": recalibrate,
+            "recalibrate_bn": options.recalibrate, "folded": options.fold,
         });
         println!("{v}");
     } else {
@@ -816,7 +827,9 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
     }
     if wanted("W7") {
         for kind in [ModelKind::LenetBn, ModelKind::Resnet18] {
-            emit(bench::inference(&data, kind, scale));
+            for folded in [false, true] {
+                emit(bench::inference(&data, kind, folded, scale));
+            }
         }
     }
     if wanted("RSS") {
