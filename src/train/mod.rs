@@ -150,41 +150,51 @@ pub fn run(
         }
         observer.epoch_started(epoch, train_batches.len());
 
-        let mut sums = progress.partial;
-        for (step, indices) in train_batches.iter().enumerate().skip(progress.steps_done) {
-            let (images, labels) = input_batch(&data.train, indices, size, &device);
-            let logits = model.forward(images);
-            let loss = loss_fn.forward(logits.clone(), labels.clone());
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            if !loss_value.is_finite() {
-                let diverged = TrainError::Diverged {
-                    epoch,
-                    step: step + 1,
-                    loss: loss_value,
-                };
-                return Err(diverged.into());
-            }
-            sums.loss_sum += loss_value * indices.len() as f64;
-            sums.correct += count_correct(logits.detach(), labels);
-            sums.seen += indices.len();
-
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            observer.step_done();
-
-            if stop_requested() && step + 1 < train_batches.len() {
-                sums.train_seconds += started.elapsed().as_secs_f64();
-                progress.steps_done = step + 1;
-                progress.partial = sums;
-                if let Some(dir) = options.dir {
-                    resume::save(dir, &progress, &model, &optim)?;
+        let steps = Steps {
+            epoch,
+            lr,
+            batches: &train_batches,
+            first: progress.steps_done,
+        };
+        let (trained, mut sums, stopped) = std::thread::scope(|scope| {
+            // The next batch is decoded (and resized) on another thread while a step runs.
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let pending = &train_batches[progress.steps_done..];
+            scope.spawn(move || {
+                for indices in pending {
+                    if tx
+                        .send(input_batch(&data.train, indices, size, &eval_device()))
+                        .is_err()
+                    {
+                        break; // the steps ended early
+                    }
                 }
-                return Ok(TrainOutcome {
-                    model,
-                    metrics: progress.metrics,
-                    interrupted: true,
-                });
+            });
+            let next = || rx.recv().expect("the batch thread outlives the steps");
+            run_steps(
+                model,
+                &mut optim,
+                &loss_fn,
+                &steps,
+                progress.partial,
+                next,
+                observer,
+                &stop_requested,
+            )
+        })?;
+        model = trained;
+        if let Some(steps_done) = stopped {
+            sums.train_seconds += started.elapsed().as_secs_f64();
+            progress.steps_done = steps_done;
+            progress.partial = sums;
+            if let Some(dir) = options.dir {
+                resume::save(dir, &progress, &model, &optim)?;
             }
+            return Ok(TrainOutcome {
+                model,
+                metrics: progress.metrics,
+                interrupted: true,
+            });
         }
         sums.train_seconds += started.elapsed().as_secs_f64();
 
@@ -228,6 +238,59 @@ pub fn run(
         metrics: progress.metrics,
         interrupted: false,
     })
+}
+
+/// The training steps of one epoch.
+struct Steps<'a> {
+    epoch: usize,
+    lr: f64,
+    batches: &'a [&'a [usize]],
+    /// Steps already done (on resume).
+    first: usize,
+}
+
+/// Runs the steps of an epoch from `steps.first`, taking batches from `next`. Returns the
+/// model, the epoch's sums, and, if a stop was requested before the last step, how many steps
+/// are done.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    mut model: Model,
+    optim: &mut ModuleOptimizer,
+    loss_fn: &burn::nn::loss::CrossEntropyLoss,
+    steps: &Steps,
+    mut sums: Partial,
+    mut next: impl FnMut() -> (Tensor<4>, Tensor<1, Int>),
+    observer: &mut dyn Observer,
+    stop_requested: &dyn Fn() -> bool,
+) -> anyhow::Result<(Model, Partial, Option<usize>)> {
+    let device = train_device();
+    for step in steps.first..steps.batches.len() {
+        let (images, labels) = next();
+        let (images, labels) = (images.to_device(&device), labels.to_device(&device));
+        let batch = labels.dims()[0];
+        let logits = model.forward(images);
+        let loss = loss_fn.forward(logits.clone(), labels.clone());
+        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            let diverged = TrainError::Diverged {
+                epoch: steps.epoch,
+                step: step + 1,
+                loss: loss_value,
+            };
+            return Err(diverged.into());
+        }
+        sums.loss_sum += loss_value * batch as f64;
+        sums.correct += count_correct(logits.detach(), labels);
+        sums.seen += batch;
+
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(steps.lr, model, grads);
+        observer.step_done();
+        if stop_requested() && step + 1 < steps.batches.len() {
+            return Ok((model, sums, Some(step + 1)));
+        }
+    }
+    Ok((model, sums, None))
 }
 
 /// How many rows of `logits` pick the right label.
