@@ -26,6 +26,8 @@ use crate::train::{self, eval_device, input_batch, train_device, Quiet};
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub workload: String,
+    /// The backend (`--device`).
+    pub device: String,
     pub threads: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm: Option<String>,
@@ -48,6 +50,7 @@ impl Record {
     pub fn new(workload: &str, seconds: f64, detail: String) -> Self {
         Self {
             workload: workload.into(),
+            device: crate::device::selected().to_string(),
             threads: rayon::current_num_threads(),
             norm: None,
             examples_per_sec: None,

@@ -241,6 +241,10 @@ struct EnvArgs {
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
+    /// Backend that runs the tensors: flex (pure-Rust CPU), wgpu, cuda or libtorch[:N]; all
+    /// but flex need a build with the Cargo feature of that name.
+    #[arg(long, value_name = "DEVICE", default_value = "flex")]
+    device: bnlab::device::DeviceChoice,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -384,8 +388,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(n) = threads {
+/// Applies --threads and --device, before any tensor exists.
+fn set_up(env: &EnvArgs) -> anyhow::Result<()> {
+    bnlab::device::select(env.device).map_err(anyhow::Error::msg)?;
+    if let Some(n) = env.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -405,7 +411,7 @@ fn train_and_save(
     name: &str,
     output: &OutputArgs,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
-    set_threads(output.env.threads)?;
+    set_up(&output.env)?;
     config.validate()?;
     let dir = output.out.clone().unwrap_or_else(|| default_run_dir(name));
     // Fail on unwritable places before training, not after the first epoch.
@@ -447,7 +453,7 @@ fn resume_run(dir: &Path, run: &RunArgs, output: &OutputArgs) -> anyhow::Result<
             dir.display()
         );
     }
-    set_threads(output.env.threads)?;
+    set_up(&output.env)?;
     check_metrics_path(output)?;
     let mut resumed = train::resume::load(dir)?;
     if let Some(epochs) = run.epochs {
@@ -613,7 +619,7 @@ fn list_recipes() -> anyhow::Result<()> {
 }
 
 fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow::Result<()> {
-    set_threads(env.threads)?;
+    set_up(env)?;
     // Every recipe must exist and validate before the first one trains.
     let configs: Vec<RunConfig> = names
         .iter()
@@ -722,7 +728,7 @@ struct EvalOptions {
 }
 
 fn eval(path: &Path, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
-    set_threads(env.threads)?;
+    set_up(env)?;
     let ckpt = checkpoint::load_checkpoint(path)?;
     let data = FashionMnist::load(&env.data)?;
     let config = &ckpt.config;
@@ -786,7 +792,7 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
         );
     }
     let wanted = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
-    set_threads(env.threads)?;
+    set_up(env)?;
     let scale = if quick { Scale::quick() } else { Scale::full() };
     let data = FashionMnist::load(&env.data)?;
     let emit = |r: bench::Record| {
@@ -847,6 +853,7 @@ fn peak_rss_of_training(quick: bool, env: &EnvArgs) -> anyhow::Result<bnlab::ben
         .arg(tmp.path().join("run"));
     cmd.arg("--data").arg(&env.data);
     cmd.args(["--threads", &rayon::current_num_threads().to_string()]);
+    cmd.args(["--device", &env.device.to_string()]);
     if quick {
         cmd.args(["--limit-batches", "3"]);
     }

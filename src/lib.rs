@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod models;
 pub mod norm;
 pub mod recipes;

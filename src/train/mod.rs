@@ -52,14 +52,14 @@ pub trait Observer {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-/// The training device: Flex with autodiff.
+/// The training device: the chosen backend (`--device`, Flex by default) with autodiff.
 pub fn train_device() -> Device {
-    Device::flex().autodiff()
+    crate::device::training_device()
 }
 
-/// The evaluation device: Flex without autodiff.
+/// The evaluation device: the chosen backend without autodiff.
 pub fn eval_device() -> Device {
-    Device::flex()
+    crate::device::inference_device()
 }
 
 /// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
