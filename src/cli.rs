@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use burn::module::Module;
@@ -15,8 +16,9 @@ use bnlab::norm::{Convention, NormKind};
 use bnlab::recipes;
 use bnlab::report::{plot, read_jsonl, table, write_atomically, write_jsonl, EpochMetrics};
 use bnlab::train::checkpoint::{self, METRICS_FILE, MODEL_FILE};
-use bnlab::train::{self, eval_device, evaluate, recalibrate_bn, Observer};
+use bnlab::train::{self, eval_device, evaluate, recalibrate_bn, Observer, Progress, RunOptions};
 use bnlab::value_name;
+use burn::optim::ModuleOptimizer;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +42,8 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         output: OutputArgs,
+        #[command(flatten)]
+        resume: ResumeArgs,
     },
     /// Run one of the chapter's experiments by name; any setting can be overridden.
     Run {
@@ -59,9 +63,10 @@ enum Command {
         recipes: Vec<String>,
         #[command(flatten)]
         run: RunArgs,
-        /// Directory for the table, the plots and one run directory per recipe.
-        #[arg(long, value_name = "DIR", default_value = "runs/compare")]
-        out: PathBuf,
+        /// Directory for the table, the plots and one run directory per recipe
+        /// [default: runs/compare-TIME].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         #[command(flatten)]
         env: EnvArgs,
     },
@@ -91,12 +96,31 @@ enum Command {
         /// Re-estimate the BN statistics over the training set first (precise BN).
         #[arg(long)]
         recalibrate_bn: bool,
+        /// Keep BN layers as they are instead of folding them into the conv or linear layer
+        /// before them (folding changes no output beyond 1e-5 and is faster).
+        #[arg(long)]
+        no_fold: bool,
         /// Evaluate only the first N test batches.
         #[arg(long, value_name = "N", value_parser = at_least_one)]
         limit_batches: Option<usize>,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Time the chapter's workloads (W1 LeNet-BN training, W4 ResNet-18 steps, W6 one BN
+    /// layer, W7 inference, peak memory), as ../shared/bench/torch_bench.py times PyTorch's.
+    Bench {
+        /// Print one JSON object per workload.
+        #[arg(long)]
+        json: bool,
+        /// Tiny sizes that only check the plumbing (the figures mean nothing).
+        #[arg(long)]
+        quick: bool,
+        /// Run only these workloads (comma-separated: W1,W4,W6,W7,RSS).
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        only: Vec<String>,
         #[command(flatten)]
         env: EnvArgs,
     },
@@ -217,6 +241,10 @@ struct EnvArgs {
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
+    /// Backend that runs the tensors: flex (pure-Rust CPU), wgpu, cuda or libtorch[:N]; all
+    /// but flex need a build with the Cargo feature of that name.
+    #[arg(long, value_name = "DEVICE", default_value = "flex")]
+    device: bnlab::device::DeviceChoice,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -235,6 +263,15 @@ struct OutputArgs {
     /// Also save the model every N epochs (DIR/epoch-NNN.bpk).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     save_every: Option<usize>,
+}
+
+/// `train --resume DIR`: continue a stopped run exactly.
+#[derive(Args, Debug, Clone)]
+struct ResumeArgs {
+    /// Continue the run saved in DIR where it stopped (Ctrl-C, or a finished run with a
+    /// larger --epochs); its settings come from DIR/config.json.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
 }
 
 fn positive_float(s: &str) -> Result<f64, String> {
@@ -291,7 +328,16 @@ fn one_line(message: &str) -> String {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { run, output } => {
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: Some(dir) },
+        } => resume_run(&dir, &run, &output).map(|_| ()),
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: None },
+        } => {
             let config = run.apply(RunConfig::default());
             let name = config.model.name();
             train_and_save(config, &name, &output).map(|_| ())
@@ -310,22 +356,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             run,
             out,
             env,
-        } => compare(&recipes, &run, &out, &env),
+        } => {
+            let out = out.unwrap_or_else(|| default_run_dir("compare"));
+            compare(&recipes, &run, &out, &env)
+        }
         Command::Plot { metrics, out } => plot_files(&metrics, &out),
         Command::Shapes { model, resize } => shapes(model, resize),
         Command::Eval {
             checkpoint,
             recalibrate_bn,
+            no_fold,
             limit_batches,
             json,
             env,
-        } => eval(&checkpoint, recalibrate_bn, limit_batches, json, &env),
+        } => {
+            let options = EvalOptions {
+                recalibrate: recalibrate_bn,
+                fold: !no_fold,
+                limit: limit_batches,
+                json,
+            };
+            eval(&checkpoint, &options, &env)
+        }
         Command::Inspect { path, full } => inspect(&path, full),
+        Command::Bench {
+            json,
+            quick,
+            only,
+            env,
+        } => bench(json, quick, &only, &env),
     }
 }
 
-fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(n) = threads {
+/// Applies --threads and --device, before any tensor exists.
+fn set_up(env: &EnvArgs) -> anyhow::Result<()> {
+    bnlab::device::select(env.device).map_err(anyhow::Error::msg)?;
+    if let Some(n) = env.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -345,19 +411,75 @@ fn train_and_save(
     name: &str,
     output: &OutputArgs,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
-    set_threads(output.env.threads)?;
+    set_up(&output.env)?;
     config.validate()?;
     let dir = output.out.clone().unwrap_or_else(|| default_run_dir(name));
     // Fail on unwritable places before training, not after the first epoch.
     checkpoint::prepare_dir(&dir)?;
+    check_metrics_path(output)?;
+    let data = FashionMnist::load(&output.env.data)?;
+    checkpoint::save_config(&dir, &config)?;
+    let model = config
+        .model_spec()
+        .init(config.seed, &train::train_device());
+    let optim = train::optim::optimizer(&config);
+    let start = (model, optim, Progress::start());
+    run_in_dir(&config, name, &data, &dir, output, start)
+}
+
+fn check_metrics_path(output: &OutputArgs) -> anyhow::Result<()> {
     if let Some(path) = &output.metrics {
         write_jsonl(path, &[])
             .with_context(|| format!("--metrics {}: cannot write", path.display()))?;
     }
-    let data = FashionMnist::load(&output.env.data)?;
-    checkpoint::save_config(&dir, &config)?;
-    run_in_dir(&config, name, &data, &dir, output)
+    Ok(())
 }
+
+/// `train --resume DIR`: only `--epochs` may change (to extend a run).
+fn resume_run(dir: &Path, run: &RunArgs, output: &OutputArgs) -> anyhow::Result<Vec<EpochMetrics>> {
+    let only_epochs = RunArgs {
+        epochs: None,
+        ..run.clone()
+    };
+    if format!("{only_epochs:?}") != format!("{:?}", RunArgs::default()) {
+        anyhow::bail!(
+            "--resume {}: the run's settings come from its config.json; only --epochs may be given",
+            dir.display()
+        );
+    }
+    if output.out.as_ref().is_some_and(|out| out != dir) {
+        anyhow::bail!(
+            "--resume {} continues in that directory: drop --out",
+            dir.display()
+        );
+    }
+    set_up(&output.env)?;
+    check_metrics_path(output)?;
+    let mut resumed = train::resume::load(dir)?;
+    if let Some(epochs) = run.epochs {
+        resumed.config.epochs = epochs;
+        checkpoint::save_config(dir, &resumed.config)?;
+    }
+    let data = FashionMnist::load(&output.env.data)?;
+    let p = &resumed.progress;
+    eprintln!(
+        "bnlab: resuming {} at epoch {}, step {}",
+        dir.display(),
+        p.epoch,
+        p.steps_done
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let start = (resumed.model, resumed.optim, resumed.progress);
+    run_in_dir(&resumed.config, &name, &data, dir, output, start)
+}
+
+/// The run stopped at the user's request after saving its resume point.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: progress saved in {0} (continue with: bnlab train --resume {0})")]
+pub struct Interrupted(pub String);
 
 fn run_in_dir(
     config: &RunConfig,
@@ -365,6 +487,7 @@ fn run_in_dir(
     data: &FashionMnist,
     dir: &Path,
     output: &OutputArgs,
+    (model, optim, progress): (Model, ModuleOptimizer, Progress),
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     eprintln!(
         "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
@@ -387,13 +510,47 @@ fn run_in_dir(
         save_every: output.save_every,
         epochs: config.epochs,
         bar: None,
-        history: Vec::new(),
+        history: progress.metrics.clone(),
     };
-    let outcome = train::train(config, data, &mut console)?;
+    let stop = stop_on_ctrl_c();
+    let options = RunOptions {
+        dir: Some(dir),
+        stop: Some(stop),
+    };
+    let outcome = train::run(config, data, model, optim, progress, &options, &mut console)
+        .map_err(|e| match train::resume::saved_epochs(dir) {
+            Some(done) if e.is::<train::TrainError>() => {
+                let kept = dir.join(train::resume::RESUME_DIR);
+                anyhow::anyhow!(
+                    "{e}; the last good state, after epoch {done}, is kept in {}",
+                    kept.display()
+                )
+            }
+            _ => e,
+        })?;
+    if outcome.interrupted {
+        return Err(Interrupted(dir.display().to_string()).into());
+    }
     let model_path = dir.join(MODEL_FILE);
     checkpoint::save_model(&outcome.model, &model_path)?;
     eprintln!("bnlab: saved {}", model_path.display());
     Ok(outcome.metrics)
+}
+
+/// The first Ctrl-C asks training to stop after the current step (and save); a second one
+/// quits at once, which loses nothing saved, since every file is written atomically.
+fn stop_on_ctrl_c() -> &'static AtomicBool {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nbnlab: stopping after this step (Ctrl-C again to quit at once)");
+        });
+    });
+    &STOP
 }
 
 /// Shows training on the terminal: a progress bar on stderr, one line (or JSON object) per
@@ -462,7 +619,7 @@ fn list_recipes() -> anyhow::Result<()> {
 }
 
 fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow::Result<()> {
-    set_threads(env.threads)?;
+    set_up(env)?;
     // Every recipe must exist and validate before the first one trains.
     let configs: Vec<RunConfig> = names
         .iter()
@@ -474,12 +631,21 @@ fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow
             Ok(config)
         })
         .collect::<anyhow::Result<_>>()?;
-    checkpoint::prepare_dir(out)?;
+    if out.join("comparison.md").exists() {
+        anyhow::bail!(
+            "--out {}: already holds a comparison; choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot write there", out.display()))?;
+    for name in names {
+        checkpoint::prepare_dir(&out.join(name))?;
+    }
     let data = FashionMnist::load(&env.data)?;
     let mut runs = Vec::new();
     for (name, config) in names.iter().zip(configs) {
         let dir = out.join(name);
-        checkpoint::prepare_dir(&dir)?;
         checkpoint::save_config(&dir, &config)?;
         let output = OutputArgs {
             env: env.clone(),
@@ -488,7 +654,11 @@ fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow
             out: Some(dir.clone()),
             save_every: None,
         };
-        let metrics = run_in_dir(&config, name, &data, &dir, &output)?;
+        let model = config
+            .model_spec()
+            .init(config.seed, &train::train_device());
+        let start = (model, train::optim::optimizer(&config), Progress::start());
+        let metrics = run_in_dir(&config, name, &data, &dir, &output, start)?;
         runs.push((name.clone(), metrics));
     }
     let markdown = table::markdown(&runs);
@@ -550,36 +720,34 @@ fn shapes(model: ModelKind, resize: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn eval(
-    path: &Path,
+struct EvalOptions {
     recalibrate: bool,
+    fold: bool,
     limit: Option<usize>,
     json: bool,
-    env: &EnvArgs,
-) -> anyhow::Result<()> {
-    set_threads(env.threads)?;
+}
+
+fn eval(path: &Path, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
+    set_up(env)?;
     let ckpt = checkpoint::load_checkpoint(path)?;
     let data = FashionMnist::load(&env.data)?;
     let config = &ckpt.config;
+    let (size, limit) = (config.image_size(), options.limit);
     let mut model = ckpt.model;
-    if recalibrate {
-        let size = config.image_size();
+    if options.recalibrate {
         model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
     }
-    let acc = evaluate(
-        &model,
-        &data.test,
-        config.batch_size,
-        config.image_size(),
-        limit,
-    );
+    if options.fold {
+        model = bnlab::models::fold_bn(model);
+    }
+    let acc = evaluate(&model, &data.test, config.batch_size, size, limit);
     let examples = limit.map_or(data.test.len(), |l| {
         (l * config.batch_size).min(data.test.len())
     });
-    if json {
+    if options.json {
         let v = serde_json::json!({
             "checkpoint": ckpt.path, "test_acc": acc, "examples": examples,
-            "recalibrate_bn": recalibrate,
+            "recalibrate_bn": options.recalibrate, "folded": options.fold,
         });
         println!("{v}");
     } else {
@@ -611,4 +779,97 @@ fn inspect(path: &Path, full: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Result<()> {
+    use bnlab::bench::{self, Scale, NORMS};
+    const ALL: [&str; 5] = ["W1", "W4", "W6", "W7", "RSS"];
+    let only: Vec<String> = only.iter().map(|w| w.trim().to_uppercase()).collect();
+    if let Some(bad) = only.iter().find(|w| !ALL.contains(&w.as_str())) {
+        anyhow::bail!(
+            "--only {bad}: unknown workload (choose from {})",
+            ALL.join(", ")
+        );
+    }
+    let wanted = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
+    set_up(env)?;
+    let scale = if quick { Scale::quick() } else { Scale::full() };
+    let data = FashionMnist::load(&env.data)?;
+    let emit = |r: bench::Record| {
+        if json {
+            println!("{}", serde_json::to_string(&r).expect("record serializes"));
+        } else {
+            let figure = match (r.examples_per_sec, r.ms_per_fwd_bwd, r.peak_rss_mb) {
+                (Some(x), _, _) => format!("{x:>9.1} examples/s"),
+                (_, Some(ms), _) => format!("{ms:>9.2} ms per fwd+bwd"),
+                (_, _, Some(mb)) => format!("{mb:>9.0} MB peak RSS"),
+                _ => String::new(),
+            };
+            let norm = r
+                .norm
+                .as_deref()
+                .map(|n| format!(" --norm {n}"))
+                .unwrap_or_default();
+            println!(
+                "{:<34} {figure}   ({}, {} threads)",
+                format!("{}{norm}", r.workload),
+                r.detail,
+                r.threads
+            );
+        }
+    };
+    if wanted("W1") {
+        for norm in NORMS {
+            emit(bench::lenet_training(&data, norm, scale)?);
+        }
+    }
+    if wanted("W4") {
+        emit(bench::resnet_training(&data, NormKind::Scratch, scale)?);
+    }
+    if wanted("W6") {
+        for norm in NORMS {
+            emit(bench::bn_layer(norm, scale));
+        }
+    }
+    if wanted("W7") {
+        for kind in [ModelKind::LenetBn, ModelKind::Resnet18] {
+            for folded in [false, true] {
+                emit(bench::inference(&data, kind, folded, scale));
+            }
+        }
+    }
+    if wanted("RSS") {
+        emit(peak_rss_of_training(quick, env)?);
+    }
+    Ok(())
+}
+
+/// Peak RSS of a separate `bnlab train --epochs 1` process (LeNet-BN).
+fn peak_rss_of_training(quick: bool, env: &EnvArgs) -> anyhow::Result<bnlab::bench::Record> {
+    let tmp = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let exe = std::env::current_exe().context("cannot find the bnlab executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["train", "--epochs", "1", "--json", "--out"])
+        .arg(tmp.path().join("run"));
+    cmd.arg("--data").arg(&env.data);
+    cmd.args(["--threads", &rayon::current_num_threads().to_string()]);
+    cmd.args(["--device", &env.device.to_string()]);
+    if quick {
+        cmd.args(["--limit-batches", "3"]);
+    }
+    let started = std::time::Instant::now();
+    let out = cmd.output().context("cannot run bnlab train")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the measured training run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut r = bnlab::bench::Record::new(
+        "RSS lenet_bn_train",
+        started.elapsed().as_secs_f64(),
+        "peak RSS of bnlab train --epochs 1 (LeNet-BN, batch 256)".into(),
+    );
+    r.peak_rss_mb = Some(bnlab::bench::children_peak_rss_mb());
+    Ok(r)
 }

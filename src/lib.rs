@@ -1,8 +1,10 @@
 //! bnlab: batch normalization written from scratch on Burn, with the networks and training
 //! runs of the batch-norm chapter of *Dive into Deep Learning*.
 
+pub mod bench;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod interop;
 pub mod models;
 pub mod norm;

@@ -52,7 +52,7 @@ fn help_explains_every_flag() {
         "--json", "--metrics", "--limit-batches", "--no-shuffle", "--bn-eps", "--bn-momentum",
         "--bn-convention", "--pool", "--activation", "--init", "--init-std", "--optimizer",
         "--momentum", "--lr-step-size", "--lr-gamma", "--resize", "--recalibrate-bn", "--out",
-        "--save-every",
+        "--save-every", "--device",
     ];
     for flag in flags {
         let at = lines
@@ -111,6 +111,7 @@ fn invalid_values_are_one_line_errors() {
         ),
         (&["train", "--model", "densenet"], "--resize"),
         (&["run", "alexnet"], "unknown recipe 'alexnet'"),
+        (&["train", "--device", "tpu"], "--device"),
     ];
     for (args, flag) in cases {
         let line = one_line_error(args);

@@ -1,6 +1,7 @@
 //! The chapter's networks.
 
 pub mod densenet;
+pub mod fold;
 pub mod gluon;
 pub mod layers;
 pub mod lenet;
@@ -11,6 +12,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use densenet::DenseNet;
+pub use fold::fold_bn;
 pub use gluon::GluonLeNet;
 pub use layers::{ActivationKind, PoolKind, Trace, WeightInit};
 pub use lenet::{LeNet, LeNetConfig};

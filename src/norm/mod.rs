@@ -144,6 +144,39 @@ impl NormLayer {
     }
 }
 
+impl NormLayer {
+    /// The eval-mode layer as a per-channel affine map `y = scale * x + shift`, or `None` when
+    /// eval mode uses batch statistics (no running statistics kept).
+    pub fn eval_affine(&self) -> Option<(Tensor<1>, Tensor<1>)> {
+        let (gamma, beta, mean, var, eps) = match self {
+            Self::Scratch(bn) => {
+                let (mean, var) = bn.running_stats()?;
+                let gamma = bn.gamma.as_ref().map(|p| p.val());
+                let beta = bn.beta.as_ref().map(|p| p.val());
+                (gamma, beta, mean, var, bn.eps)
+            }
+            Self::Burn(bn) => (
+                Some(bn.gamma.val()),
+                Some(bn.beta.val()),
+                bn.running_mean.value(),
+                bn.running_var.value(),
+                bn.epsilon,
+            ),
+        };
+        let inv_std = var.add_scalar(eps).sqrt().recip();
+        let scale = match gamma {
+            Some(gamma) => gamma * inv_std,
+            None => inv_std,
+        };
+        let shift = mean.neg() * scale.clone();
+        let shift = match beta {
+            Some(beta) => shift + beta,
+            None => shift,
+        };
+        Some((scale, shift))
+    }
+}
+
 /// Applies an optional norm layer: the identity when the model has none.
 pub fn apply_norm<const D: usize>(norm: &Option<NormLayer>, x: Tensor<D>) -> Tensor<D> {
     match norm {

@@ -26,8 +26,16 @@ pub fn epoch_file(epoch: usize) -> String {
     format!("epoch-{epoch:03}.bpk")
 }
 
-/// Creates `dir` if needed and checks that files can be written in it.
+/// Creates `dir` for a new run and checks that files can be written in it. A directory that
+/// already holds a run is refused, so that nothing of that run is overwritten.
 pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.join(CONFIG_FILE).exists() {
+        anyhow::bail!(
+            "--out {0}: already holds a run (continue it with bnlab train --resume {0}, or choose \
+             another --out)",
+            dir.display()
+        );
+    }
     let fail = || format!("--out {}: cannot write there", dir.display());
     std::fs::create_dir_all(dir).with_context(fail)?;
     tempfile::tempfile_in(dir).with_context(fail)?;
@@ -42,8 +50,10 @@ pub fn save_config(dir: &Path, config: &RunConfig) -> anyhow::Result<()> {
 }
 
 pub fn save_model(model: &Model, path: &Path) -> anyhow::Result<()> {
+    // A running statistic's last update can still be pending (Burn's RunningState keeps it per
+    // thread until read); `valid()` merges it, so the record holds the current values.
     let bytes = model
-        .clone()
+        .valid()
         .into_record()
         .into_bytes()
         .map_err(|e| anyhow::anyhow!("{}: cannot encode the model: {e}", path.display()))?;

@@ -4,12 +4,14 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod recalibrate;
+pub mod resume;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor};
@@ -20,6 +22,7 @@ use crate::models::Model;
 use crate::report::EpochMetrics;
 
 pub use recalibrate::recalibrate_bn;
+pub use resume::{Partial, Progress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -31,12 +34,6 @@ pub enum TrainError {
         step: usize,
         loss: f64,
     },
-}
-
-/// What a run ends with.
-pub struct TrainOutcome {
-    pub model: Model,
-    pub metrics: Vec<EpochMetrics>,
 }
 
 /// Hooks for what a caller shows or saves while training runs.
@@ -55,14 +52,14 @@ pub trait Observer {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-/// The training device: Flex with autodiff.
+/// The training device: the chosen backend (`--device`, Flex by default) with autodiff.
 pub fn train_device() -> Device {
-    Device::flex().autodiff()
+    crate::device::training_device()
 }
 
-/// The evaluation device: Flex without autodiff.
+/// The evaluation device: the chosen backend without autodiff.
 pub fn eval_device() -> Device {
-    Device::flex()
+    crate::device::inference_device()
 }
 
 /// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
@@ -85,37 +82,65 @@ pub fn input_batch(
     (images.to_device(device), labels.to_device(device))
 }
 
-/// Trains a freshly initialised model as `config` says.
+/// Where a run saves its resume points, and what stops it early.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Run directory: a resume point is saved here after every epoch and on a stop.
+    pub dir: Option<&'a std::path::Path>,
+    /// Set (by Ctrl-C) to finish the current step, save and return.
+    pub stop: Option<&'a AtomicBool>,
+}
+
+/// What a run ends with.
+pub struct TrainOutcome {
+    pub model: Model,
+    /// Every finished epoch's metrics, those before a resume included.
+    pub metrics: Vec<EpochMetrics>,
+    /// The run stopped early at the caller's request (its resume point is saved).
+    pub interrupted: bool,
+}
+
+/// Trains a freshly initialised model as `config` says, saving nothing.
 pub fn train(
     config: &RunConfig,
     data: &FashionMnist,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainOutcome> {
     config.validate()?;
-    let device = train_device();
-    let model = config.model_spec().init(config.seed, &device);
-    train_from(config, data, model, 1, observer)
+    let model = config.model_spec().init(config.seed, &train_device());
+    let optim = optim::optimizer(config);
+    run(
+        config,
+        data,
+        model,
+        optim,
+        Progress::start(),
+        &RunOptions::default(),
+        observer,
+    )
 }
 
-/// Trains `model` from 1-based `first_epoch` to `config.epochs`.
-pub fn train_from(
+/// Trains `model` from the point `progress` describes to the end of `config.epochs`.
+pub fn run(
     config: &RunConfig,
     data: &FashionMnist,
     mut model: Model,
-    first_epoch: usize,
+    mut optim: ModuleOptimizer,
+    mut progress: Progress,
+    options: &RunOptions,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainOutcome> {
     let device = train_device();
-    let mut optim = optim::optimizer(config);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut schedule = optim::scheduler(config);
-    for _ in 1..first_epoch {
+    for _ in 1..progress.epoch {
         schedule.step();
     }
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let size = config.image_size();
-    let mut metrics = Vec::with_capacity(config.epochs);
+    let stop_requested = || options.stop.is_some_and(|s| s.load(Ordering::SeqCst));
 
-    for epoch in first_epoch..=config.epochs {
+    while progress.epoch <= config.epochs {
+        let epoch = progress.epoch;
         let started = Instant::now();
         let lr = schedule.step().base();
         let order = epoch_order(data.train.len(), config.seed, epoch, config.shuffle);
@@ -125,29 +150,53 @@ pub fn train_from(
         }
         observer.epoch_started(epoch, train_batches.len());
 
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-        for (step, indices) in train_batches.iter().enumerate() {
-            let (images, labels) = input_batch(&data.train, indices, size, &device);
-            let logits = model.forward(images);
-            let loss = loss_fn.forward(logits.clone(), labels.clone());
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            if !loss_value.is_finite() {
-                let diverged = TrainError::Diverged {
-                    epoch,
-                    step: step + 1,
-                    loss: loss_value,
-                };
-                return Err(diverged.into());
+        let steps = Steps {
+            epoch,
+            lr,
+            batches: &train_batches,
+            first: progress.steps_done,
+        };
+        let (trained, mut sums, stopped) = std::thread::scope(|scope| {
+            // The next batch is decoded (and resized) on another thread while a step runs.
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let pending = &train_batches[progress.steps_done..];
+            scope.spawn(move || {
+                for indices in pending {
+                    if tx
+                        .send(input_batch(&data.train, indices, size, &eval_device()))
+                        .is_err()
+                    {
+                        break; // the steps ended early
+                    }
+                }
+            });
+            let next = || rx.recv().expect("the batch thread outlives the steps");
+            run_steps(
+                model,
+                &mut optim,
+                &loss_fn,
+                &steps,
+                progress.partial,
+                next,
+                observer,
+                &stop_requested,
+            )
+        })?;
+        model = trained;
+        if let Some(steps_done) = stopped {
+            sums.train_seconds += started.elapsed().as_secs_f64();
+            progress.steps_done = steps_done;
+            progress.partial = sums;
+            if let Some(dir) = options.dir {
+                resume::save(dir, &progress, &model, &optim)?;
             }
-            loss_sum += loss_value * indices.len() as f64;
-            correct += count_correct(logits.detach(), labels);
-            seen += indices.len();
-
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            observer.step_done();
+            return Ok(TrainOutcome {
+                model,
+                metrics: progress.metrics,
+                interrupted: true,
+            });
         }
-        let train_seconds = started.elapsed().as_secs_f64();
+        sums.train_seconds += started.elapsed().as_secs_f64();
 
         if config.recalibrate_bn {
             model = recalibrate_bn(
@@ -162,16 +211,86 @@ pub fn train_from(
         let test_acc = evaluate(&model.valid(), &data.test, config.batch_size, size, limit);
         let m = EpochMetrics {
             epoch,
-            train_loss: loss_sum / seen as f64,
-            train_acc: correct as f64 / seen as f64,
+            train_loss: sums.loss_sum / sums.seen as f64,
+            train_acc: sums.correct as f64 / sums.seen as f64,
             test_acc,
-            examples_per_sec: seen as f64 / train_seconds,
+            examples_per_sec: sums.seen as f64 / sums.train_seconds,
             seconds: started.elapsed().as_secs_f64(),
         };
+        progress.metrics.push(m.clone());
+        progress.epoch += 1;
+        progress.steps_done = 0;
+        progress.partial = Partial::default();
+        if let Some(dir) = options.dir {
+            resume::save(dir, &progress, &model, &optim)?;
+        }
         observer.epoch_done(&m, &model)?;
-        metrics.push(m);
+        if stop_requested() && progress.epoch <= config.epochs {
+            return Ok(TrainOutcome {
+                model,
+                metrics: progress.metrics,
+                interrupted: true,
+            });
+        }
     }
-    Ok(TrainOutcome { model, metrics })
+    Ok(TrainOutcome {
+        model,
+        metrics: progress.metrics,
+        interrupted: false,
+    })
+}
+
+/// The training steps of one epoch.
+struct Steps<'a> {
+    epoch: usize,
+    lr: f64,
+    batches: &'a [&'a [usize]],
+    /// Steps already done (on resume).
+    first: usize,
+}
+
+/// Runs the steps of an epoch from `steps.first`, taking batches from `next`. Returns the
+/// model, the epoch's sums, and, if a stop was requested before the last step, how many steps
+/// are done.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    mut model: Model,
+    optim: &mut ModuleOptimizer,
+    loss_fn: &burn::nn::loss::CrossEntropyLoss,
+    steps: &Steps,
+    mut sums: Partial,
+    mut next: impl FnMut() -> (Tensor<4>, Tensor<1, Int>),
+    observer: &mut dyn Observer,
+    stop_requested: &dyn Fn() -> bool,
+) -> anyhow::Result<(Model, Partial, Option<usize>)> {
+    let device = train_device();
+    for step in steps.first..steps.batches.len() {
+        let (images, labels) = next();
+        let (images, labels) = (images.to_device(&device), labels.to_device(&device));
+        let batch = labels.dims()[0];
+        let logits = model.forward(images);
+        let loss = loss_fn.forward(logits.clone(), labels.clone());
+        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            let diverged = TrainError::Diverged {
+                epoch: steps.epoch,
+                step: step + 1,
+                loss: loss_value,
+            };
+            return Err(diverged.into());
+        }
+        sums.loss_sum += loss_value * batch as f64;
+        sums.correct += count_correct(logits.detach(), labels);
+        sums.seen += batch;
+
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(steps.lr, model, grads);
+        observer.step_done();
+        if stop_requested() && step + 1 < steps.batches.len() {
+            return Ok((model, sums, Some(step + 1)));
+        }
+    }
+    Ok((model, sums, None))
 }
 
 /// How many rows of `logits` pick the right label.

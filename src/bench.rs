@@ -1,0 +1,250 @@
+//! `bnlab bench`: the chapter's workloads timed the way `torch_bench.py` times PyTorch's, so
+//! that the two can be put side by side (tools/bench_vs_torch.py).
+//!
+//! | id | workload | figure |
+//! |---|---|---|
+//! | W1 | LeNet-BN training, SGD lr 1.0, batch 256, one epoch, per `--norm` | examples/s |
+//! | W4 | ResNet-18 on 28×28, batch 128, Adam 1e-3, 30 steps after 3 warm-up | examples/s |
+//! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms |
+//! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
+//! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
+
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::{Distribution, Tensor};
+use serde::Serialize;
+
+use crate::config::{OptimizerKind, RunConfig};
+use crate::data::FashionMnist;
+use crate::models::{Model, ModelKind, ModelSpec};
+use crate::norm::{NormConfig, NormKind, NormLayer};
+use crate::train::{self, eval_device, input_batch, train_device, Quiet};
+
+/// One measured figure, as a JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub workload: String,
+    /// The backend (`--device`).
+    pub device: String,
+    pub threads: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub examples_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms_per_fwd_bwd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms_per_fwd_bwd_median: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_acc: Option<f64>,
+    pub seconds: f64,
+    /// What was run, in words (sizes shrink with --quick).
+    pub detail: String,
+}
+
+impl Record {
+    pub fn new(workload: &str, seconds: f64, detail: String) -> Self {
+        Self {
+            workload: workload.into(),
+            device: crate::device::selected().to_string(),
+            threads: rayon::current_num_threads(),
+            norm: None,
+            examples_per_sec: None,
+            ms_per_fwd_bwd: None,
+            ms_per_fwd_bwd_median: None,
+            peak_rss_mb: None,
+            test_acc: None,
+            seconds,
+            detail,
+        }
+    }
+}
+
+/// Sizes of the workloads: the real ones, or small ones that only check the plumbing.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    pub lenet_batches: Option<usize>,
+    pub resnet_steps: usize,
+    pub bn_iters: usize,
+    pub inference_batches: Option<usize>,
+}
+
+impl Scale {
+    pub fn full() -> Self {
+        Self {
+            lenet_batches: None,
+            resnet_steps: 30,
+            bn_iters: 50,
+            inference_batches: None,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            lenet_batches: Some(3),
+            resnet_steps: 2,
+            bn_iters: 3,
+            inference_batches: Some(2),
+        }
+    }
+}
+
+/// The norms a workload is run with.
+pub const NORMS: [NormKind; 2] = [NormKind::Scratch, NormKind::Burn];
+
+/// W1: one epoch of LeNet-BN training with `norm`.
+pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyhow::Result<Record> {
+    let config = RunConfig {
+        norm: Some(norm),
+        epochs: 1,
+        limit_batches: scale.lenet_batches,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let out = train::train(&config, data, &mut Quiet)?;
+    let m = &out.metrics[0];
+    let mut r = Record::new(
+        "W1 lenet_bn_train",
+        started.elapsed().as_secs_f64(),
+        format!(
+            "LeNet-BN, SGD lr 1.0, batch 256, {} batches",
+            scale.lenet_batches.map_or("235".into(), |b| b.to_string())
+        ),
+    );
+    r.norm = Some(crate::value_name(norm));
+    r.examples_per_sec = Some(m.examples_per_sec);
+    r.test_acc = Some(m.test_acc);
+    Ok(r)
+}
+
+/// W4: ResNet-18 training steps on fixed in-memory batches, after warm-up.
+pub fn resnet_training(
+    data: &FashionMnist,
+    norm: NormKind,
+    scale: Scale,
+) -> anyhow::Result<Record> {
+    let config = RunConfig {
+        model: ModelKind::Resnet18,
+        norm: Some(norm),
+        optimizer: OptimizerKind::Adam,
+        lr: 1e-3,
+        batch_size: 128,
+        ..Default::default()
+    };
+    let device = train_device();
+    let mut model = config.model_spec().init(0, &device);
+    let mut optim = train::optim::optimizer(&config);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let warmup = 3;
+    let batches: Vec<Vec<usize>> = (0..warmup + scale.resnet_steps)
+        .map(|b| (b * 128..(b + 1) * 128).collect())
+        .collect();
+    let mut step = |model: Model, indices: &[usize]| {
+        let (x, y) = input_batch(&data.train, indices, 28, &device);
+        let loss = loss_fn.forward(model.forward(x), y);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        optim.step(1e-3, model, grads)
+    };
+    for indices in &batches[..warmup] {
+        model = step(model, indices);
+    }
+    let started = Instant::now();
+    for indices in &batches[warmup..] {
+        model = step(model, indices);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut r = Record::new(
+        "W4 resnet18_28px",
+        seconds,
+        format!(
+            "ResNet-18, 1x28x28, batch 128, Adam 1e-3, {} steps after {warmup}",
+            scale.resnet_steps
+        ),
+    );
+    r.norm = Some(crate::value_name(norm));
+    r.examples_per_sec = Some((128 * scale.resnet_steps) as f64 / seconds);
+    Ok(r)
+}
+
+/// W6: one BatchNorm2d(64) layer, forward and backward, on (128, 64, 28, 28).
+pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
+    let device = train_device();
+    let layer = NormLayer::new(&NormConfig::of(norm), 64, &device).expect("a BN kind");
+    let shape = [128, 64, 28, 28];
+    let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let g = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let iterate = || {
+        let grads = (layer.forward(x.clone()) * g.clone()).sum().backward();
+        // Read the gradients so that nothing is left lazily unevaluated.
+        let dx = x.grad(&grads).expect("dx");
+        dx.slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>()
+    };
+    for _ in 0..5.min(scale.bn_iters) {
+        iterate();
+    }
+    let mut times = Vec::with_capacity(scale.bn_iters);
+    let started = Instant::now();
+    for _ in 0..scale.bn_iters {
+        let t = Instant::now();
+        iterate();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let mut r = Record::new(
+        "W6 bn2d_layer",
+        seconds,
+        format!(
+            "BatchNorm2d(64) fwd+bwd on {shape:?} f32, {} iterations",
+            scale.bn_iters
+        ),
+    );
+    r.norm = Some(crate::value_name(norm));
+    r.ms_per_fwd_bwd = Some(seconds * 1e3 / scale.bn_iters as f64);
+    r.ms_per_fwd_bwd_median = Some(times[times.len() / 2]);
+    r
+}
+
+/// W7: eval-mode inference over the test set.
+pub fn inference(data: &FashionMnist, kind: ModelKind, folded: bool, scale: Scale) -> Record {
+    let model = ModelSpec::of(kind, NormKind::Scratch).init(0, &eval_device());
+    let model = if folded {
+        crate::models::fold_bn(model)
+    } else {
+        model
+    };
+    let batch = 256;
+    let n = scale
+        .inference_batches
+        .map_or(data.test.len(), |b| (b * batch).min(data.test.len()));
+    let order: Vec<usize> = (0..n).collect();
+    let started = Instant::now();
+    for indices in order.chunks(batch) {
+        let (x, _) = input_batch(&data.test, indices, 28, &eval_device());
+        let logits = model.forward(x);
+        let _ = logits.argmax(1).into_data();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut r = Record::new(
+        &format!("W7 inference_{}", kind.name()),
+        seconds,
+        format!("{n} test images, batch {batch}, eval mode"),
+    );
+    r.examples_per_sec = Some(n as f64 / seconds);
+    r
+}
+
+/// Peak resident memory of the children this process has waited for, in MB.
+pub fn children_peak_rss_mb() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the pointer it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    usage.ru_maxrss as f64 / 1024.0 // Linux reports kilobytes
+}

@@ -1,0 +1,298 @@
+//! Runs that stop and continue: an interrupted run resumed ends with exactly the metrics of an
+//! uninterrupted one; Ctrl-C saves and exits cleanly; a diverging run stops with a clear
+//! message and keeps its last good state.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bnlab::config::{OptimizerKind, RunConfig};
+use bnlab::data::FashionMnist;
+use bnlab::report::EpochMetrics;
+use bnlab::train::{self, resume, Observer, Progress, Quiet, RunOptions};
+
+/// Asks the run to stop after `after` training steps.
+struct StopAfter<'a> {
+    after: usize,
+    steps: usize,
+    stop: &'a AtomicBool,
+}
+
+impl Observer for StopAfter<'_> {
+    fn step_done(&mut self) {
+        self.steps += 1;
+        if self.steps == self.after {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn learning_values(metrics: &[EpochMetrics]) -> Vec<(usize, f64, f64, f64)> {
+    metrics
+        .iter()
+        .map(|m| (m.epoch, m.train_loss, m.train_acc, m.test_acc))
+        .collect()
+}
+
+fn run_interrupted_and_resumed(
+    config: &RunConfig,
+    data: &FashionMnist,
+    stop_after: usize,
+) -> Vec<EpochMetrics> {
+    let dir = tempfile::tempdir().unwrap();
+    bnlab::train::checkpoint::save_config(dir.path(), config).unwrap();
+    let stop = AtomicBool::new(false);
+    let options = RunOptions {
+        dir: Some(dir.path()),
+        stop: Some(&stop),
+    };
+    let model = config
+        .model_spec()
+        .init(config.seed, &train::train_device());
+    let optim = train::optim::optimizer(config);
+    let mut observer = StopAfter {
+        after: stop_after,
+        steps: 0,
+        stop: &stop,
+    };
+    let first = train::run(
+        config,
+        data,
+        model,
+        optim,
+        Progress::start(),
+        &options,
+        &mut observer,
+    )
+    .unwrap();
+    assert!(first.interrupted, "the run stopped when asked");
+
+    let resumed = resume::load(dir.path()).unwrap();
+    assert_eq!(&resumed.config, config);
+    let options = RunOptions {
+        dir: Some(dir.path()),
+        stop: None,
+    };
+    let p = resumed.progress;
+    let rest = train::run(
+        config,
+        data,
+        resumed.model,
+        resumed.optim,
+        p,
+        &options,
+        &mut Quiet,
+    )
+    .unwrap();
+    assert!(!rest.interrupted);
+    rest.metrics
+}
+
+/// Mid-epoch and at an epoch's end, with momentum and Adam state and StepLR in play.
+#[test]
+fn a_resumed_run_ends_exactly_like_an_uninterrupted_one() {
+    let data = FashionMnist::load_default().unwrap();
+    for (optimizer, lr) in [
+        (OptimizerKind::SgdMomentum, 0.5),
+        (OptimizerKind::Adam, 0.01),
+    ] {
+        let config = RunConfig {
+            optimizer,
+            lr,
+            lr_step_size: Some(1),
+            lr_gamma: 0.7,
+            epochs: 3,
+            limit_batches: Some(6),
+            batch_size: 64,
+            ..Default::default()
+        };
+        let whole = train::train(&config, &data, &mut Quiet).unwrap();
+        // Step 9 is inside epoch 2; step 6 is the end of epoch 1.
+        for stop_after in [9, 6] {
+            let pieced = run_interrupted_and_resumed(&config, &data, stop_after);
+            assert_eq!(
+                learning_values(&pieced),
+                learning_values(&whole.metrics),
+                "{optimizer:?}, stopped after step {stop_after}"
+            );
+        }
+    }
+}
+
+fn bnlab() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bnlab"))
+}
+
+fn read_metrics(path: &Path) -> Vec<EpochMetrics> {
+    bnlab::report::read_jsonl(path).unwrap()
+}
+
+#[test]
+fn ctrl_c_saves_and_resume_finishes_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, pieced) = (tmp.path().join("whole"), tmp.path().join("pieced"));
+    let args = [
+        "train",
+        "--epochs",
+        "3",
+        "--limit-batches",
+        "25",
+        "--batch-size",
+        "64",
+        "--json",
+    ];
+    let status = bnlab()
+        .args(args)
+        .arg("--out")
+        .arg(&whole)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut child = bnlab()
+        .args(args)
+        .arg("--out")
+        .arg(&pieced)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first epoch is reported, i.e. somewhere in epoch 2.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"epoch\":1"), "{first}");
+    let sigint = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sigint.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: progress saved in"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bnlab train --resume"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !pieced.join("model.bpk").exists(),
+        "no final model for an unfinished run"
+    );
+
+    let status = bnlab()
+        .args(["train", "--resume"])
+        .arg(&pieced)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (a, b) = (
+        read_metrics(&whole.join("metrics.jsonl")),
+        read_metrics(&pieced.join("metrics.jsonl")),
+    );
+    assert_eq!(learning_values(&a), learning_values(&b));
+    assert!(pieced.join("model.bpk").is_file());
+
+    // A finished run can be extended.
+    let status = bnlab()
+        .args(["train", "--epochs", "4", "--resume"])
+        .arg(&pieced)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(read_metrics(&pieced.join("metrics.jsonl")).len(), 4);
+    // Other settings cannot change on resume.
+    let out = bnlab()
+        .args(["train", "--lr", "0.1", "--resume"])
+        .arg(&pieced)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only --epochs may be given"));
+}
+
+#[test]
+fn divergence_stops_with_a_clear_message_and_keeps_the_last_good_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    // No BN, and StepLR multiplies the learning rate by 1e37 after epoch 1: epoch 2 blows up.
+    let out = bnlab()
+        .args([
+            "train",
+            "--model",
+            "lenet",
+            "--lr",
+            "0.5",
+            "--lr-step-size",
+            "1",
+            "--lr-gamma",
+            "1e37",
+        ])
+        .args(["--epochs", "3", "--limit-batches", "3", "--json", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    let last = stderr.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains("training diverged at epoch 2, step"),
+        "{stderr}"
+    );
+    assert!(last.contains("try a lower --lr"), "{last}");
+    assert!(last.contains("after epoch 1, is kept in"), "{last}");
+    // Nothing but finite numbers reached the metrics, and the good state can be resumed from.
+    let metrics = read_metrics(&dir.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 1);
+    assert!(metrics[0].train_loss.is_finite());
+    assert_eq!(resume::saved_epochs(&dir), Some(1));
+    assert!(resume::load(&dir).is_ok());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
+}
+
+#[test]
+fn a_damaged_resume_state_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let ok = bnlab()
+        .args(["train", "--epochs", "1", "--limit-batches", "2", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let resume_dir = dir.join("resume");
+    let optim = std::fs::read_dir(&resume_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("optimizer"))
+        .unwrap()
+        .path();
+    std::fs::write(&optim, b"garbage").unwrap();
+    let out = bnlab()
+        .args(["train", "--epochs", "2", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("truncated or corrupt optimizer state"),
+        "{stderr}"
+    );
+    std::fs::write(resume_dir.join("state.json"), b"{").unwrap();
+    let out = bnlab()
+        .args(["train", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state.json: corrupt resume state"));
+}

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""bnlab against PyTorch on the same machine, back to back, as ratios.
+
+Runs `bnlab bench --json` and the PyTorch side (../shared/bench/torch_bench.py by default) in
+one session, then prints a Markdown table of both sides and their ratio. PyTorch runs at 1 and
+2 threads and the better of the two is the reference, as the targets ask.
+
+    python3 tools/bench_vs_torch.py --python /work/.venv-torch/bin/python
+    python3 tools/bench_vs_torch.py --quick        # plumbing check, figures meaningless
+
+Needs: a release build of bnlab (target/release/bnlab, or --bnlab PATH) and a Python with
+torch and numpy for torch_bench.py (--python). Progress goes to stderr; the table to stdout.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def json_lines(cmd, env=None):
+    log("$", " ".join(cmd))
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, env=env, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+
+
+def torch_peak_rss_mb(args):
+    """Peak RSS of a PyTorch LeNet-BN training epoch: the only child waited for so far."""
+    cmd = [args.python, args.torch_bench, "--only", "lenet_bn_builtin", "--threads", "2"]
+    log("$", " ".join(cmd), "(for peak RSS)")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bnlab", default=os.path.join(ROOT, "target", "release", "bnlab"))
+    ap.add_argument("--python", default=sys.executable, help="a Python with torch and numpy")
+    ap.add_argument("--torch-bench", default=os.path.join(ROOT, "..", "shared", "bench", "torch_bench.py"))
+    ap.add_argument("--threads", type=int, default=2, help="bnlab's --threads")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the bnlab side; skips RSS")
+    ap.add_argument("--json-out", help="also write every raw record to this file")
+    args = ap.parse_args()
+    for path, what in [(args.bnlab, "--bnlab"), (args.torch_bench, "--torch-bench")]:
+        if not os.path.isfile(path):
+            sys.exit(f"bench_vs_torch: {what} {path}: not found")
+
+    started = time.strftime("%Y-%m-%d %H:%M")
+    torch_rss = None if args.quick else torch_peak_rss_mb(args)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    torch = {}
+    for threads in (1, 2):
+        only = "lenet_bn_builtin,resnet18_28px,bn2d_layer"
+        for rec in json_lines([args.python, args.torch_bench, "--only", only, "--threads", str(threads)], env):
+            torch[(rec["workload"], threads)] = rec
+    bnlab_cmd = [args.bnlab, "bench", "--json", "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    ours = json_lines(bnlab_cmd)
+
+    def best_torch(workload, key, smaller_is_better=False):
+        vals = [(torch[(workload, t)][key], t) for t in (1, 2) if (workload, t) in torch]
+        return (min if smaller_is_better else max)(vals)
+
+    rows = []
+    w1 = [r for r in ours if r["workload"].startswith("W1")]
+    t_w1, t_w1_threads = best_torch("lenet_bn_builtin", "examples_per_sec")
+    for r in w1:
+        rows.append((f"W1 LeNet-BN training, --norm {r['norm']}", f"{r['examples_per_sec']:.0f} ex/s",
+                     f"{t_w1:.0f} ex/s ({t_w1_threads}t)", r["examples_per_sec"] / t_w1, "≥ 1.0"))
+    t_w4, t_w4_threads = best_torch("resnet18_28px", "examples_per_sec")
+    for r in (r for r in ours if r["workload"].startswith("W4")):
+        rows.append((f"W4 ResNet-18 28px, --norm {r['norm']}", f"{r['examples_per_sec']:.0f} ex/s",
+                     f"{t_w4:.0f} ex/s ({t_w4_threads}t)", r["examples_per_sec"] / t_w4, "≥ 0.5"))
+    t_w6, t_w6_threads = best_torch("bn2d_layer", "ms_per_fwd_bwd", smaller_is_better=True)
+    for r in (r for r in ours if r["workload"].startswith("W6")):
+        rows.append((f"W6 BatchNorm2d(64) fwd+bwd, --norm {r['norm']}", f"{r['ms_per_fwd_bwd']:.1f} ms",
+                     f"{t_w6:.1f} ms ({t_w6_threads}t)", r["ms_per_fwd_bwd"] / t_w6, "time ≤ 0.8"))
+    for r in (r for r in ours if r["workload"].startswith("W7")):
+        rows.append((r["workload"], f"{r['examples_per_sec']:.0f} ex/s", "–", None, ""))
+    for r in (r for r in ours if r["workload"].startswith("RSS")):
+        ratio = r["peak_rss_mb"] / torch_rss if torch_rss else None
+        theirs = f"{torch_rss:.0f} MB" if torch_rss else "–"
+        rows.append(("peak RSS, LeNet-BN training", f"{r['peak_rss_mb']:.0f} MB", theirs, ratio, "≤ 500 MB"))
+
+    print(f"Measured {started}, bnlab --threads {args.threads}, PyTorch at 1 and 2 threads "
+          f"(the better one shown), OMP_WAIT_POLICY=PASSIVE.\n")
+    print("| workload | bnlab | PyTorch | ratio | target |")
+    print("|---|---:|---:|---:|---|")
+    for name, a, b, ratio, target in rows:
+        print(f"| {name} | {a} | {b} | {'' if ratio is None else f'{ratio:.2f}'} | {target} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            for rec in list(torch.values()) + ours:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
