@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::Context;
-use burn::module::{Param, RunningState};
+use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData};
@@ -506,8 +506,9 @@ pub fn export_with_metadata(
     spec: &ModelSpec,
     extra: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<u8>> {
-    // Clones share their tensors: this copies handles, not weights.
-    let mut model = model.clone();
+    // `valid()` merges running-statistic updates still pending on any thread (Burn's
+    // RunningState keeps them per thread until read) and copies handles, not weights.
+    let mut model = model.valid();
     let tensors: Vec<(String, Encoded)> = slots(&mut model)
         .into_iter()
         .map(|(key, slot)| (key, slot.export()))
