@@ -89,10 +89,20 @@ enum Command {
         resize: Option<usize>,
     },
     /// Evaluate a saved model on the test set.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "weights"])))]
     Eval {
         /// A run directory (its final model) or a .bpk file inside one.
         #[arg(long, value_name = "PATH")]
-        checkpoint: PathBuf,
+        checkpoint: Option<PathBuf>,
+        /// A PyTorch state_dict saved as safetensors; the architecture comes from the file's
+        /// bnlab metadata, or from --model and the other flags below.
+        #[arg(long, value_name = "FILE.safetensors")]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        arch: ArchArgs,
+        /// Also write the test-set logits (N×10 float32) to FILE.npy.
+        #[arg(long, value_name = "FILE.npy")]
+        logits: Option<PathBuf>,
         /// Re-estimate the BN statistics over the training set first (precise BN).
         #[arg(long)]
         recalibrate_bn: bool,
@@ -124,6 +134,17 @@ enum Command {
         #[command(flatten)]
         env: EnvArgs,
     },
+    /// Write a saved model as a PyTorch state_dict (safetensors), for load_state_dict.
+    Export {
+        /// A run directory (its final model) or a .bpk file inside one.
+        checkpoint: PathBuf,
+        /// The format to write; `torch` is the one there is.
+        #[arg(long, value_enum, default_value = "torch")]
+        format: ExportFormat,
+        /// The file to write.
+        #[arg(long, value_name = "FILE.safetensors")]
+        out: PathBuf,
+    },
     /// Print gamma, beta and the running statistics of each BN layer of a saved model.
     Inspect {
         /// A run directory (its final model) or a .bpk file inside one.
@@ -152,8 +173,8 @@ struct RunArgs {
     /// Weight initialisation [default: xavier-uniform for LeNet, normal for lenet-gluon,
     /// pytorch-default for resnet18 and densenet].
     #[arg(long, value_enum)]
-    init: Option<InitKind>,
-    /// Standard deviation of `--init normal` [default: 0.01].
+    weight_init: Option<InitKind>,
+    /// Standard deviation of `--weight-init normal` [default: 0.01].
     #[arg(long, value_name = "STD", value_parser = positive_float)]
     init_std: Option<f64>,
     /// Optimizer that updates the weights [default: sgd].
@@ -203,6 +224,10 @@ struct RunArgs {
     /// Re-estimate BN statistics over the training set before each test pass (precise BN).
     #[arg(long)]
     recalibrate_bn: bool,
+    /// Start from the weights of a PyTorch state_dict saved as safetensors (see
+    /// `bnlab export`) instead of a seeded initialisation.
+    #[arg(long, value_name = "FILE.safetensors")]
+    init: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -220,16 +245,48 @@ impl RunArgs {
             norm,
             pool,
             activation,
-            init,
             lr_step_size,
             resize,
             bn_momentum,
             limit_batches
         );
+        if self.weight_init.is_some() {
+            config.init = self.weight_init;
+        }
+        if self.init.is_some() {
+            config.init_weights = self.init.clone();
+        }
         config.shuffle &= !self.no_shuffle;
         config.recalibrate_bn |= self.recalibrate_bn;
         config
     }
+}
+
+/// The architecture of `eval --weights` when the file does not name it.
+#[derive(Args, Debug, Clone, Default)]
+struct ArchArgs {
+    /// Network the weights belong to (with --weights) [default: the file's, or lenet-bn].
+    #[arg(long, value_enum)]
+    model: Option<ModelKind>,
+    /// Its batch norm (with --weights) [default: the file's, or scratch].
+    #[arg(long, value_enum)]
+    norm: Option<NormKind>,
+    /// Its LeNet pooling (with --weights) [default: the file's, or avg].
+    #[arg(long, value_enum)]
+    pool: Option<PoolKind>,
+    /// Its LeNet activation (with --weights) [default: the file's, or sigmoid].
+    #[arg(long, value_enum)]
+    activation: Option<ActivationKind>,
+    /// The image side it expects (with --weights) [default: the file's, or 28].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    resize: Option<usize>,
+}
+
+/// `export --format`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// A PyTorch state_dict of d2l's nn.Sequential definitions, as safetensors.
+    Torch,
 }
 
 /// Where data comes from and how much of the machine to use.
@@ -364,6 +421,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shapes { model, resize } => shapes(model, resize),
         Command::Eval {
             checkpoint,
+            weights,
+            arch,
+            logits,
             recalibrate_bn,
             no_fold,
             limit_batches,
@@ -375,9 +435,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 fold: !no_fold,
                 limit: limit_batches,
                 json,
+                logits,
             };
-            eval(&checkpoint, &options, &env)
+            let source = match (checkpoint, weights) {
+                (Some(path), _) => Source::Checkpoint(path),
+                (None, Some(path)) => Source::Weights(path, arch),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            eval(source, &options, &env)
         }
+        Command::Export {
+            checkpoint,
+            format: ExportFormat::Torch,
+            out,
+        } => export_torch(&checkpoint, &out),
         Command::Inspect { path, full } => inspect(&path, full),
         Command::Bench {
             json,
@@ -419,9 +490,7 @@ fn train_and_save(
     check_metrics_path(output)?;
     let data = FashionMnist::load(&output.env.data)?;
     checkpoint::save_config(&dir, &config)?;
-    let model = config
-        .model_spec()
-        .init(config.seed, &train::train_device());
+    let model = config.initial_model(&train::train_device())?;
     let optim = train::optim::optimizer(&config);
     let start = (model, optim, Progress::start());
     run_in_dir(&config, name, &data, &dir, output, start)
@@ -654,9 +723,7 @@ fn compare(names: &[String], run: &RunArgs, out: &Path, env: &EnvArgs) -> anyhow
             out: Some(dir.clone()),
             save_every: None,
         };
-        let model = config
-            .model_spec()
-            .init(config.seed, &train::train_device());
+        let model = config.initial_model(&train::train_device())?;
         let start = (model, train::optim::optimizer(&config), Progress::start());
         let metrics = run_in_dir(&config, name, &data, &dir, &output, start)?;
         runs.push((name.clone(), metrics));
@@ -725,15 +792,67 @@ struct EvalOptions {
     fold: bool,
     limit: Option<usize>,
     json: bool,
+    logits: Option<PathBuf>,
 }
 
-fn eval(path: &Path, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
+/// Where `eval` gets its model.
+enum Source {
+    Checkpoint(PathBuf),
+    Weights(PathBuf, ArchArgs),
+}
+
+/// A model from a PyTorch state_dict, its architecture from the file's metadata and flags.
+fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunConfig, Model)> {
+    use bnlab::interop::torch::{
+        self, META_ACTIVATION, META_EPS, META_IMAGE_SIZE, META_MODEL, META_NORM, META_POOL,
+    };
+    use clap::ValueEnum;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("--weights {}: cannot read", path.display()))?;
+    let meta = torch::metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    let named = |key: &str| meta.get(key).map(String::as_str);
+    fn parse<T: ValueEnum>(value: Option<&str>) -> Option<T> {
+        value.and_then(|v| T::from_str(v, false).ok())
+    }
+    let mut config = RunConfig::default();
+    config.model = arch
+        .model
+        .or(parse(named(META_MODEL)))
+        .unwrap_or(config.model);
+    config.norm = arch.norm.or(parse(named(META_NORM)));
+    let lenet = matches!(config.model, ModelKind::Lenet | ModelKind::LenetBn);
+    if lenet {
+        config.pool = arch.pool.or(parse(named(META_POOL)));
+        config.activation = arch.activation.or(parse(named(META_ACTIVATION)));
+    }
+    if let Some(eps) = named(META_EPS).and_then(|e| e.parse().ok()) {
+        config.bn_eps = eps;
+    }
+    let size = arch
+        .resize
+        .or(named(META_IMAGE_SIZE).and_then(|s| s.parse().ok()));
+    config.resize = size.filter(|&s| s != 28);
+    config.validate()?;
+    let model = torch::import(&bytes, &config.model_spec())
+        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    Ok((config, model))
+}
+
+fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
     set_up(env)?;
-    let ckpt = checkpoint::load_checkpoint(path)?;
+    let (config, mut model, path) = match source {
+        Source::Checkpoint(path) => {
+            let ckpt = checkpoint::load_checkpoint(&path)?;
+            (ckpt.config, ckpt.model, ckpt.path)
+        }
+        Source::Weights(path, arch) => {
+            let (config, model) = from_weights(&path, &arch)?;
+            (config, model, path)
+        }
+    };
     let data = FashionMnist::load(&env.data)?;
-    let config = &ckpt.config;
     let (size, limit) = (config.image_size(), options.limit);
-    let mut model = ckpt.model;
     if options.recalibrate {
         model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
     }
@@ -744,18 +863,40 @@ fn eval(path: &Path, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()>
     let examples = limit.map_or(data.test.len(), |l| {
         (l * config.batch_size).min(data.test.len())
     });
+    if let Some(out) = &options.logits {
+        let p =
+            bnlab::interop::predict(&model, &data.test, size, config.batch_size, Some(examples));
+        bnlab::interop::npy::write(out, &p.logits, &[examples, 10])
+            .with_context(|| format!("--logits {}", out.display()))?;
+    }
     if options.json {
         let v = serde_json::json!({
-            "checkpoint": ckpt.path, "test_acc": acc, "examples": examples,
+            "model": path, "test_acc": acc, "examples": examples,
             "recalibrate_bn": options.recalibrate, "folded": options.fold,
         });
         println!("{v}");
     } else {
         println!(
             "{}: test accuracy {acc:.4} on {examples} images",
-            ckpt.path.display()
+            path.display()
         );
     }
+    Ok(())
+}
+
+fn export_torch(path: &Path, out: &Path) -> anyhow::Result<()> {
+    use bnlab::interop::torch::{export_with_metadata, META_IMAGE_SIZE};
+    let ckpt = checkpoint::load_checkpoint(path)?;
+    let size = ckpt.config.image_size().to_string();
+    let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), size)]);
+    let bytes = export_with_metadata(&ckpt.model, &ckpt.config.model_spec(), &extra)?;
+    write_atomically(out, &bytes)
+        .with_context(|| format!("--out {}: cannot write", out.display()))?;
+    eprintln!(
+        "bnlab: wrote {} (PyTorch state_dict of {})",
+        out.display(),
+        ckpt.config.model.name()
+    );
     Ok(())
 }
 

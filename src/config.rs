@@ -99,6 +99,9 @@ pub struct RunConfig {
     pub limit_batches: Option<usize>,
     /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
     pub recalibrate_bn: bool,
+    /// Start from the weights of this PyTorch state_dict (safetensors) instead of a seeded
+    /// initialisation.
+    pub init_weights: Option<std::path::PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -127,6 +130,7 @@ impl Default for RunConfig {
             shuffle: true,
             limit_batches: None,
             recalibrate_bn: false,
+            init_weights: None,
         }
     }
 }
@@ -185,6 +189,26 @@ impl RunConfig {
             pool: self.pool.unwrap_or(PoolKind::Avg),
             activation: self.activation.unwrap_or(ActivationKind::Sigmoid),
             init: self.weight_init(),
+        }
+    }
+
+    /// The model training starts from, on `device`: seeded, or read from `init_weights`.
+    pub fn initial_model(
+        &self,
+        device: &burn::tensor::Device,
+    ) -> anyhow::Result<crate::models::Model> {
+        match &self.init_weights {
+            None => Ok(self.model_spec().init(self.seed, device)),
+            Some(path) => {
+                let model = crate::interop::torch::import_file(path, &self.model_spec())
+                    .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
+                // The import lands on the evaluation device; training wants autodiff.
+                let model = match device.is_autodiff() {
+                    true => burn::module::Module::train(model),
+                    false => model,
+                };
+                Ok(model)
+            }
         }
     }
 

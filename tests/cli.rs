@@ -50,7 +50,7 @@ fn help_explains_every_flag() {
     let flags = [
         "--model", "--norm", "--epochs", "--lr", "--batch-size", "--data", "--seed", "--threads",
         "--json", "--metrics", "--limit-batches", "--no-shuffle", "--bn-eps", "--bn-momentum",
-        "--bn-convention", "--pool", "--activation", "--init", "--init-std", "--optimizer",
+        "--bn-convention", "--pool", "--activation", "--weight-init", "--init-std", "--init", "--optimizer",
         "--momentum", "--lr-step-size", "--lr-gamma", "--resize", "--recalibrate-bn", "--out",
         "--save-every", "--device",
     ];

@@ -358,3 +358,108 @@ fn bench_reports_every_workload() {
     let err = bnlab(&["bench", "--only", "W9"]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("--only W9: unknown workload"));
 }
+
+/// `export`, `eval --weights` and `train --init` on the same file give the same model.
+#[test]
+fn torch_weights_go_out_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let file = dir.path().join("m.safetensors");
+    let (run_s, file_s) = (run.to_str().unwrap(), file.to_str().unwrap());
+    ok(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "10",
+        "--out",
+        run_s,
+    ]);
+    ok(&["export", run_s, "--format", "torch", "--out", file_s]);
+    fn args<'a>(src: &'a str, path: &'a str) -> Vec<&'a str> {
+        vec![
+            "eval",
+            src,
+            path,
+            "--no-fold",
+            "--limit-batches",
+            "8",
+            "--json",
+        ]
+    }
+    let from_run: serde_json::Value =
+        serde_json::from_str(&ok(&args("--checkpoint", run_s))).unwrap();
+    let logits = dir.path().join("l.npy");
+    let mut weights_args = args("--weights", file_s);
+    weights_args.extend(["--logits", logits.to_str().unwrap()]);
+    let from_file: serde_json::Value = serde_json::from_str(&ok(&weights_args)).unwrap();
+    assert_eq!(from_run["test_acc"], from_file["test_acc"]);
+    let npy = std::fs::read(&logits).unwrap();
+    assert_eq!(&npy[..6], b"\x93NUMPY");
+    assert!(
+        npy.len() > 8 * 256 * 10 * 4,
+        "{} bytes of logits",
+        npy.len()
+    );
+
+    // Training from the file starts where the run ended: its first loss is far below a fresh
+    // run's.
+    let fresh = ok(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "2",
+        "--json",
+        "--out",
+        dir.path().join("a").to_str().unwrap(),
+    ]);
+    let init = ok(&[
+        "train",
+        "--init",
+        file_s,
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "2",
+        "--json",
+        "--out",
+        dir.path().join("b").to_str().unwrap(),
+    ]);
+    let loss = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap()["train_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        loss(&init) < loss(&fresh) - 0.3,
+        "init {} vs fresh {}",
+        loss(&init),
+        loss(&fresh)
+    );
+    let config = std::fs::read_to_string(dir.path().join("b/config.json")).unwrap();
+    assert!(
+        config.contains("m.safetensors"),
+        "the run records where it started"
+    );
+
+    // Wrong architecture: a one-line error naming the file.
+    let out = bnlab(&["eval", "--weights", file_s, "--model", "resnet18"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.trim_end().lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("m.safetensors") && stderr.contains("missing keys"),
+        "{stderr}"
+    );
+    let out = bnlab(&[
+        "train",
+        "--init",
+        "/nonexistent.safetensors",
+        "--out",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--init /nonexistent.safetensors"));
+}

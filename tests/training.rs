@@ -48,6 +48,21 @@ fn the_same_seed_gives_the_same_run() {
     assert_ne!(a.metrics[0].train_loss, c.metrics[0].train_loss);
 }
 
+#[test]
+fn without_shuffling_two_runs_give_identical_metrics() {
+    let data = data();
+    let config = RunConfig { shuffle: false, epochs: 2, ..config(NormKind::Scratch, 5) };
+    let a = train(&config, &data, &mut Quiet).unwrap();
+    let b = train(&config, &data, &mut Quiet).unwrap();
+    let learning = |m: &[bnlab::report::EpochMetrics]| {
+        m.iter().map(|e| (e.train_loss, e.train_acc, e.test_acc)).collect::<Vec<_>>()
+    };
+    assert_eq!(learning(&a.metrics), learning(&b.metrics));
+    // File order is not the seeded shuffle.
+    let shuffled = train(&RunConfig { shuffle: true, ..config }, &data, &mut Quiet).unwrap();
+    assert_ne!(learning(&a.metrics), learning(&shuffled.metrics));
+}
+
 /// From the same initial weights, this project's layer and Burn's built-in one compute the same
 /// training-mode function, so the training losses agree to float32 rounding.
 #[test]

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
 """Cross-check a bnlab model against PyTorch on the Fashion-MNIST test set.
 
-Given a state_dict that bnlab exported as safetensors and the logits bnlab computed (both
-written by `cargo run --release --example export_for_torch`), this builds the same network in
-PyTorch, loads the file with load_state_dict(strict=True), runs it in eval mode on the same
-test images and reports how many predicted classes differ and the largest |logit difference|.
+Given a state_dict that bnlab exported as safetensors and the logits bnlab computed, this
+builds the same network in PyTorch, loads the file with load_state_dict(strict=True), runs it
+in eval mode on the same test images and reports how many predicted classes differ and the
+largest |logit difference|.
 
+    bnlab export RUN_DIR --out OUT.safetensors
+    bnlab eval --weights OUT.safetensors --no-fold --logits OUT.logits.npy
     python tools/torch_crosscheck.py OUT.safetensors --logits OUT.logits.npy
     python tools/torch_crosscheck.py --dump-keys > tests/fixtures/torch_state_dict_keys.json
 
 The other direction, a file PyTorch wrote read by bnlab:
 
     python tools/torch_crosscheck.py --make-torch-file resnet18 FROM_TORCH.safetensors
-    cargo run --release --example predict_from_torch -- resnet18 FROM_TORCH.safetensors LOGITS.npy
+    bnlab eval --weights FROM_TORCH.safetensors --model resnet18 --no-fold --logits LOGITS.npy
     python tools/torch_crosscheck.py FROM_TORCH.safetensors --model resnet18 --logits LOGITS.npy
+
+Training from the same weights, in file order (epoch 1's loss, PyTorch against bnlab):
+
+    python tools/torch_crosscheck.py INIT.safetensors --train-epoch [--float64]
+    bnlab train --init INIT.safetensors --no-shuffle --epochs 1 --json
 
 --make-torch-file saves a freshly initialised PyTorch model whose BN layers have seen a few
 training batches (so their running statistics and num_batches_tracked are not the defaults).
@@ -311,6 +318,45 @@ def crosscheck(args):
     return 0
 
 
+def train_epoch(args):
+    """One epoch of SGD from the weights in STATE, in file order (bnlab's --no-shuffle), and
+    the epoch's mean training loss: what `bnlab train --init STATE --no-shuffle --epochs 1`
+    must reproduce."""
+    state, raw_meta = read_safetensors(args.state)
+    meta = json.loads(raw_meta.get("bnlab", "{}"))
+    kind = args.model or meta.get("model", "lenet-bn")
+    norm = args.norm or meta.get("norm", "scratch")
+    net = build(kind, bn=norm != "none", eps=float(meta.get("bn_eps", "1e-5")),
+                pool=meta.get("pool", "avg"), activation=meta.get("activation", "sigmoid"))
+    net.load_state_dict(state, strict=True)
+    dtype = torch.float64 if args.float64 else torch.float32
+    net = net.to(dtype)
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    images = read_idx(find(args.data_dir, "train-images-idx3-ubyte"))
+    labels = read_idx(find(args.data_dir, "train-labels-idx1-ubyte")).astype(np.int64)
+    bs = args.batch_size
+    n = len(images) if args.limit_batches is None else min(len(images), args.limit_batches * bs)
+    total, seen = 0.0, 0
+    for i in range(0, n, bs):
+        x = torch.from_numpy(images[i:i + bs].astype(np.float32) / 255.0).unsqueeze(1).to(dtype)
+        y = torch.from_numpy(labels[i:i + bs])
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+    if args.save_trained:
+        write_safetensors(net.float().state_dict(), args.save_trained)
+    print(json.dumps({"model": kind, "norm": norm, "lr": args.lr, "batch_size": bs,
+                      "dtype": str(dtype).replace("torch.", ""),
+                      "examples": seen, "train_loss": total / seen,
+                      "torch_version": torch.__version__}))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +373,14 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--dump-keys", action="store_true",
                     help="print every model's state_dict keys and shapes as JSON, and exit")
+    ap.add_argument("--train-epoch", action="store_true",
+                    help="train one SGD epoch in file order from STATE and print its train loss")
+    ap.add_argument("--lr", type=float, default=1.0, help="with --train-epoch (default 1.0)")
+    ap.add_argument("--limit-batches", type=int, help="with --train-epoch: only the first N batches")
+    ap.add_argument("--float64", action="store_true",
+                    help="with --train-epoch: train in float64, as a reference for float32 runs")
+    ap.add_argument("--save-trained", metavar="FILE",
+                    help="with --train-epoch: save the trained state_dict (to compare with bnlab's)")
     ap.add_argument("--make-torch-file", metavar="KIND", choices=KINDS,
                     help="save a PyTorch KIND's state_dict to STATE (for bnlab to read), and exit")
     args = ap.parse_args()
@@ -339,6 +393,10 @@ def main():
             ap.error("--make-torch-file needs the path to write")
         make_torch_file(args.make_torch_file, args.state, args.data_dir)
         return 0
+    if args.train_epoch:
+        if not args.state:
+            ap.error("--train-epoch needs the initial weights")
+        return train_epoch(args)
     if not args.state or not args.logits:
         ap.error("give the exported file and --logits (or --dump-keys)")
     return crosscheck(args)

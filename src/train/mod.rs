@@ -107,7 +107,7 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainOutcome> {
     config.validate()?;
-    let model = config.model_spec().init(config.seed, &train_device());
+    let model = config.initial_model(&train_device())?;
     let optim = optim::optimizer(config);
     run(
         config,
