@@ -255,3 +255,29 @@ fn readable_mode_prints_one_line_per_epoch_and_saves_the_run() {
     );
     assert!(run.join("model.bpk").is_file());
 }
+
+/// Atomic writes go through a temporary file; the result is an ordinary readable file.
+#[test]
+fn written_files_are_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = bnlab(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    for file in ["config.json", "metrics.jsonl", "model.bpk"] {
+        let mode = std::fs::metadata(run.join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644, "{file}");
+    }
+}

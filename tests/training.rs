@@ -51,15 +51,29 @@ fn the_same_seed_gives_the_same_run() {
 #[test]
 fn without_shuffling_two_runs_give_identical_metrics() {
     let data = data();
-    let config = RunConfig { shuffle: false, epochs: 2, ..config(NormKind::Scratch, 5) };
+    let config = RunConfig {
+        shuffle: false,
+        epochs: 2,
+        ..config(NormKind::Scratch, 5)
+    };
     let a = train(&config, &data, &mut Quiet).unwrap();
     let b = train(&config, &data, &mut Quiet).unwrap();
     let learning = |m: &[bnlab::report::EpochMetrics]| {
-        m.iter().map(|e| (e.train_loss, e.train_acc, e.test_acc)).collect::<Vec<_>>()
+        m.iter()
+            .map(|e| (e.train_loss, e.train_acc, e.test_acc))
+            .collect::<Vec<_>>()
     };
     assert_eq!(learning(&a.metrics), learning(&b.metrics));
     // File order is not the seeded shuffle.
-    let shuffled = train(&RunConfig { shuffle: true, ..config }, &data, &mut Quiet).unwrap();
+    let shuffled = train(
+        &RunConfig {
+            shuffle: true,
+            ..config
+        },
+        &data,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_ne!(learning(&a.metrics), learning(&shuffled.metrics));
 }
 
