@@ -94,7 +94,7 @@ impl Scale {
 }
 
 /// The norms a workload is run with.
-pub const NORMS: [NormKind; 2] = [NormKind::Scratch, NormKind::Burn];
+pub const NORMS: [NormKind; 3] = [NormKind::Fused, NormKind::Scratch, NormKind::Burn];
 
 /// W1: one epoch of LeNet-BN training with `norm`.
 pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyhow::Result<Record> {
@@ -178,7 +178,11 @@ pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
     let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
     let g = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
     let iterate = || {
-        let grads = (layer.forward(x.clone()) * g.clone()).sum().backward();
+        let y = layer.forward(x.clone());
+        // The upstream gradient goes straight in, as in torch_bench.py's
+        // `autograd.grad(y, params, g)`; off Flex, through `(y * g).sum()`.
+        let grads = crate::norm::fused::backward_with(y.clone(), g.clone())
+            .unwrap_or_else(|| (y * g.clone()).sum().backward());
         // Read the gradients so that nothing is left lazily unevaluated.
         let dx = x.grad(&grads).expect("dx");
         dx.slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>()

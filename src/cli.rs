@@ -161,7 +161,8 @@ struct RunArgs {
     /// Network to train [default: lenet-bn].
     #[arg(long, value_enum)]
     model: Option<ModelKind>,
-    /// Batch norm: this project's (scratch), Burn's built-in (burn), or none [default: scratch].
+    /// Batch norm: this project's with its fused CPU kernel (fused), the same layer composed
+    /// from tensor ops (scratch), Burn's built-in (burn), or none [default: fused].
     #[arg(long, value_enum)]
     norm: Option<NormKind>,
     /// Pooling in LeNet's conv blocks [default: avg].
@@ -268,7 +269,7 @@ struct ArchArgs {
     /// Network the weights belong to (with --weights) [default: the file's, or lenet-bn].
     #[arg(long, value_enum)]
     model: Option<ModelKind>,
-    /// Its batch norm (with --weights) [default: the file's, or scratch].
+    /// Its batch norm (with --weights) [default: the file's, or fused].
     #[arg(long, value_enum)]
     norm: Option<NormKind>,
     /// Its LeNet pooling (with --weights) [default: the file's, or avg].
@@ -965,7 +966,7 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
         }
     }
     if wanted("W4") {
-        emit(bench::resnet_training(&data, NormKind::Scratch, scale)?);
+        emit(bench::resnet_training(&data, NormKind::Fused, scale)?);
     }
     if wanted("W6") {
         for norm in NORMS {

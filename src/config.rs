@@ -68,7 +68,7 @@ pub struct RunConfig {
     /// One line on what the run shows (recipes fill it in).
     pub description: String,
     pub model: ModelKind,
-    /// Default: `scratch` for models with batch norm, `none` for `lenet`.
+    /// Default: `fused` for models with batch norm, `none` for `lenet`.
     pub norm: Option<NormKind>,
     /// LeNet only. Default: avg.
     pub pool: Option<PoolKind>,
@@ -148,7 +148,7 @@ impl RunConfig {
     /// The norm after defaults: `none` for the model without batch norm.
     pub fn norm_kind(&self) -> NormKind {
         self.norm.unwrap_or(match self.model.has_batch_norm() {
-            true => NormKind::Scratch,
+            true => NormKind::Fused,
             false => NormKind::None,
         })
     }

@@ -13,8 +13,9 @@
 //! bn.eval(); y_eval = bn(x)                                                   # running_*_after too
 //! ```
 //!
-//! Each case runs twice, through the [`BatchNorm`] module and through the functional
-//! [`batch_norm`], and in two precisions:
+//! Each case runs three times: through the [`BatchNorm`] module with each training kernel
+//! (composed from tensor ops, and the fused Flex kernel of `--norm fused`) and through the
+//! functional [`batch_norm`]; and in two precisions:
 //!
 //! - float64 (Flex computes in f64 too): the algorithm itself, to 1e-9 relative to the tensor's
 //!   largest value;
@@ -27,7 +28,7 @@
 use std::collections::HashMap;
 
 use bnlab::norm::{
-    batch_norm, BatchNorm, BatchNormConfig, Convention, Mode, RunningStats, RunningUpdate,
+    batch_norm, BatchNorm, BatchNormConfig, Convention, Kernel, Mode, RunningStats, RunningUpdate,
 };
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -212,14 +213,15 @@ fn check(case: &Case, got: &Outputs, dtype: DType) {
     }
 }
 
-fn run_module<const D: usize>(case: &Case, dtype: DType) -> Outputs {
+fn run_module<const D: usize>(case: &Case, dtype: DType, kernel: Kernel) -> Outputs {
     let device = Device::flex().autodiff();
     let c = case.channels();
     let config = BatchNormConfig::new(c)
         .with_eps(case.eps)
         .with_affine(case.affine || case.is_d2l())
         .with_momentum(case.update().momentum)
-        .with_convention(case.update().convention);
+        .with_convention(case.update().convention)
+        .with_kernel(kernel);
     let mut bn: BatchNorm = config.init(&device);
     if let (Some(gamma), Some(beta)) = (&case.gamma, &case.beta) {
         bn.gamma = Some(Param::from_tensor(vector(gamma, dtype, &device)));
@@ -351,28 +353,37 @@ fn run_functional<const D: usize>(case: &Case, dtype: DType) -> Outputs {
     out
 }
 
-fn run(case: &Case, dtype: DType, functional: bool) -> Outputs {
+/// Which form of the layer runs a case.
+#[derive(Clone, Copy)]
+enum Form {
+    /// The [`BatchNorm`] module, with either training kernel.
+    Module(Kernel),
+    /// The chapter-style function [`batch_norm`].
+    Functional,
+}
+
+fn run(case: &Case, dtype: DType, form: Form) -> Outputs {
     macro_rules! by_rank {
-        ($f:ident) => {
+        ($f:ident $(, $arg:expr)?) => {
             match case.shape.len() {
-                2 => $f::<2>(case, dtype),
-                3 => $f::<3>(case, dtype),
-                4 => $f::<4>(case, dtype),
-                5 => $f::<5>(case, dtype),
+                2 => $f::<2>(case, dtype $(, $arg)?),
+                3 => $f::<3>(case, dtype $(, $arg)?),
+                4 => $f::<4>(case, dtype $(, $arg)?),
+                5 => $f::<5>(case, dtype $(, $arg)?),
                 r => panic!("rank {r}"),
             }
         };
     }
-    match functional {
-        true => by_rank!(run_functional),
-        false => by_rank!(run_module),
+    match form {
+        Form::Functional => by_rank!(run_functional),
+        Form::Module(kernel) => by_rank!(run_module, kernel),
     }
 }
 
-fn check_all(dtype: DType, functional: bool) {
+fn check_all(dtype: DType, form: Form) {
     let mut checked = HashMap::new();
     for case in cases() {
-        let got = run(&case, dtype, functional);
+        let got = run(&case, dtype, form);
         check(&case, &got, dtype);
         checked.insert(case.name.clone(), case.shape.len());
     }
@@ -387,22 +398,34 @@ fn check_all(dtype: DType, functional: bool) {
 
 #[test]
 fn module_matches_pytorch_in_float32() {
-    check_all(DType::F32, false);
+    check_all(DType::F32, Form::Module(Kernel::Composed));
 }
 
 #[test]
 fn module_matches_pytorch_in_float64() {
-    check_all(DType::F64, false);
+    check_all(DType::F64, Form::Module(Kernel::Composed));
 }
 
 #[test]
 fn functional_matches_pytorch_in_float32() {
-    check_all(DType::F32, true);
+    check_all(DType::F32, Form::Functional);
 }
 
 #[test]
 fn functional_matches_pytorch_in_float64() {
-    check_all(DType::F64, true);
+    check_all(DType::F64, Form::Functional);
+}
+
+#[test]
+fn fused_kernel_matches_pytorch_in_float32() {
+    // Not a silent fallback: the kernel exists for the device the cases run on.
+    assert!(bnlab::norm::fused::supports(&Device::flex().autodiff()));
+    check_all(DType::F32, Form::Module(Kernel::Fused));
+}
+
+#[test]
+fn fused_kernel_matches_pytorch_in_float64() {
+    check_all(DType::F64, Form::Module(Kernel::Fused));
 }
 
 /// The large-mean case is only worth having if it would catch the naive formula: this shows

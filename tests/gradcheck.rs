@@ -4,9 +4,13 @@
 //! beta is nudged by ±h and (L(+h) − L(−h)) / 2h compared with what backward gives.
 //! With h = 1e-5 in float64 the difference quotient is good to about 1e-9; the test allows
 //! 1e-6 relative to the largest gradient.
+//!
+//! Both training kernels are checked: the layer composed from tensor ops, and the fused Flex
+//! kernel with its hand-derived backward (there the upstream gradient `w` is fed in directly
+//! by `fused::backward_with`, which the W6 benchmark relies on).
 
 use bnlab::norm::functional::normalize_train;
-use bnlab::norm::{BatchNormConfig, RunningUpdate};
+use bnlab::norm::{fused, BatchNormConfig, Kernel, RunningUpdate};
 use burn::module::{Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -52,7 +56,7 @@ fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
 
-fn check<const D: usize>(shape: [usize; D], seed: u64) {
+fn check<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel) {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     let c = shape[1];
     let n: usize = shape.iter().product();
@@ -63,16 +67,19 @@ fn check<const D: usize>(shape: [usize; D], seed: u64) {
 
     // Analytic gradients, through the BatchNorm module on the autodiff device.
     let device = Device::flex().autodiff();
-    let mut bn = BatchNormConfig::new(c).init(&device);
+    let mut bn = BatchNormConfig::new(c).with_kernel(kernel).init(&device);
     bn.gamma = Some(Param::from_tensor(f64_tensor(&gamma, [c], &device)));
     bn.beta = Some(Param::from_tensor(f64_tensor(&beta, [c], &device)));
     bn.running_mean = Some(RunningState::new(f64_tensor(&vec![0.0; c], [c], &device)));
     bn.running_var = Some(RunningState::new(f64_tensor(&vec![1.0; c], [c], &device)));
     bn.num_batches_tracked = Some(RunningState::new(f64_tensor(&[0.0], [1], &device)));
     let xt = f64_tensor(&x, shape, &device).require_grad();
-    let grads = (bn.forward(xt.clone()) * f64_tensor(&w, shape, &device))
-        .sum()
-        .backward();
+    let y = bn.forward(xt.clone());
+    let upstream = f64_tensor(&w, shape, &device);
+    let grads = match kernel {
+        Kernel::Composed => (y * upstream).sum().backward(),
+        Kernel::Fused => fused::backward_with(y, upstream).expect("Flex runs the fused kernel"),
+    };
     let dx = values(xt.grad(&grads).unwrap());
     let dgamma = values(bn.gamma.as_ref().unwrap().val().grad(&grads).unwrap());
     let dbeta = values(bn.beta.as_ref().unwrap().val().grad(&grads).unwrap());
@@ -101,17 +108,20 @@ fn check<const D: usize>(shape: [usize; D], seed: u64) {
 
 #[test]
 fn gradients_match_finite_differences_2d() {
-    check([6, 3], 1);
+    check([6, 3], 1, Kernel::Composed);
+    check([6, 3], 1, Kernel::Fused);
 }
 
 #[test]
 fn gradients_match_finite_differences_4d() {
-    check([3, 2, 3, 3], 2);
+    check([3, 2, 3, 3], 2, Kernel::Composed);
+    check([3, 2, 3, 3], 2, Kernel::Fused);
 }
 
 #[test]
 fn gradients_match_finite_differences_5d() {
-    check([2, 2, 2, 2, 3], 3);
+    check([2, 2, 2, 2, 3], 3, Kernel::Composed);
+    check([2, 2, 2, 2, 3], 3, Kernel::Fused);
 }
 
 #[test]

@@ -35,9 +35,9 @@ use rand::{Rng, SeedableRng};
 
 /// What the properties run on, each with its training-mode cancellation factor `K` (see the
 /// module docs): 0 for implementations that shift the data before summing. Another batch norm is
-/// one more line here, e.g. `(Implementation::Layer(NormKind::Fused), 0.0)` once the fused
-/// kernels land in main.
+/// one more line here.
 const IMPLEMENTATIONS: &[(Implementation, f64)] = &[
+    (Implementation::Layer(NormKind::Fused), 0.0),
     (Implementation::Layer(NormKind::Scratch), 0.0),
     (Implementation::Functional, 0.0),
     (Implementation::Layer(NormKind::Burn), 64.0),

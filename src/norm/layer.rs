@@ -5,10 +5,13 @@ use burn::config::Config;
 use burn::module::{Flag, Module, Param, RunningState};
 use burn::tensor::{Device, Tensor};
 
+use std::sync::Once;
+
 use super::functional::{
-    channels_of, normalize_eval, normalize_train, update_running, BnError, Convention,
+    channels_of, normalize_eval, normalize_train, update_running, BatchStats, BnError, Convention,
     RunningUpdate,
 };
+use super::fused;
 
 /// Configuration of [`BatchNorm`]. The defaults are PyTorch's.
 #[derive(Config, Debug)]
@@ -28,6 +31,21 @@ pub struct BatchNormConfig {
     /// Keep running statistics; without them, eval mode uses batch statistics too.
     #[config(default = true)]
     pub track_running_stats: bool,
+    /// How training-mode batches are normalised.
+    #[config(default = "Kernel::Composed")]
+    pub kernel: Kernel,
+}
+
+/// How a [`BatchNorm`] computes training mode. Both give the same numbers (the reference tests
+/// run both); eval mode is the same per-channel affine map either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Kernel {
+    /// Composed from Burn tensor ops: runs on every backend (`--norm scratch`).
+    #[default]
+    Composed,
+    /// The hand-written Flex kernel of [`super::fused`] (`--norm fused`); other backends fall
+    /// back to [`Kernel::Composed`], with a note on stderr the first time.
+    Fused,
 }
 
 impl BatchNormConfig {
@@ -89,6 +107,7 @@ impl BatchNormConfig {
             num_features: c,
             eps: self.eps,
             update: self.running_update(),
+            kernel: self.kernel,
         })
     }
 
@@ -117,6 +136,8 @@ pub struct BatchNorm {
     pub eps: f64,
     #[module(skip)]
     pub update: RunningUpdate,
+    #[module(skip)]
+    pub kernel: Kernel,
 }
 
 impl BatchNorm {
@@ -150,10 +171,10 @@ impl BatchNorm {
                     self.eps,
                 )
             }
-            (false, None) => Ok(normalize_train(x, gamma, beta, self.eps)?.0),
+            (false, None) => Ok(self.normalize_train(x, gamma, beta)?.0),
             (true, running) => {
                 let device = x.device();
-                let (y, stats) = normalize_train(x, gamma, beta, self.eps)?;
+                let (y, stats) = self.normalize_train(x, gamma, beta)?;
                 if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
                     let tracked_now = tracked.value_sync().to_device(&device).add_scalar(1.0);
                     // The count reaches the host only for a cumulative average.
@@ -175,6 +196,29 @@ impl BatchNorm {
                 Ok(y)
             }
         }
+    }
+
+    fn normalize_train<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        gamma: Option<Tensor<1>>,
+        beta: Option<Tensor<1>>,
+    ) -> Result<(Tensor<D>, BatchStats), BnError> {
+        if self.kernel == Kernel::Fused {
+            match fused::try_normalize_train(x.clone(), gamma.clone(), beta.clone(), self.eps) {
+                Some(result) => return result,
+                None => {
+                    static NOTE: Once = Once::new();
+                    NOTE.call_once(|| {
+                        eprintln!(
+                            "note: --norm fused has no kernel for this backend or dtype; \
+                             using the scratch layer"
+                        )
+                    });
+                }
+            }
+        }
+        normalize_train(x, gamma, beta, self.eps)
     }
 
     /// The running statistics, as stored (eval reads them).

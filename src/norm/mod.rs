@@ -5,6 +5,8 @@
 //! - [`NormLayer`]: what a model puts after a conv or linear layer, chosen by [`NormKind`].
 
 pub mod functional;
+pub mod fused;
+pub mod kernels;
 pub mod layer;
 
 use burn::module::Module;
@@ -12,12 +14,15 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use functional::{batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate};
-pub use layer::{BatchNorm, BatchNormConfig};
+pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
 /// Which batch norm a model uses (`--norm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NormKind {
+    /// This project's layer with its hand-written Flex kernel ([`fused`]); the scratch layer on
+    /// other backends.
+    Fused,
     /// This project's layer, built from Burn tensor ops ([`BatchNorm`]).
     Scratch,
     /// Burn's built-in `nn::BatchNorm`: the chapter's "concise implementation".
@@ -86,14 +91,19 @@ impl NormLayer {
     /// # Panics
     /// On settings that [`NormConfig::validate`] rejects.
     pub fn new(config: &NormConfig, num_features: usize, device: &Device) -> Option<Self> {
-        match config.kind {
-            NormKind::Scratch => Some(Self::Scratch(
+        let own = |kernel| {
+            Self::Scratch(
                 BatchNormConfig::new(num_features)
                     .with_eps(config.eps)
                     .with_momentum(config.momentum)
                     .with_convention(config.convention)
+                    .with_kernel(kernel)
                     .init(device),
-            )),
+            )
+        };
+        match config.kind {
+            NormKind::Fused => Some(own(Kernel::Fused)),
+            NormKind::Scratch => Some(own(Kernel::Composed)),
             NormKind::Burn => Some(Self::Burn(
                 burn::nn::BatchNormConfig::new(num_features)
                     .with_epsilon(config.eps)

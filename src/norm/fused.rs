@@ -1,0 +1,337 @@
+//! `--norm fused`: training-mode batch norm as one hand-written op on the Flex backend, with a
+//! hand-derived backward, through Burn's backend extension.
+//!
+//! The composed layer ([`super::functional::normalize_train`]) runs a dozen tensor ops, each a
+//! full pass over memory, and autodiff keeps their intermediates for the backward. The fused op
+//! makes two passes forward (statistics, output) and two backward (sums, input gradient), and
+//! keeps only the input and three numbers per channel.
+//!
+//! Backward, for `x̂ = (x - μ)/σ`, `y = γ x̂ + β`, `M` values per channel:
+//! - `dβ = Σ dy`, `dγ = Σ dy·x̂`;
+//! - `dx = γ/σ · (dy - dβ/M - x̂ · dγ/M)`.
+//!
+//! Other backends, and dtypes other than float32 and float64, take the composed path: see
+//! [`try_normalize_train`].
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice,
+};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::functional::{channels_of, BatchStats, BnError};
+use super::kernels::{self, ChannelStats, Dims, Real};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedBatchNormBackend: Backend {
+    /// Training-mode batch norm over axis 1: the output, the batch mean and the biased batch
+    /// variance (the last two carry no gradient).
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Whether the fused kernel can run on `device` (Flex, with or without autodiff).
+pub fn supports(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// Training-mode normalisation by the fused kernel, or `None` where it does not apply (another
+/// backend, or a dtype other than float32/float64): the caller then takes the composed path.
+pub fn try_normalize_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+) -> Option<Result<(Tensor<D>, BatchStats), BnError>> {
+    if !supports(&x.device()) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return None;
+    }
+    let dims = x.dims();
+    let expected = gamma.as_ref().map(|g| g.dims()[0]);
+    let channels = match channels_of(&dims, expected) {
+        Ok(channels) => channels,
+        Err(e) => return Some(Err(e)),
+    };
+    let count = dims.iter().product::<usize>() / channels;
+    if count < 2 {
+        return Some(Err(BnError::SingleValuePerChannel {
+            shape: dims.to_vec(),
+        }));
+    }
+    let device = x.device();
+    let dtype = x.dtype();
+    // Without affine parameters the op still takes them, as constants that carry no gradient.
+    let gamma = gamma.unwrap_or_else(|| Tensor::ones([channels], (&device, dtype)));
+    let beta = beta.unwrap_or_else(|| Tensor::zeros([channels], (&device, dtype)));
+    let (y, mean, var) = <Dispatch as FusedBatchNormBackend>::fused_batch_norm_train(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    );
+    let stats = BatchStats {
+        mean: Tensor::from_dispatch(mean),
+        var: Tensor::from_dispatch(var),
+        count,
+    };
+    Some(Ok((Tensor::from_dispatch(y), stats)))
+}
+
+/// What the backward needs: the input, gamma, and each channel's statistics.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    /// Per channel: pivot, shifted mean, inverse std (as float64, whatever the dtype).
+    stats: Vec<[f64; 3]>,
+}
+
+/// The element types the kernels run on, as Flex stores them.
+trait Element: Real + burn::tensor::Element + bytemuck::Pod {}
+impl<E: Real + burn::tensor::Element + bytemuck::Pod> Element for E {}
+
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn slice<E: Element>(t: &FlexTensor) -> &[E] {
+    t.as_slice::<E>()
+        .expect("fused batch norm: a contiguous tensor of the expected dtype")
+}
+
+fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<ChannelStats<E>> {
+    saved
+        .iter()
+        .map(|&[pivot, shifted_mean, inv_std]| ChannelStats {
+            pivot: E::from_f64(pivot),
+            shifted_mean: E::from_f64(shifted_mean),
+            inv_std: E::from_f64(inv_std),
+            mean: 0.0,
+            var: 0.0,
+        })
+        .collect()
+}
+
+/// Forward on plain Flex tensors: `(y, mean, var, saved)`.
+fn forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    eps: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor, Saved) {
+    fn typed<E: Element>(
+        x: &FlexTensor,
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>) {
+        let shape = x.layout().shape().to_vec();
+        let dims = Dims::of(&shape);
+        let xs = slice::<E>(x);
+        let stats = kernels::channel_stats(xs, dims, eps);
+        let mut y = vec![E::from_f64(0.0); dims.len()];
+        kernels::normalize(xs, dims, &stats, slice(gamma), slice(beta), &mut y);
+        let mean = stats.iter().map(|s| E::from_f64(s.mean)).collect();
+        let var = stats.iter().map(|s| E::from_f64(s.var)).collect();
+        let saved = stats
+            .iter()
+            .map(|s| {
+                [
+                    s.pivot.to_f64(),
+                    s.shifted_mean.to_f64(),
+                    s.inv_std.to_f64(),
+                ]
+            })
+            .collect();
+        (
+            tensor(y, shape),
+            tensor(mean, vec![dims.c]),
+            tensor(var, vec![dims.c]),
+            saved,
+        )
+    }
+    let (x, gamma, beta) = (contiguous(&x), contiguous(&gamma), contiguous(&beta));
+    let (y, mean, var, stats) = match x.dtype() {
+        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps),
+        _ => typed::<f32>(&x, &gamma, &beta, eps),
+    };
+    (y, mean, var, Saved { x, gamma, stats })
+}
+
+/// Backward on plain Flex tensors: `(dx, dgamma, dbeta)`, `dx` only if `need_dx`.
+fn backward(
+    saved: &Saved,
+    dy: FlexTensor,
+    need_dx: bool,
+) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+    fn typed<E: Element>(
+        saved: &Saved,
+        dy: &FlexTensor,
+        need_dx: bool,
+    ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+        let shape = saved.x.layout().shape().to_vec();
+        let dims = Dims::of(&shape);
+        let stats = stats_from::<E>(&saved.stats);
+        let (xs, dys) = (slice::<E>(&saved.x), slice::<E>(dy));
+        let sums = kernels::grad_sums(xs, dys, dims, &stats);
+        let dx = need_dx.then(|| {
+            let mut dx = vec![E::from_f64(0.0); dims.len()];
+            kernels::input_grad(xs, dys, dims, &stats, slice(&saved.gamma), &sums, &mut dx);
+            tensor(dx, shape.clone())
+        });
+        let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
+        let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();
+        (
+            dx,
+            tensor(dgamma, vec![dims.c]),
+            tensor(dbeta, vec![dims.c]),
+        )
+    }
+    let dy = contiguous(&dy);
+    match saved.x.dtype() {
+        DType::F64 => typed::<f64>(saved, &dy, need_dx),
+        _ => typed::<f32>(saved, &dy, need_dx),
+    }
+}
+
+impl FusedBatchNormBackend for Flex {
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, mean, var, _) = forward(x, gamma, beta, eps);
+        (y, mean, var)
+    }
+}
+
+#[derive(Debug)]
+struct FusedBatchNormBackward;
+
+impl Backward<Flex, 3> for FusedBatchNormBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (dx, dgamma, dbeta) = backward(&ops.state, dy, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, dgamma);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, dbeta);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<Flex, C> {
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let prepared = FusedBatchNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let (y, mean, var, saved) = forward(
+            x.primitive().clone(),
+            gamma.primitive().clone(),
+            beta.primitive().clone(),
+            eps,
+        );
+        let y = match prepared {
+            OpsKind::Tracked(prep) => prep.finish(saved, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, Self::from_inner(mean), Self::from_inner(var))
+    }
+}
+
+/// Backward from a given upstream gradient, as `torch.autograd.grad(y, params, g)` does: the W6
+/// benchmark feeds `g` straight in, where `(y * g).sum().backward()` would add three passes over
+/// memory to what it times.
+#[backend_extension(Flex, Autodiff)]
+pub trait SeededBackwardBackend: Backend {
+    /// A scalar (zero: its value means nothing) whose backward gives `y` the gradient `upstream`.
+    fn seed_backward(y: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl SeededBackwardBackend for Flex {
+    fn seed_backward(y: FloatTensor<Self>, _upstream: FloatTensor<Self>) -> FloatTensor<Self> {
+        FlexTensor::zeros(vec![1].into(), y.dtype())
+    }
+}
+
+#[derive(Debug)]
+struct SeedBackward;
+
+impl Backward<Flex, 1> for SeedBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_y] = ops.parents;
+        // The scalar's own gradient (1) is consumed and replaced by the given upstream gradient.
+        let _ = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_y {
+            grads.register::<Flex>(node.id, ops.state);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> SeededBackwardBackend for Autodiff<Flex, C> {
+    fn seed_backward(y: FloatTensor<Self>, upstream: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = FlexTensor::zeros(vec![1].into(), y.primitive().dtype());
+        match SeedBackward
+            .prepare::<C>([y.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(upstream.primitive().clone(), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// The gradients of everything `y` depends on, for the upstream gradient `upstream` (same shape
+/// as `y`); `None` off Flex, where the caller can use `(y * upstream).sum().backward()`.
+pub fn backward_with<const D: usize>(
+    y: Tensor<D>,
+    upstream: Tensor<D>,
+) -> Option<burn::tensor::Gradients> {
+    if !supports(&y.device()) || y.dims() != upstream.dims() {
+        return None;
+    }
+    let seed = <Dispatch as SeededBackwardBackend>::seed_backward(
+        y.into_dispatch(),
+        upstream.into_dispatch(),
+    );
+    Some(Tensor::<1>::from_dispatch(seed).backward())
+}
