@@ -110,11 +110,46 @@ pub fn device_for(choice: DeviceChoice) -> Result<Device, String> {
     }
 }
 
+/// Runs one tiny op on `device`: a GPU backend that finds no adapter (or no driver) panics on
+/// first use, which becomes a one-line error here instead of a backtrace mid-run.
+fn probe(choice: DeviceChoice, device: &Device) -> Result<(), String> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| {
+        burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], device)
+            .sum()
+            .into_scalar::<f32>()
+    });
+    std::panic::set_hook(quiet);
+    let fix = match choice.backend {
+        Backend::Wgpu => {
+            "install a Vulkan driver: on Debian 12 without a GPU, `apt-get install -t \
+             bookworm-backports mesa-vulkan-drivers libvulkan1` (lavapipe; stock Mesa 22 computes \
+             some gradients wrongly)"
+        }
+        Backend::Cuda => "check the NVIDIA driver and CUDA toolkit (nvidia-smi)",
+        Backend::Libtorch => "check that torch==2.9.0 is installed and LIBTORCH_USE_PYTORCH=1",
+        Backend::Flex => "",
+    };
+    match result {
+        Ok(v) if v == 3.0 => Ok(()),
+        Ok(v) => Err(format!(
+            "--device {choice}: the device computed 1 + 2 = {v}; its driver is broken ({fix})"
+        )),
+        Err(_) => Err(format!(
+            "--device {choice}: no usable device found ({fix}), or use --device flex"
+        )),
+    }
+}
+
 static SELECTED: OnceLock<DeviceChoice> = OnceLock::new();
 
 /// Chooses the backend for this process (once, before any tensor is made).
 pub fn select(choice: DeviceChoice) -> Result<(), String> {
-    device_for(choice)?;
+    let device = device_for(choice)?;
+    if choice.backend != Backend::Flex {
+        probe(choice, &device)?;
+    }
     match SELECTED.set(choice) {
         Ok(()) => Ok(()),
         Err(_) if SELECTED.get() == Some(&choice) => Ok(()),
