@@ -213,8 +213,13 @@ fn check(case: &Case, got: &Outputs, dtype: DType) {
     }
 }
 
-fn run_module<const D: usize>(case: &Case, dtype: DType, kernel: Kernel) -> Outputs {
-    let device = Device::flex().autodiff();
+fn run_module<const D: usize>(
+    case: &Case,
+    dtype: DType,
+    kernel: Kernel,
+    backend: &Device,
+) -> Outputs {
+    let device = backend.clone().autodiff();
     let c = case.channels();
     let config = BatchNormConfig::new(c)
         .with_eps(case.eps)
@@ -268,13 +273,13 @@ fn run_module<const D: usize>(case: &Case, dtype: DType, kernel: Kernel) -> Outp
     out.running_var = Some(values(var));
     let tracked = eval.num_batches_tracked.as_ref().expect("tracked").value();
     out.num_batches_tracked = Some(values(tracked)[0] as u64);
-    let x_eval: Tensor<D> = tensor(&case.x, &case.shape, dtype, &Device::flex());
+    let x_eval: Tensor<D> = tensor(&case.x, &case.shape, dtype, backend);
     out.y_eval = Some(values(eval.forward(x_eval)));
     out
 }
 
-fn run_functional<const D: usize>(case: &Case, dtype: DType) -> Outputs {
-    let device = Device::flex().autodiff();
+fn run_functional<const D: usize>(case: &Case, dtype: DType, backend: &Device) -> Outputs {
+    let device = backend.clone().autodiff();
     let c = case.channels();
     let gamma = case
         .gamma
@@ -362,14 +367,14 @@ enum Form {
     Functional,
 }
 
-fn run(case: &Case, dtype: DType, form: Form) -> Outputs {
+fn run(case: &Case, dtype: DType, form: Form, backend: &Device) -> Outputs {
     macro_rules! by_rank {
         ($f:ident $(, $arg:expr)?) => {
             match case.shape.len() {
-                2 => $f::<2>(case, dtype $(, $arg)?),
-                3 => $f::<3>(case, dtype $(, $arg)?),
-                4 => $f::<4>(case, dtype $(, $arg)?),
-                5 => $f::<5>(case, dtype $(, $arg)?),
+                2 => $f::<2>(case, dtype $(, $arg)?, backend),
+                3 => $f::<3>(case, dtype $(, $arg)?, backend),
+                4 => $f::<4>(case, dtype $(, $arg)?, backend),
+                5 => $f::<5>(case, dtype $(, $arg)?, backend),
                 r => panic!("rank {r}"),
             }
         };
@@ -380,10 +385,11 @@ fn run(case: &Case, dtype: DType, form: Form) -> Outputs {
     }
 }
 
-fn check_all(dtype: DType, form: Form) {
+/// Runs every case on `backend` (Flex unless a backend test says otherwise).
+fn check_all_on(backend: &Device, dtype: DType, form: Form) {
     let mut checked = HashMap::new();
     for case in cases() {
-        let got = run(&case, dtype, form);
+        let got = run(&case, dtype, form, backend);
         check(&case, &got, dtype);
         checked.insert(case.name.clone(), case.shape.len());
     }
@@ -394,6 +400,10 @@ fn check_all(dtype: DType, form: Form) {
             "no case of rank {rank}"
         );
     }
+}
+
+fn check_all(dtype: DType, form: Form) {
+    check_all_on(&Device::flex(), dtype, form)
 }
 
 #[test]
@@ -472,4 +482,39 @@ fn convention_weights() {
     assert_eq!(d2l.convention, Convention::D2l);
     let cumulative = RunningUpdate::pytorch(None);
     assert_eq!(cumulative.new_batch_weight(4), 0.25);
+}
+
+/// The same cases on Burn's other backends, in float32 (what they train in): see
+/// `tests/backends.rs` for the rest of the cross-backend checks. `fused` has no kernel there and
+/// runs the composed layer, which these check.
+#[cfg(feature = "wgpu")]
+mod on_wgpu {
+    use super::*;
+
+    #[test]
+    fn module_matches_pytorch_in_float32_on_wgpu() {
+        let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        check_all_on(&device, DType::F32, Form::Module(Kernel::Composed));
+        check_all_on(&device, DType::F32, Form::Module(Kernel::Fused));
+    }
+
+    #[test]
+    fn functional_matches_pytorch_in_float32_on_wgpu() {
+        let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        check_all_on(&device, DType::F32, Form::Functional);
+    }
+}
+
+#[cfg(feature = "libtorch")]
+mod on_libtorch {
+    use super::*;
+
+    #[test]
+    fn module_matches_pytorch_on_libtorch() {
+        let device = Device::libtorch();
+        for dtype in [DType::F32, DType::F64] {
+            check_all_on(&device, dtype, Form::Module(Kernel::Composed));
+            check_all_on(&device, dtype, Form::Functional);
+        }
+    }
 }
