@@ -41,6 +41,9 @@ pub struct Record {
     pub peak_rss_mb: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_acc: Option<f64>,
+    /// W7: whether eval-mode BN was folded into the layer before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folded: Option<bool>,
     pub seconds: f64,
     /// What was run, in words (sizes shrink with --quick).
     pub detail: String,
@@ -58,6 +61,7 @@ impl Record {
             ms_per_fwd_bwd_median: None,
             peak_rss_mb: None,
             test_acc: None,
+            folded: None,
             seconds,
             detail,
         }
@@ -239,6 +243,7 @@ pub fn inference(data: &FashionMnist, kind: ModelKind, folded: bool, scale: Scal
         format!("{n} test images, batch {batch}, eval mode"),
     );
     r.examples_per_sec = Some(n as f64 / seconds);
+    r.folded = Some(folded);
     r
 }
 

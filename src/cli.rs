@@ -947,11 +947,12 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
                 (_, _, Some(mb)) => format!("{mb:>9.0} MB peak RSS"),
                 _ => String::new(),
             };
-            let norm = r
-                .norm
-                .as_deref()
-                .map(|n| format!(" --norm {n}"))
-                .unwrap_or_default();
+            let norm = match (&r.norm, r.folded) {
+                (Some(n), _) => format!(" --norm {n}"),
+                (None, Some(true)) => " folded".into(),
+                (None, Some(false)) => " unfolded".into(),
+                (None, None) => String::new(),
+            };
             println!(
                 "{:<34} {figure}   ({}, {} threads)",
                 format!("{}{norm}", r.workload),

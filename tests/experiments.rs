@@ -340,15 +340,42 @@ fn bench_reports_every_workload() {
             .iter()
             .filter(move |r| r["workload"].as_str().unwrap().starts_with(prefix))
     };
-    assert_eq!(named("W1").count(), 2, "W1 per norm: {stdout}");
+    let norms = |prefix| {
+        named(prefix)
+            .map(|r| r["norm"].as_str().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        norms("W1"),
+        ["fused", "scratch", "burn"],
+        "W1 per norm: {stdout}"
+    );
+    assert_eq!(
+        norms("W6"),
+        ["fused", "scratch", "burn"],
+        "W6 per norm: {stdout}"
+    );
     assert!(named("W1")
         .chain(named("W4"))
         .chain(named("W7"))
         .all(|r| r["examples_per_sec"].as_f64().unwrap() > 0.0));
     assert!(named("W6").all(|r| r["ms_per_fwd_bwd"].as_f64().unwrap() > 0.0));
+    let inference: Vec<(&str, bool)> = named("W7")
+        .map(|r| {
+            (
+                r["workload"].as_str().unwrap(),
+                r["folded"].as_bool().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(
-        named("W7").count(),
-        4,
+        inference,
+        [
+            ("W7 inference_lenet-bn", false),
+            ("W7 inference_lenet-bn", true),
+            ("W7 inference_resnet18", false),
+            ("W7 inference_resnet18", true),
+        ],
         "LeNet-BN and ResNet-18, folded and unfolded"
     );
     let rss = named("RSS").next().expect("peak RSS")["peak_rss_mb"]

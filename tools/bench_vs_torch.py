@@ -84,7 +84,8 @@ def main():
         rows.append((f"W6 BatchNorm2d(64) fwd+bwd, --norm {r['norm']}", f"{r['ms_per_fwd_bwd']:.1f} ms",
                      f"{t_w6:.1f} ms ({t_w6_threads}t)", r["ms_per_fwd_bwd"] / t_w6, "time ≤ 0.8"))
     for r in (r for r in ours if r["workload"].startswith("W7")):
-        rows.append((r["workload"], f"{r['examples_per_sec']:.0f} ex/s", "–", None, ""))
+        variant = "BN folded" if r.get("folded") else "BN unfolded"
+        rows.append((f"{r['workload']} ({variant})", f"{r['examples_per_sec']:.0f} ex/s", "–", None, ""))
     for r in (r for r in ours if r["workload"].startswith("RSS")):
         ratio = r["peak_rss_mb"] / torch_rss if torch_rss else None
         theirs = f"{torch_rss:.0f} MB" if torch_rss else "–"
