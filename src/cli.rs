@@ -131,6 +131,9 @@ enum Command {
         /// Run only these workloads (comma-separated: W1,W4,W6,W7,RSS).
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         only: Vec<String>,
+        /// Time W1 and W6 only with these norms (comma-separated) [default: fused,scratch,burn].
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        norm: Vec<NormKind>,
         #[command(flatten)]
         env: EnvArgs,
     },
@@ -455,8 +458,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             quick,
             only,
+            norm,
             env,
-        } => bench(json, quick, &only, &env),
+        } => bench(json, quick, &only, &norm, &env),
     }
 }
 
@@ -923,7 +927,13 @@ fn inspect(path: &Path, full: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Result<()> {
+fn bench(
+    json: bool,
+    quick: bool,
+    only: &[String],
+    norms: &[NormKind],
+    env: &EnvArgs,
+) -> anyhow::Result<()> {
     use bnlab::bench::{self, Scale, NORMS};
     const ALL: [&str; 5] = ["W1", "W4", "W6", "W7", "RSS"];
     let only: Vec<String> = only.iter().map(|w| w.trim().to_uppercase()).collect();
@@ -934,6 +944,13 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
         );
     }
     let wanted = |w: &str| only.is_empty() || only.iter().any(|o| o == w);
+    if let Some(bad) = norms.iter().find(|n| !NORMS.contains(n)) {
+        anyhow::bail!(
+            "--norm {}: bench times only BN layers (choose from fused, scratch, burn)",
+            bnlab::value_name(*bad)
+        );
+    }
+    let norms = if norms.is_empty() { &NORMS[..] } else { norms };
     set_up(env)?;
     let scale = if quick { Scale::quick() } else { Scale::full() };
     let data = FashionMnist::load(&env.data)?;
@@ -962,7 +979,7 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
         }
     };
     if wanted("W1") {
-        for norm in NORMS {
+        for &norm in norms {
             emit(bench::lenet_training(&data, norm, scale)?);
         }
     }
@@ -970,7 +987,7 @@ fn bench(json: bool, quick: bool, only: &[String], env: &EnvArgs) -> anyhow::Res
         emit(bench::resnet_training(&data, NormKind::Fused, scale)?);
     }
     if wanted("W6") {
-        for norm in NORMS {
+        for &norm in norms {
             emit(bench::bn_layer(norm, scale));
         }
     }
