@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench bn_kernels`; add `-- --quick` for a short run.
 
-use bnlab::norm::kernels::{self, Dims};
+use bnlab::norm::kernels::{self, Dims, Epilogue};
 use bnlab::norm::{fused, NormConfig, NormKind, NormLayer};
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -25,7 +25,7 @@ fn passes(c: &mut Criterion) {
     let beta = vec![0.0f32; dims.c];
     let stats = kernels::channel_stats(&x, dims, 1e-5);
     let sums = kernels::grad_sums(&x, &dy, dims, &stats);
-    let mut out = vec![0.0f32; dims.len()];
+    let plane = (SHAPE[2], SHAPE[3]);
 
     let mut group = c.benchmark_group("bn_passes");
     group.throughput(Throughput::Bytes((dims.len() * 4) as u64));
@@ -33,13 +33,13 @@ fn passes(c: &mut Criterion) {
         b.iter(|| kernels::channel_stats(&x, dims, 1e-5))
     });
     group.bench_function("normalize", |b| {
-        b.iter(|| kernels::normalize(&x, dims, &stats, &gamma, &beta, &mut out))
+        b.iter(|| kernels::forward(&x, dims, plane, &stats, &gamma, &beta, Epilogue::NONE))
     });
     group.bench_function("grad_sums", |b| {
         b.iter(|| kernels::grad_sums(&x, &dy, dims, &stats))
     });
     group.bench_function("input_grad", |b| {
-        b.iter(|| kernels::input_grad(&x, &dy, dims, &stats, &gamma, &sums, &mut out))
+        b.iter(|| kernels::input_grad(&x, &dy, dims, &stats, &gamma, &sums))
     });
     group.finish();
 }

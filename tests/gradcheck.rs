@@ -7,10 +7,14 @@
 //!
 //! Both training kernels are checked: the layer composed from tensor ops, and the fused Flex
 //! kernel with its hand-derived backward (there the upstream gradient `w` is fed in directly
-//! by `fused::backward_with`, which the W6 benchmark relies on).
+//! by `fused::backward_with`, which the W6 benchmark relies on). So is the fused kernel's
+//! epilogue (BN, then sigmoid or ReLU, then a 2×2 average or max pool, in one op), against
+//! finite differences of the same layers composed from Burn ops, and against the composed
+//! layers in float32 on LeNet's shapes.
 
 use bnlab::norm::functional::normalize_train;
-use bnlab::norm::{fused, BatchNormConfig, Kernel, RunningUpdate};
+use bnlab::norm::kernels::{Activation, Pool};
+use bnlab::norm::{apply_epilogue, fused, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
 use burn::module::{Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -32,13 +36,15 @@ fn random(n: usize, scale: f64, offset: f64, rng: &mut impl Rng) -> Vec<f64> {
         .collect()
 }
 
-/// L(x, gamma, beta) through the functional form, on a plain (non-autodiff) device.
+/// L(x, gamma, beta) through the functional form and the composed epilogue, on a plain
+/// (non-autodiff) device.
 fn loss<const D: usize>(
     x: &[f64],
     gamma: &[f64],
     beta: &[f64],
     w: &[f64],
     shape: [usize; D],
+    epilogue: Epilogue,
 ) -> f64 {
     let d = Device::flex();
     let c = shape[1];
@@ -49,7 +55,15 @@ fn loss<const D: usize>(
         1e-5,
     )
     .unwrap();
-    values((y * f64_tensor(w, shape, &d)).sum())[0]
+    let y = apply_epilogue(y, epilogue);
+    let w = f64_tensor(w, output_shape(shape, epilogue), &d);
+    values((y * w).sum())[0]
+}
+
+fn output_shape<const D: usize>(shape: [usize; D], epilogue: Epilogue) -> [usize; D] {
+    let mut out = [0; D];
+    out.copy_from_slice(&epilogue.output_shape(&shape).unwrap());
+    out
 }
 
 fn max_abs(v: &[f64]) -> f64 {
@@ -57,11 +71,16 @@ fn max_abs(v: &[f64]) -> f64 {
 }
 
 fn check<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel) {
+    check_with(shape, seed, kernel, Epilogue::NONE)
+}
+
+fn check_with<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel, epilogue: Epilogue) {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     let c = shape[1];
     let n: usize = shape.iter().product();
+    let out_shape = output_shape(shape, epilogue);
     let x = random(n, 2.0, 0.5, &mut rng);
-    let w = random(n, 1.0, 0.0, &mut rng);
+    let w = random(out_shape.iter().product(), 1.0, 0.0, &mut rng);
     let gamma = random(c, 0.5, 1.0, &mut rng);
     let beta = random(c, 0.5, 0.0, &mut rng);
 
@@ -74,8 +93,8 @@ fn check<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel) {
     bn.running_var = Some(RunningState::new(f64_tensor(&vec![1.0; c], [c], &device)));
     bn.num_batches_tracked = Some(RunningState::new(f64_tensor(&[0.0], [1], &device)));
     let xt = f64_tensor(&x, shape, &device).require_grad();
-    let y = bn.forward(xt.clone());
-    let upstream = f64_tensor(&w, shape, &device);
+    let y = bn.forward_then(xt.clone(), epilogue);
+    let upstream = f64_tensor(&w, out_shape, &device);
     let grads = match kernel {
         Kernel::Composed => (y * upstream).sum().backward(),
         Kernel::Fused => fused::backward_with(y, upstream).expect("Flex runs the fused kernel"),
@@ -88,9 +107,9 @@ fn check<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel) {
     let numeric = |which: usize, i: usize| {
         let mut args = [x.clone(), gamma.clone(), beta.clone()];
         args[which][i] += h;
-        let up = loss(&args[0], &args[1], &args[2], &w, shape);
+        let up = loss(&args[0], &args[1], &args[2], &w, shape, epilogue);
         args[which][i] -= 2.0 * h;
-        let down = loss(&args[0], &args[1], &args[2], &w, shape);
+        let down = loss(&args[0], &args[1], &args[2], &w, shape, epilogue);
         (up - down) / (2.0 * h)
     };
     for (which, name, analytic) in [(0, "dx", &dx), (1, "dgamma", &dgamma), (2, "dbeta", &dbeta)] {
@@ -100,7 +119,7 @@ fn check<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel) {
             let fd = numeric(which, i);
             assert!(
                 (a - fd).abs() <= tol,
-                "{shape:?} {name}[{i}]: backward {a}, finite difference {fd}"
+                "{shape:?} {epilogue:?} {name}[{i}]: backward {a}, finite difference {fd}"
             );
         }
     }
@@ -122,6 +141,100 @@ fn gradients_match_finite_differences_4d() {
 fn gradients_match_finite_differences_5d() {
     check([2, 2, 2, 2, 3], 3, Kernel::Composed);
     check([2, 2, 2, 2, 3], 3, Kernel::Fused);
+}
+
+fn epilogue(activation: Activation, pool: Pool) -> Epilogue {
+    Epilogue { activation, pool }
+}
+
+#[test]
+fn epilogue_gradients_match_finite_differences() {
+    use Activation::{Identity, Relu, Sigmoid};
+    // 5 × 4 planes: the 2×2 pools drop the fifth row, as PyTorch's floor mode does.
+    for (i, ep) in [
+        epilogue(Sigmoid, Pool::Avg(2)),
+        epilogue(Sigmoid, Pool::Max(2)),
+        epilogue(Relu, Pool::Max(2)),
+        epilogue(Identity, Pool::Avg(2)),
+        epilogue(Identity, Pool::Max(2)),
+        epilogue(Sigmoid, Pool::None),
+        epilogue(Relu, Pool::None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for kernel in [Kernel::Composed, Kernel::Fused] {
+            check_with([3, 2, 5, 4], 10 + i as u64, kernel, ep);
+        }
+    }
+    for ep in [epilogue(Sigmoid, Pool::None), epilogue(Relu, Pool::None)] {
+        check_with([6, 3], 20, Kernel::Fused, ep);
+    }
+}
+
+/// The fused epilogue against the composed layers in float32, on LeNet's first block:
+/// (16, 6, 24, 24), BN then sigmoid then a 2×2 pool, and the MXNet LeNet's ReLU and max pool.
+/// Tolerance 1e-5 of each tensor's largest value: float32 with different summation orders.
+#[test]
+fn fused_epilogue_matches_the_composed_layers_in_float32() {
+    let shape = [16, 6, 24, 24];
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(5);
+    let n: usize = shape.iter().product();
+    let x32: Vec<f32> = random(n, 3.0, 0.2, &mut rng)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let g32: Vec<f32> = random(n / 4, 1.0, 0.0, &mut rng)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let device = Device::flex().autodiff();
+    for ep in [
+        epilogue(Activation::Sigmoid, Pool::Avg(2)),
+        epilogue(Activation::Sigmoid, Pool::Max(2)),
+        epilogue(Activation::Relu, Pool::Max(2)),
+    ] {
+        let run = |kernel| {
+            let bn = BatchNormConfig::new(6).with_kernel(kernel).init(&device);
+            let x =
+                Tensor::<4>::from_data(TensorData::new(x32.clone(), shape), &device).require_grad();
+            let g = Tensor::<4>::from_data(TensorData::new(g32.clone(), [16, 6, 12, 12]), &device);
+            let y = bn.forward_then(x.clone(), ep);
+            let grads = (y.clone() * g).sum().backward();
+            let read = |t: Tensor<1>| t.into_data().iter::<f32>().map(f64::from).collect();
+            let (mean, var) = bn.running_stats().unwrap();
+            let out: [Vec<f64>; 6] = [
+                y.into_data().iter::<f32>().map(f64::from).collect(),
+                x.grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .iter::<f32>()
+                    .map(f64::from)
+                    .collect(),
+                read(bn.gamma.as_ref().unwrap().val().grad(&grads).unwrap()),
+                read(bn.beta.as_ref().unwrap().val().grad(&grads).unwrap()),
+                read(mean),
+                read(var),
+            ];
+            out
+        };
+        let (fused, composed) = (run(Kernel::Fused), run(Kernel::Composed));
+        for (name, (a, b)) in ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"]
+            .iter()
+            .zip(fused.iter().zip(&composed))
+        {
+            let scale = max_abs(b).max(1e-3);
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-5 * scale,
+                "{ep:?} {name}: off by {worst:e}, scale {scale:e}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -13,12 +13,12 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgPool2dConfig};
 use burn::nn::Linear;
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
-use crate::norm::{apply_norm, NormLayer};
+use crate::norm::{norm_then, NormLayer};
 
 const GROWTH: usize = 32;
 const LAYERS_PER_BLOCK: usize = 4;
@@ -33,7 +33,7 @@ pub struct ConvBlock {
 
 impl ConvBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(relu(apply_norm(&self.bn, x)))
+        self.conv.forward(norm_then(&self.bn, x, BN_RELU))
     }
 }
 
@@ -47,7 +47,7 @@ pub struct Transition {
 impl Transition {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.pool
-            .forward(self.conv.forward(relu(apply_norm(&self.bn, x))))
+            .forward(self.conv.forward(norm_then(&self.bn, x, BN_RELU)))
     }
 }
 
@@ -115,7 +115,7 @@ impl DenseNet {
         }
         let x = self
             .pool
-            .forward(relu(apply_norm(&self.bn, x)))
+            .forward(norm_then(&self.bn, x, BN_RELU))
             .flatten::<2>(1, 3);
         trace.record("bn-relu-global-avg-pool", &x.dims());
         let x = self.fc.forward(x);

@@ -12,9 +12,11 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::layers::BN_RELU;
 use super::layers::{Initializer, Trace};
 use super::ModelSpec;
-use crate::norm::{apply_norm, NormLayer};
+use crate::norm::kernels::Pool;
+use crate::norm::{norm_then, Epilogue, NormLayer};
 
 #[derive(Module, Debug)]
 pub struct GluonLeNet {
@@ -42,13 +44,14 @@ impl GluonLeNet {
     }
 
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
-        let x = self
-            .pool
-            .forward(relu(apply_norm(&self.bn1, self.conv1.forward(x))));
+        // BN → ReLU → 2×2 max pool: one kernel per block under `--norm fused`.
+        let relu_pool = Epilogue {
+            pool: Pool::Max(self.pool.kernel_size[0]),
+            ..BN_RELU
+        };
+        let x = norm_then(&self.bn1, self.conv1.forward(x), relu_pool);
         trace.record("conv1-bn-relu-pool", &x.dims());
-        let x = self
-            .pool
-            .forward(relu(apply_norm(&self.bn2, self.conv2.forward(x))));
+        let x = norm_then(&self.bn2, self.conv2.forward(x), relu_pool);
         trace.record("conv2-bn-relu-pool", &x.dims());
         let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
         trace.record("dense1-relu", &x.dims());

@@ -4,11 +4,13 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu, Sigmoid};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
+
+use crate::norm::kernels::{self, Pool};
+use crate::norm::{norm_then, Epilogue};
 
 /// `--pool`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -47,6 +49,15 @@ impl Pool2d {
             Self::Max(p) => p.forward(x),
         }
     }
+
+    /// The same pool as the fused BN kernel computes it ([`Self::new`] makes `k × k` windows of
+    /// stride `k`, which it can).
+    pub fn epilogue(&self) -> Pool {
+        match self {
+            Self::Avg(p) => Pool::Avg(p.kernel_size[0]),
+            Self::Max(p) => Pool::Max(p.kernel_size[0]),
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -69,7 +80,21 @@ impl Activation {
             Self::Relu(a) => a.forward(x),
         }
     }
+
+    /// The same activation as the fused BN kernel computes it.
+    pub fn epilogue(&self) -> kernels::Activation {
+        match self {
+            Self::Sigmoid(_) => kernels::Activation::Sigmoid,
+            Self::Relu(_) => kernels::Activation::Relu,
+        }
+    }
 }
+
+/// BN (if any) followed by ReLU: one kernel under `--norm fused`.
+pub const BN_RELU: Epilogue = Epilogue {
+    activation: kernels::Activation::Relu,
+    pool: Pool::None,
+};
 
 /// How conv and linear weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -216,9 +241,8 @@ impl Stem {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.pool.forward(relu(crate::norm::apply_norm(
-            &self.bn,
-            self.conv.forward(x),
-        )))
+        // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
+        self.pool
+            .forward(norm_then(&self.bn, self.conv.forward(x), BN_RELU))
     }
 }

@@ -14,7 +14,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, Trace, WeightInit};
-use crate::norm::{apply_norm, NormConfig, NormLayer};
+use crate::norm::kernels::Pool;
+use crate::norm::{norm_then, Epilogue, NormConfig, NormLayer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LeNetConfig {
@@ -74,20 +75,24 @@ impl LeNetConfig {
 impl LeNet {
     /// `(N, 1, 28, 28)` images to `(N, 10)` logits.
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
-        let act = &self.activation;
-        let x = self
-            .pool
-            .forward(act.forward(apply_norm(&self.bn1, self.conv1.forward(x))));
+        // BN → activation (→ pool): one kernel per block under `--norm fused`.
+        let act = Epilogue {
+            activation: self.activation.epilogue(),
+            pool: Pool::None,
+        };
+        let act_pool = Epilogue {
+            pool: self.pool.epilogue(),
+            ..act
+        };
+        let x = norm_then(&self.bn1, self.conv1.forward(x), act_pool);
         trace.record("conv1-bn-act-pool", &x.dims());
-        let x = self
-            .pool
-            .forward(act.forward(apply_norm(&self.bn2, self.conv2.forward(x))));
+        let x = norm_then(&self.bn2, self.conv2.forward(x), act_pool);
         trace.record("conv2-bn-act-pool", &x.dims());
         let x: Tensor<2> = x.flatten(1, 3);
         trace.record("flatten", &x.dims());
-        let x = act.forward(apply_norm(&self.bn3, self.fc1.forward(x)));
+        let x = norm_then(&self.bn3, self.fc1.forward(x), act);
         trace.record("fc1-bn-act", &x.dims());
-        let x = act.forward(apply_norm(&self.bn4, self.fc2.forward(x)));
+        let x = norm_then(&self.bn4, self.fc2.forward(x), act);
         trace.record("fc2-bn-act", &x.dims());
         let x = self.fc3.forward(x);
         trace.record("fc3", &x.dims());

@@ -15,9 +15,10 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
-use crate::norm::{apply_norm, NormLayer};
+use crate::norm::{norm_then, Epilogue, NormLayer};
 
 #[derive(Module, Debug)]
 pub struct Residual {
@@ -49,8 +50,8 @@ impl Residual {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = relu(apply_norm(&self.bn1, self.conv1.forward(x.clone())));
-        let y = apply_norm(&self.bn2, self.conv2.forward(y));
+        let y = norm_then(&self.bn1, self.conv1.forward(x.clone()), BN_RELU);
+        let y = norm_then(&self.bn2, self.conv2.forward(y), Epilogue::NONE);
         let shortcut = match &self.conv3 {
             Some(conv) => conv.forward(x),
             None => x,

@@ -10,6 +10,13 @@
 //! - `dβ = Σ dy`, `dγ = Σ dy·x̂`;
 //! - `dx = γ/σ · (dy - dβ/M - x̂ · dγ/M)`.
 //!
+//! The op can also apply what follows BN in a network (an [`Epilogue`]: sigmoid or ReLU, then
+//! a `k × k` average or max pool) while it writes its output, and take the gradient back
+//! through it before the sums above: `dy` is then the pool's backward of the upstream
+//! gradient times the activation's derivative, computed from the saved activations. LeNet's
+//! `conv → BN → sigmoid → pool` blocks thus cost one op instead of three, each a pass over
+//! memory forward and backward.
+//!
 //! Other backends, and dtypes other than float32 and float64, take the composed path: see
 //! [`try_normalize_train`].
 
@@ -25,17 +32,18 @@ use burn::backend::{
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::functional::{channels_of, BatchStats, BnError};
-use super::kernels::{self, ChannelStats, Dims, Real};
+use super::kernels::{self, ChannelStats, Dims, Epilogue, Real};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedBatchNormBackend: Backend {
-    /// Training-mode batch norm over axis 1: the output, the batch mean and the biased batch
-    /// variance (the last two carry no gradient).
+    /// Training-mode batch norm over axis 1, then `epilogue`: the output, the batch mean and
+    /// the biased batch variance (the last two carry no gradient).
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        epilogue: Epilogue,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -49,15 +57,23 @@ pub fn supports(device: &Device) -> bool {
     }
 }
 
-/// Training-mode normalisation by the fused kernel, or `None` where it does not apply (another
-/// backend, or a dtype other than float32/float64): the caller then takes the composed path.
+/// Whether [`try_normalize_train`] runs the fused kernel for `x` and `epilogue`.
+pub fn applies<const D: usize>(x: &Tensor<D>, epilogue: Epilogue) -> bool {
+    supports(&x.device())
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && epilogue.output_shape(&x.dims()).is_ok()
+}
+
+/// Training-mode normalisation followed by `epilogue`, by the fused kernel, or `None` where it
+/// does not apply (see [`applies`]): the caller then takes the composed path.
 pub fn try_normalize_train<const D: usize>(
     x: Tensor<D>,
     gamma: Option<Tensor<1>>,
     beta: Option<Tensor<1>>,
     eps: f64,
+    epilogue: Epilogue,
 ) -> Option<Result<(Tensor<D>, BatchStats), BnError>> {
-    if !supports(&x.device()) || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !applies(&x, epilogue) {
         return None;
     }
     let dims = x.dims();
@@ -82,6 +98,7 @@ pub fn try_normalize_train<const D: usize>(
         gamma.into_dispatch(),
         beta.into_dispatch(),
         eps,
+        epilogue,
     );
     let stats = BatchStats {
         mean: Tensor::from_dispatch(mean),
@@ -91,13 +108,17 @@ pub fn try_normalize_train<const D: usize>(
     Some(Ok((Tensor::from_dispatch(y), stats)))
 }
 
-/// What the backward needs: the input, gamma, and each channel's statistics.
+/// What the backward needs: the input, gamma, each channel's statistics, and the epilogue
+/// with the activations it saw.
 #[derive(Debug, Clone)]
 pub struct Saved {
     x: FlexTensor,
     gamma: FlexTensor,
     /// Per channel: pivot, shifted mean, inverse std (as float64, whatever the dtype).
     stats: Vec<[f64; 3]>,
+    epilogue: Epilogue,
+    /// The activations before the pool (full size); `None` for [`Epilogue::NONE`].
+    activations: Option<FlexTensor>,
 }
 
 /// The element types the kernels run on, as Flex stores them.
@@ -134,25 +155,53 @@ fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<ChannelStats<E>> {
         .collect()
 }
 
+/// `(H, W)` of a 4-d shape, what pooling works on; `(S, 1)` otherwise, where nothing pools.
+fn plane_of(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [_, _, h, w] => (*h, *w),
+        _ => (shape[2..].iter().product(), 1),
+    }
+}
+
 /// Forward on plain Flex tensors: `(y, mean, var, saved)`.
 fn forward(
     x: FlexTensor,
     gamma: FlexTensor,
     beta: FlexTensor,
     eps: f64,
+    epilogue: Epilogue,
 ) -> (FlexTensor, FlexTensor, FlexTensor, Saved) {
     fn typed<E: Element>(
         x: &FlexTensor,
         gamma: &FlexTensor,
         beta: &FlexTensor,
         eps: f64,
-    ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>) {
+        epilogue: Epilogue,
+    ) -> (
+        FlexTensor,
+        Option<FlexTensor>,
+        FlexTensor,
+        FlexTensor,
+        Vec<[f64; 3]>,
+    ) {
         let shape = x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
         let xs = slice::<E>(x);
         let stats = kernels::channel_stats(xs, dims, eps);
-        let mut y = vec![E::from_f64(0.0); dims.len()];
-        kernels::normalize(xs, dims, &stats, slice(gamma), slice(beta), &mut y);
+        let (activations, pooled) = kernels::forward(
+            xs,
+            dims,
+            plane_of(&shape),
+            &stats,
+            slice(gamma),
+            slice(beta),
+            epilogue,
+        );
+        let activations = tensor(activations, shape.clone());
+        let pooled = pooled.map(|p| {
+            let out_shape = epilogue.output_shape(&shape).expect("checked by applies()");
+            tensor(p, out_shape)
+        });
         let mean = stats.iter().map(|s| E::from_f64(s.mean)).collect();
         let var = stats.iter().map(|s| E::from_f64(s.var)).collect();
         let saved = stats
@@ -166,18 +215,27 @@ fn forward(
             })
             .collect();
         (
-            tensor(y, shape),
+            activations,
+            pooled,
             tensor(mean, vec![dims.c]),
             tensor(var, vec![dims.c]),
             saved,
         )
     }
     let (x, gamma, beta) = (contiguous(&x), contiguous(&gamma), contiguous(&beta));
-    let (y, mean, var, stats) = match x.dtype() {
-        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps),
-        _ => typed::<f32>(&x, &gamma, &beta, eps),
+    let (activations, pooled, mean, var, stats) = match x.dtype() {
+        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps, epilogue),
+        _ => typed::<f32>(&x, &gamma, &beta, eps, epilogue),
     };
-    (y, mean, var, Saved { x, gamma, stats })
+    let y = pooled.unwrap_or_else(|| activations.clone());
+    let saved = Saved {
+        x,
+        gamma,
+        stats,
+        epilogue,
+        activations: (!epilogue.is_none()).then_some(activations),
+    };
+    (y, mean, var, saved)
 }
 
 /// Backward on plain Flex tensors: `(dx, dgamma, dbeta)`, `dx` only if `need_dx`.
@@ -194,17 +252,39 @@ fn backward(
         let shape = saved.x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
         let stats = stats_from::<E>(&saved.stats);
-        let (xs, dys) = (slice::<E>(&saved.x), slice::<E>(dy));
-        let sums = kernels::grad_sums(xs, dys, dims, &stats);
-        let dx = need_dx.then(|| {
-            let mut dx = vec![E::from_f64(0.0); dims.len()];
-            kernels::input_grad(xs, dys, dims, &stats, slice(&saved.gamma), &sums, &mut dx);
-            tensor(dx, shape.clone())
-        });
+        let (xs, dys, gamma) = (slice::<E>(&saved.x), slice::<E>(dy), slice(&saved.gamma));
+        let (sums, dx) = match &saved.activations {
+            None => {
+                let sums = kernels::grad_sums(xs, dys, dims, &stats);
+                let dx = need_dx.then(|| kernels::input_grad(xs, dys, dims, &stats, gamma, &sums));
+                (sums, dx)
+            }
+            Some(activations) => {
+                // The gradient at BN's output goes into the buffer that becomes dx.
+                let mut dz = kernels::uninit::<E>(dims.len());
+                let sums = kernels::epilogue_grad_sums(
+                    xs,
+                    slice(activations),
+                    dys,
+                    dims,
+                    plane_of(&shape),
+                    &stats,
+                    saved.epilogue,
+                    &mut dz,
+                );
+                // SAFETY: epilogue_grad_sums writes every element of dz.
+                let mut dz = unsafe { kernels::assume_init(dz) };
+                let dx = need_dx.then(|| {
+                    kernels::input_grad_in_place(xs, &mut dz, dims, &stats, gamma, &sums);
+                    dz
+                });
+                (sums, dx)
+            }
+        };
         let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
         let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();
         (
-            dx,
+            dx.map(|dx| tensor(dx, shape)),
             tensor(dgamma, vec![dims.c]),
             tensor(dbeta, vec![dims.c]),
         )
@@ -222,8 +302,9 @@ impl FusedBatchNormBackend for Flex {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        epilogue: Epilogue,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, mean, var, _) = forward(x, gamma, beta, eps);
+        let (y, mean, var, _) = forward(x, gamma, beta, eps, epilogue);
         (y, mean, var)
     }
 }
@@ -256,6 +337,7 @@ impl<C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<Flex, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        epilogue: Epilogue,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let prepared = FusedBatchNormBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
@@ -266,6 +348,7 @@ impl<C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<Flex, C> {
             gamma.primitive().clone(),
             beta.primitive().clone(),
             eps,
+            epilogue,
         );
         let y = match prepared {
             OpsKind::Tracked(prep) => prep.finish(saved, y),

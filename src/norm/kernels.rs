@@ -1,52 +1,166 @@
 //! The fused batch-norm kernels: plain loops over `(N, C, S)` slices, with no Burn types.
 //!
 //! `S` is the product of the spatial axes (1 for `(N, C)` input), so channel `c` of sample `n`
-//! is the contiguous run `x[(n * C + c) * S ..][.. S]`.
+//! is the contiguous plane `x[(n * C + c) * S ..][.. S]`.
+//!
+//! Besides batch norm itself, the kernels can apply what follows it in a network (an
+//! [`Epilogue`]: sigmoid or ReLU, then a `k × k` average or max pool) in the same pass, and
+//! take the gradient back through it, so that those layers cost no pass over memory of their
+//! own.
 //!
 //! Accuracy: each channel is shifted by its first value (the pivot) before anything is summed,
 //! and the sums are kept in float64. For data far from zero (the `conv2d_large_mean` case,
 //! 1000 ± 0.01) the shifted values are small and exact, so the one-pass `E[d²] - E[d]²` loses
-//! nothing to cancellation.
+//! nothing to cancellation. Sums run over planes in a fixed order, so results do not depend on
+//! the number of threads.
 //!
 //! Speed: one read of `x` for the statistics and one read plus one write for the output; the
-//! backward reads `x` and `dy` twice and writes `dx` once. Work is split over channels (for
-//! the sums) and over `(n, c)` runs (for the element-wise passes), on rayon's pool.
+//! backward reads `x` and `dy` twice and writes `dx` once. Outputs are written into
+//! uninitialised memory (zeroing a buffer first is a pass of its own). Work is split over
+//! channels or planes on rayon's pool, and every loop is compiled for AVX2 too, chosen at run
+//! time ([`simd_fn!`]).
+
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 /// The float types the kernels run on.
-pub trait Real: Copy + Send + Sync + PartialEq + 'static {
+pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
+    const ZERO: Self;
+    const ONE: Self;
     fn to_f64(self) -> f64;
     fn from_f64(value: f64) -> Self;
+    fn add(self, other: Self) -> Self;
     fn sub(self, other: Self) -> Self;
+    fn mul(self, other: Self) -> Self;
+    /// `self * a + b`, rounded twice (no FMA: results stay the same on CPUs without it).
     fn mul_add(self, a: Self, b: Self) -> Self;
+    fn sigmoid(self) -> Self;
 }
 
-macro_rules! impl_real {
-    ($t:ty) => {
-        impl Real for $t {
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        self - other
+    }
+    #[inline(always)]
+    fn mul(self, other: Self) -> Self {
+        self * other
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        self * a + b
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + exp_f32(-self))
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(value: f64) -> Self {
+        value
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        self - other
+    }
+    #[inline(always)]
+    fn mul(self, other: Self) -> Self {
+        self * other
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        self * a + b
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
+    }
+}
+
+/// `e^x` in float32, written so that it vectorises (libm's `expf` is a call per value).
+///
+/// Cephes' `expf`: `e^x = 2^n · e^r` with `n = round(x · log2 e)` and `|r| ≤ ln 2 / 2`, and
+/// `e^r = 1 + r + r² p(r)` with a degree-5 `p`; within 2 ulp of the exact value on `[-87, 88]`,
+/// where the input is clamped (`e^-87` is already below float32's smallest normal number).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer in the low mantissa bits, without SSE4.1's `roundps`.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // 2^n, built in the exponent bits; n lies within [-126, 127] after the clamp.
+    let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e_r * f32::from_bits(((n_bits + 127) << 23) as u32)
+}
+
+/// Defines a kernel function that runs compiled for AVX2 when the CPU has it, and for
+/// baseline x86-64 (SSE2, what Rust targets unless told otherwise) when not: the loops then
+/// run in 256-bit lanes on any x86-64 machine that has them.
+///
+/// The body becomes an `#[inline(always)]` function called from an AVX2 twin and from the
+/// baseline path, so that it is compiled inside each. (A closure handed to an AVX2 wrapper
+/// is not reliably inlined, and then runs without AVX2.) Closures in the body should stay
+/// small, so that they are inlined where they are called.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident<E: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name<E: Real>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn to_f64(self) -> f64 {
-                self as f64
+            fn generic<E: Real>($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<E: Real>($($arg: $ty),*) $(-> $ret)? {
+                generic($($arg),*)
             }
-            #[inline(always)]
-            fn from_f64(value: f64) -> Self {
-                value as $t
+
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, the one feature `avx2` is compiled for.
+                return unsafe { avx2($($arg),*) };
             }
-            #[inline(always)]
-            fn sub(self, other: Self) -> Self {
-                self - other
-            }
-            /// `self * a + b`, rounded twice (no FMA: it would not vectorise without AVX2).
-            #[inline(always)]
-            fn mul_add(self, a: Self, b: Self) -> Self {
-                self * a + b
-            }
+            generic($($arg),*)
         }
     };
 }
-impl_real!(f32);
-impl_real!(f64);
 
 /// The `(N, C, S)` view of an `(N, C, ...)` tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +187,106 @@ impl Dims {
     pub fn len(&self) -> usize {
         self.n * self.c * self.s
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The activation an [`Epilogue`] applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    Sigmoid,
+    Relu,
+}
+
+impl Activation {
+    #[inline(always)]
+    fn apply<E: Real>(self, z: E) -> E {
+        match self {
+            Self::Identity => z,
+            Self::Sigmoid => z.sigmoid(),
+            // `z < 0`, not `z > 0`: NaN passes through, as in PyTorch.
+            Self::Relu => {
+                if z < E::ZERO {
+                    E::ZERO
+                } else {
+                    z
+                }
+            }
+        }
+    }
+
+    /// The derivative, from the activation's output `a`.
+    #[inline(always)]
+    fn derivative_from_output<E: Real>(self, a: E) -> E {
+        match self {
+            Self::Identity => E::ONE,
+            Self::Sigmoid => a.mul(E::ONE.sub(a)),
+            Self::Relu => {
+                if a > E::ZERO {
+                    E::ONE
+                } else {
+                    E::ZERO
+                }
+            }
+        }
+    }
+}
+
+/// The pooling an [`Epilogue`] applies: `k × k` windows with stride `k` and no padding over the
+/// last two axes; rows or columns left over when `k` does not divide the size are dropped, as
+/// PyTorch's default `floor` mode does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pool {
+    #[default]
+    None,
+    Avg(usize),
+    Max(usize),
+}
+
+impl Pool {
+    pub fn window(self) -> Option<usize> {
+        match self {
+            Self::None => None,
+            Self::Avg(k) | Self::Max(k) => Some(k),
+        }
+    }
+}
+
+/// What the layers right after a BN layer do, computed by the fused kernel in the same pass:
+/// `pool(activation(bn(x)))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Epilogue {
+    pub activation: Activation,
+    pub pool: Pool,
+}
+
+impl Epilogue {
+    /// Batch norm alone.
+    pub const NONE: Self = Self {
+        activation: Activation::Identity,
+        pool: Pool::None,
+    };
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
+
+    /// The output shape for an input of shape `shape`, or why the epilogue cannot apply.
+    pub fn output_shape(&self, shape: &[usize]) -> Result<Vec<usize>, String> {
+        let Some(k) = self.pool.window() else {
+            return Ok(shape.to_vec());
+        };
+        match shape {
+            &[n, c, h, w] if k > 0 && h >= k && w >= k => Ok(vec![n, c, h / k, w / k]),
+            _ => Err(format!(
+                "a {k}x{k} pool needs (N, C, H, W) input of at least {k}x{k}, got {shape:?}"
+            )),
+        }
+    }
 }
 
 /// One channel's batch statistics, kept in the element type for the element-wise passes.
@@ -89,26 +303,90 @@ pub struct ChannelStats<E> {
     pub var: f64,
 }
 
+impl<E: Real> ChannelStats<E> {
+    /// `x - mean`, computed as `(x - pivot) - shifted_mean` so that it stays exact far from 0.
+    #[inline(always)]
+    fn centered(&self, x: E) -> E {
+        x.sub(self.pivot).sub(self.shifted_mean)
+    }
+}
+
+/// A buffer of `len` values that the kernels write before anything reads them.
+pub fn uninit<E>(len: usize) -> Vec<MaybeUninit<E>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation; the capacity is `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// # Safety
+/// Every element of `v` has been written.
+pub unsafe fn assume_init<E>(v: Vec<MaybeUninit<E>>) -> Vec<E> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same layout; the caller vouches that every element is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut E, v.len(), v.capacity()) }
+}
+
+/// Writes `values` to every element of `out` and returns it as initialised.
+///
+/// # Panics
+/// If `values` runs out first.
+#[inline(always)]
+fn fill<E: Copy>(out: &mut [MaybeUninit<E>], values: impl Iterator<Item = E>) -> &mut [E] {
+    let mut written = 0;
+    for (o, v) in out.iter_mut().zip(values) {
+        o.write(v);
+        written += 1;
+    }
+    assert_eq!(
+        written,
+        out.len(),
+        "a kernel left part of its output unwritten"
+    );
+    // SAFETY: every element was just written.
+    unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) }
+}
+
 /// Lanes of independent partial sums: they let the compiler vectorise the float64 sums, which
 /// it may not reorder on its own.
 const LANES: usize = 8;
 
-/// `Σ (x - pivot)` and `Σ (x - pivot)²` over one contiguous run, in float64.
-#[inline]
-fn shifted_sums<E: Real>(run: &[E], pivot: E, sum: &mut [f64; LANES], sq: &mut [f64; LANES]) {
-    let chunks = run.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
+/// `(Σ f(a_i, b_i), Σ g(a_i, b_i))` over two equally long runs, in float64 lanes kept in
+/// registers.
+#[inline(always)]
+fn lane_sums<E: Real>(
+    a: &[E],
+    b: &[E],
+    f: impl Fn(E, E) -> f64,
+    g: impl Fn(E, E) -> f64,
+) -> (f64, f64) {
+    let (mut sf, mut sg) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (av, bv) in ac.zip(bc) {
         for lane in 0..LANES {
-            let d = chunk[lane].sub(pivot).to_f64();
-            sum[lane] += d;
-            sq[lane] += d * d;
+            sf[lane] += f(av[lane], bv[lane]);
+            sg[lane] += g(av[lane], bv[lane]);
         }
     }
-    for (lane, &v) in tail.iter().enumerate() {
-        let d = v.sub(pivot).to_f64();
-        sum[lane] += d;
-        sq[lane] += d * d;
+    for (lane, (&av, &bv)) in at.iter().zip(bt).enumerate() {
+        sf[lane] += f(av, bv);
+        sg[lane] += g(av, bv);
+    }
+    (sf.iter().sum(), sg.iter().sum())
+}
+
+simd_fn! {
+    /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`.
+    fn shifted_sums<E: Real>(x: &[E], dims: Dims, c: usize, pivot: E) -> (f64, f64) {
+        let mut sums = (0.0, 0.0);
+        for n in 0..dims.n {
+            let run = &x[(n * dims.c + c) * dims.s..][..dims.s];
+            let d = |v: E| v.sub(pivot).to_f64();
+            let (s, q) = lane_sums(run, run, |v, _| d(v), |v, _| d(v) * d(v));
+            sums = (sums.0 + s, sums.1 + q);
+        }
+        sums
     }
 }
 
@@ -120,13 +398,9 @@ pub fn channel_stats<E: Real>(x: &[E], dims: Dims, eps: f64) -> Vec<ChannelStats
         .into_par_iter()
         .map(|c| {
             let pivot = x[c * dims.s];
-            let (mut sum, mut sq) = ([0.0; LANES], [0.0; LANES]);
-            for n in 0..dims.n {
-                let start = (n * dims.c + c) * dims.s;
-                shifted_sums(&x[start..start + dims.s], pivot, &mut sum, &mut sq);
-            }
-            let shifted_mean = sum.iter().sum::<f64>() / m;
-            let var = (sq.iter().sum::<f64>() / m - shifted_mean * shifted_mean).max(0.0);
+            let (sum, sq) = shifted_sums(x, dims, c, pivot);
+            let shifted_mean = sum / m;
+            let var = (sq / m - shifted_mean * shifted_mean).max(0.0);
             ChannelStats {
                 pivot,
                 shifted_mean: E::from_f64(shifted_mean),
@@ -138,40 +412,192 @@ pub fn channel_stats<E: Real>(x: &[E], dims: Dims, eps: f64) -> Vec<ChannelStats
         .collect()
 }
 
-/// Runs `f(channel, out_run, in_runs)` over every `(n, c)` run, in parallel. Small runs are
-/// grouped so that each task has enough work.
-fn for_each_run<E: Real, F>(out: &mut [E], dims: Dims, f: F)
-where
-    F: Fn(usize, usize, &mut [E]) + Sync,
-{
-    // `f(c, offset, run)`: `offset` is where `run` starts in the flat tensor.
-    let min_runs = (4096 / dims.s.max(1)).max(1);
-    out.par_chunks_mut(dims.s)
-        .with_min_len(min_runs)
-        .enumerate()
-        .for_each(|(i, run)| f(i % dims.c, i * dims.s, run));
+/// Planes per rayon task, so that each task has a few thousand values to work on.
+fn planes_per_task(dims: Dims) -> usize {
+    (4096 / dims.s.max(1)).max(1)
 }
 
-/// Training-mode output `y = ((x - pivot) - shifted_mean) * gamma * inv_std + beta`.
-pub fn normalize<E: Real>(
+/// The training-mode forward: `pool(activation(gamma · x̂ + beta))`.
+///
+/// Returns the activations (full size; the backward needs them unless the epilogue is
+/// [`Epilogue::NONE`], where they are the output) and, with a pool, the pooled output.
+/// `plane` is `(H, W)` for 4-d input; a pool needs it.
+pub fn forward<E: Real>(
     x: &[E],
     dims: Dims,
+    plane: (usize, usize),
     stats: &[ChannelStats<E>],
     gamma: &[E],
     beta: &[E],
-    y: &mut [E],
-) {
-    for_each_run(y, dims, |c, offset, out| {
-        let st = stats[c];
-        let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
-        let input = &x[offset..offset + out.len()];
-        for (o, &v) in out.iter_mut().zip(input) {
-            *o = v.sub(st.pivot).sub(st.shifted_mean).mul_add(scale, beta[c]);
-        }
-    });
+    epilogue: Epilogue,
+) -> (Vec<E>, Option<Vec<E>>) {
+    let mut activations = uninit::<E>(dims.len());
+    let (h, w) = plane;
+    let k = epilogue.pool.window().unwrap_or(1);
+    let pooled_plane = (h / k) * (w / k);
+    let mut pooled = epilogue
+        .pool
+        .window()
+        .map(|_| uninit::<E>(dims.n * dims.c * pooled_plane));
+    let per_plane =
+        |i: usize, out: &mut [MaybeUninit<E>], pooled: Option<&mut [MaybeUninit<E>]>| {
+            let c = i % dims.c;
+            let st = stats[c];
+            let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
+            let input = &x[i * dims.s..][..dims.s];
+            forward_plane(input, st, scale, beta[c], epilogue, plane, out, pooled);
+        };
+    let min_len = planes_per_task(dims);
+    match pooled.as_mut() {
+        None => activations
+            .par_chunks_mut(dims.s)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, out)| per_plane(i, out, None)),
+        Some(pooled) => activations
+            .par_chunks_mut(dims.s)
+            .zip(pooled.par_chunks_mut(pooled_plane))
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, (out, pooled))| per_plane(i, out, Some(pooled))),
+    }
+    // SAFETY: every plane of both buffers was filled above.
+    unsafe { (assume_init(activations), pooled.map(|p| assume_init(p))) }
 }
 
-/// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass.
+simd_fn! {
+    /// One `(n, c)` plane of [`forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn forward_plane<E: Real>(
+        input: &[E],
+        st: ChannelStats<E>,
+        scale: E,
+        shift: E,
+        epilogue: Epilogue,
+        plane: (usize, usize),
+        out: &mut [MaybeUninit<E>],
+        pooled: Option<&mut [MaybeUninit<E>]>,
+    ) {
+        let z = input
+            .iter()
+            .map(move |&v| st.centered(v).mul_add(scale, shift));
+        // One loop per activation, so that each one vectorises.
+        let a = match epilogue.activation {
+            Activation::Identity => fill(out, z),
+            Activation::Sigmoid => fill(out, z.map(Real::sigmoid)),
+            Activation::Relu => fill(out, z.map(|z| Activation::Relu.apply(z))),
+        };
+        if let Some(pooled) = pooled {
+            pool_plane(a, plane, epilogue.pool, pooled);
+        }
+    }
+}
+
+/// Pools one `(h, w)` plane into `out`, `(h / k) × (w / k)`.
+#[inline(always)]
+fn pool_plane<E: Real>(a: &[E], (h, w): (usize, usize), pool: Pool, out: &mut [MaybeUninit<E>]) {
+    let (k, average) = match pool {
+        Pool::None => return,
+        Pool::Avg(k) => (k, true),
+        Pool::Max(k) => (k, false),
+    };
+    let (ho, wo) = (h / k, w / k);
+    let inv_area = E::from_f64(1.0 / (k * k) as f64);
+    let window = |o: usize| {
+        let (r0, c0) = ((o / wo) * k, (o % wo) * k);
+        let mut acc = if average { E::ZERO } else { a[r0 * w + c0] };
+        for dh in 0..k {
+            for &v in &a[(r0 + dh) * w + c0..][..k] {
+                acc = match average {
+                    true => acc.add(v),
+                    // NaN wins, as in PyTorch.
+                    false if v > acc || v != v => v,
+                    false => acc,
+                };
+            }
+        }
+        if average {
+            acc.mul(inv_area)
+        } else {
+            acc
+        }
+    };
+    fill(out, (0..ho * wo).map(window));
+}
+
+/// The gradient with respect to BN's output `z` of one `(h, w)` plane, from the gradient of
+/// the epilogue's output `dout` and the saved activations `a`, written to `dz`.
+#[inline(always)]
+fn epilogue_grad_plane<'a, E: Real>(
+    a: &[E],
+    dout: &[E],
+    (h, w): (usize, usize),
+    epilogue: Epilogue,
+    dz: &'a mut [MaybeUninit<E>],
+) -> &'a mut [E] {
+    let act = epilogue.activation;
+    let (k, dz) = match epilogue.pool {
+        Pool::None => {
+            let grads = dout.iter().zip(a);
+            return fill(
+                dz,
+                grads.map(|(&g, &a)| g.mul(act.derivative_from_output(a))),
+            );
+        }
+        Pool::Avg(k) | Pool::Max(k) => (k, fill(dz, std::iter::repeat(E::ZERO))),
+    };
+    let (ho, wo) = (h / k, w / k);
+    // The pool's backward: dout spread over (or routed to the maximum of) each window.
+    for (o, &g) in dout[..ho * wo].iter().enumerate() {
+        let (r0, c0) = ((o / wo) * k, (o % wo) * k);
+        match epilogue.pool {
+            Pool::Avg(_) => {
+                let share = g.mul(E::from_f64(1.0 / (k * k) as f64));
+                for dh in 0..k {
+                    dz[(r0 + dh) * w + c0..][..k].fill(share);
+                }
+            }
+            _ => {
+                // The first maximum in row-major order, the one the forward took.
+                let mut best = r0 * w + c0;
+                for dh in 0..k {
+                    for j in (r0 + dh) * w + c0..(r0 + dh) * w + c0 + k {
+                        if a[j] > a[best] || (a[j] != a[j] && a[best] == a[best]) {
+                            best = j;
+                        }
+                    }
+                }
+                dz[best] = g;
+            }
+        }
+    }
+    if act != Activation::Identity {
+        for (d, &av) in dz.iter_mut().zip(a) {
+            *d = d.mul(act.derivative_from_output(av));
+        }
+    }
+    dz
+}
+
+simd_fn! {
+    /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`.
+    fn dy_sums<E: Real>(x: &[E], dy: &[E], dims: Dims, c: usize, st: ChannelStats<E>) -> (f64, f64) {
+        let mut sums = (0.0, 0.0);
+        for n in 0..dims.n {
+            let start = (n * dims.c + c) * dims.s;
+            let (a, b) = lane_sums(
+                &x[start..][..dims.s],
+                &dy[start..][..dims.s],
+                |_, g| g.to_f64(),
+                |v, g| g.to_f64() * st.centered(v).to_f64(),
+            );
+            sums = (sums.0 + a, sums.1 + b);
+        }
+        sums
+    }
+}
+
+/// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass, for BN alone.
 pub fn grad_sums<E: Real>(
     x: &[E],
     dy: &[E],
@@ -182,48 +608,80 @@ pub fn grad_sums<E: Real>(
         .into_par_iter()
         .map(|c| {
             let st = stats[c];
-            let (mut sum_dy, mut sum_dy_d) = ([0.0f64; LANES], [0.0f64; LANES]);
-            for n in 0..dims.n {
-                let start = (n * dims.c + c) * dims.s;
-                let xs = &x[start..start + dims.s];
-                let gs = &dy[start..start + dims.s];
-                let (xc, gc) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
-                let (xt, gt) = (xc.remainder(), gc.remainder());
-                for (xv, gv) in xc.zip(gc) {
-                    for lane in 0..LANES {
-                        let d = xv[lane].sub(st.pivot).sub(st.shifted_mean).to_f64();
-                        let g = gv[lane].to_f64();
-                        sum_dy[lane] += g;
-                        sum_dy_d[lane] += g * d;
-                    }
-                }
-                for (lane, (&xv, &gv)) in xt.iter().zip(gt).enumerate() {
-                    let d = xv.sub(st.pivot).sub(st.shifted_mean).to_f64();
-                    sum_dy[lane] += gv.to_f64();
-                    sum_dy_d[lane] += gv.to_f64() * d;
-                }
-            }
-            let sum_dy: f64 = sum_dy.iter().sum();
-            let sum_dy_xhat = sum_dy_d.iter().sum::<f64>() * st.inv_std.to_f64();
-            (sum_dy, sum_dy_xhat)
+            let (sum_dy, sum_dy_d) = dy_sums(x, dy, dims, c, st);
+            (sum_dy, sum_dy_d * st.inv_std.to_f64())
         })
         .collect()
 }
 
-/// The input gradient:
-/// `dx = gamma·inv_std · (dy - mean(dy) - x̂ · mean(dy·x̂))`, written as
-/// `dx = a·dy + b·(x - mean) + c` with per-channel `a`, `b`, `c`.
-pub fn input_grad<E: Real>(
+simd_fn! {
+    /// One `(n, c)` plane of [`epilogue_grad_sums`]: writes `dz`, returns its two sums.
+    fn epilogue_plane_sums<E: Real>(
+        xs: &[E],
+        a: &[E],
+        dout: &[E],
+        st: ChannelStats<E>,
+        plane: (usize, usize),
+        epilogue: Epilogue,
+        dz: &mut [MaybeUninit<E>],
+    ) -> (f64, f64) {
+        let dz = epilogue_grad_plane(a, dout, plane, epilogue, dz);
+        lane_sums(
+            xs,
+            dz,
+            |_, g| g.to_f64(),
+            |v, g| g.to_f64() * st.centered(v).to_f64(),
+        )
+    }
+}
+
+/// The backward through the epilogue: writes `dz`, the gradient at BN's output, and returns
+/// the per-channel `Σ dz` and `Σ dz · x̂` as [`grad_sums`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn epilogue_grad_sums<E: Real>(
     x: &[E],
-    dy: &[E],
+    activations: &[E],
+    dout: &[E],
+    dims: Dims,
+    plane: (usize, usize),
+    stats: &[ChannelStats<E>],
+    epilogue: Epilogue,
+    dz: &mut [MaybeUninit<E>],
+) -> Vec<(f64, f64)> {
+    let out_plane = dout.len() / (dims.n * dims.c);
+    let per_plane: Vec<(f64, f64)> = dz
+        .par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .map(|(i, dz)| {
+            let st = stats[i % dims.c];
+            let xs = &x[i * dims.s..][..dims.s];
+            let a = &activations[i * dims.s..][..dims.s];
+            let dout = &dout[i * out_plane..][..out_plane];
+            epilogue_plane_sums(xs, a, dout, st, plane, epilogue, dz)
+        })
+        .collect();
+    let mut sums = vec![(0.0, 0.0); dims.c];
+    for (i, (s0, s1)) in per_plane.into_iter().enumerate() {
+        sums[i % dims.c].0 += s0;
+        sums[i % dims.c].1 += s1;
+    }
+    sums.iter()
+        .zip(stats)
+        .map(|(&(s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+        .collect()
+}
+
+/// Per channel, `(a, b, k)` of `dx = a·dy + b·(x - mean) + k`, the input gradient
+/// `dx = gamma·inv_std · (dy - mean(dy) - x̂ · mean(dy·x̂))`.
+fn input_grad_coefficients<E: Real>(
     dims: Dims,
     stats: &[ChannelStats<E>],
     gamma: &[E],
     sums: &[(f64, f64)],
-    dx: &mut [E],
-) {
+) -> Vec<(E, E, E)> {
     let m = dims.count() as f64;
-    let coefficients: Vec<(E, E, E)> = (0..dims.c)
+    (0..dims.c)
         .map(|c| {
             let inv_std = stats[c].inv_std.to_f64();
             let a = gamma[c].to_f64() * inv_std;
@@ -234,17 +692,80 @@ pub fn input_grad<E: Real>(
                 E::from_f64(-a * sum_dy / m),
             )
         })
-        .collect();
-    for_each_run(dx, dims, |c, offset, out| {
-        let st = stats[c];
-        let (a, b, k) = coefficients[c];
-        let xs = &x[offset..offset + out.len()];
-        let gs = &dy[offset..offset + out.len()];
-        for ((o, &xv), &gv) in out.iter_mut().zip(xs).zip(gs) {
-            let d = xv.sub(st.pivot).sub(st.shifted_mean);
-            *o = gv.mul_add(a, d.mul_add(b, k));
+        .collect()
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`input_grad`].
+    fn input_grad_plane<E: Real>(
+        xs: &[E],
+        gs: &[E],
+        st: ChannelStats<E>,
+        coefficients: (E, E, E),
+        out: &mut [MaybeUninit<E>],
+    ) {
+        let (a, b, k) = coefficients;
+        let grads = gs.iter().zip(xs);
+        fill(out, grads.map(|(&g, &v)| g.mul_add(a, st.centered(v).mul_add(b, k))));
+    }
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`input_grad_in_place`].
+    fn input_grad_plane_in_place<E: Real>(
+        xs: &[E],
+        st: ChannelStats<E>,
+        coefficients: (E, E, E),
+        run: &mut [E],
+    ) {
+        let (a, b, k) = coefficients;
+        for (g, &v) in run.iter_mut().zip(xs) {
+            *g = g.mul_add(a, st.centered(v).mul_add(b, k));
         }
-    });
+    }
+}
+
+/// The input gradient, from `dy` into a new buffer.
+pub fn input_grad<E: Real>(
+    x: &[E],
+    dy: &[E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) -> Vec<E> {
+    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
+    let mut dx = uninit::<E>(dims.len());
+    dx.par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .for_each(|(i, out)| {
+            let st = stats[i % dims.c];
+            let xs = &x[i * dims.s..][..dims.s];
+            let gs = &dy[i * dims.s..][..dims.s];
+            input_grad_plane(xs, gs, st, coefficients[i % dims.c], out);
+        });
+    // SAFETY: every plane was filled above.
+    unsafe { assume_init(dx) }
+}
+
+/// The input gradient, overwriting `dz` (the gradient at BN's output) with it.
+pub fn input_grad_in_place<E: Real>(
+    x: &[E],
+    dz: &mut [E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) {
+    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
+    dz.par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .for_each(|(i, run)| {
+            let xs = &x[i * dims.s..][..dims.s];
+            input_grad_plane_in_place(xs, stats[i % dims.c], coefficients[i % dims.c], run);
+        });
 }
 
 #[cfg(test)]
@@ -293,8 +814,39 @@ mod tests {
         let stats = channel_stats(&x, dims, 1e-5);
         let gamma = vec![1.5, -0.5, 2.0];
         let sums = grad_sums(&x, &dy, dims, &stats);
-        let mut dx = vec![f64::NAN; dims.len()];
-        input_grad(&x, &dy, dims, &stats, &gamma, &sums, &mut dx);
+        let dx = input_grad(&x, &dy, dims, &stats, &gamma, &sums);
         assert!(dx.iter().all(|v| v.abs() < 1e-12), "{dx:?}");
+    }
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).to_bits().abs_diff(exp_f32(x).to_bits());
+            worst = worst.max(ulp as f64);
+            x += 0.000_97;
+        }
+        assert!(worst <= 2.0, "{worst} ulp");
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(-1000.0), exp_f32(-87.0));
+    }
+
+    #[test]
+    fn pooled_output_and_its_gradient_follow_the_first_maximum() {
+        // One 2x4 plane, 2x2 max pool: windows [1, 5; 5, 2] and [3, 3; 0, 3].
+        let a = [1.0f64, 5.0, 3.0, 3.0, 5.0, 2.0, 0.0, 3.0];
+        let mut out = uninit(2);
+        pool_plane(&a, (2, 4), Pool::Max(2), &mut out);
+        let out: Vec<f64> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(out, [5.0, 3.0]);
+        let ep = Epilogue {
+            activation: Activation::Identity,
+            pool: Pool::Max(2),
+        };
+        let mut dz = uninit(8);
+        let dz = epilogue_grad_plane(&a, &[10.0, 20.0], (2, 4), ep, &mut dz).to_vec();
+        assert_eq!(dz, [0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 }

@@ -8,10 +8,11 @@ use burn::tensor::{Device, Tensor};
 use std::sync::Once;
 
 use super::functional::{
-    channels_of, normalize_eval, normalize_train, update_running, BatchStats, BnError, Convention,
-    RunningUpdate,
+    apply_epilogue, channels_of, normalize_eval, normalize_train, update_running, BatchStats,
+    BnError, Convention, RunningUpdate,
 };
 use super::fused;
+use super::kernels::Epilogue;
 
 /// Configuration of [`BatchNorm`]. The defaults are PyTorch's.
 #[derive(Config, Debug)]
@@ -150,11 +151,33 @@ impl BatchNorm {
     /// On a wrong input shape, or on one value per channel in training mode (PyTorch raises an
     /// error there too). [`Self::try_forward`] returns these as errors.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.try_forward(x).unwrap_or_else(|e| panic!("{e}"))
+        self.forward_then(x, Epilogue::NONE)
+    }
+
+    /// The layer, then `epilogue` (an activation and a pool).
+    ///
+    /// # Panics
+    /// As [`Self::forward`], and on an epilogue that cannot apply to the input's shape.
+    pub fn forward_then<const D: usize>(&self, x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
+        self.try_forward_then(x, epilogue)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn try_forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>, BnError> {
+        self.try_forward_then(x, Epilogue::NONE)
+    }
+
+    /// The layer, then `epilogue`. With the fused kernel, in training mode on Flex, one op
+    /// computes both; otherwise the epilogue is composed from Burn ops after the layer.
+    pub fn try_forward_then<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        epilogue: Epilogue,
+    ) -> Result<Tensor<D>, BnError> {
         channels_of(&x.dims(), Some(self.num_features))?;
+        epilogue
+            .output_shape(&x.dims())
+            .map_err(BnError::InvalidSetting)?;
         let gamma = self.gamma.as_ref().map(|p| p.val());
         let beta = self.beta.as_ref().map(|p| p.val());
         let running = self.running_mean.as_ref().zip(self.running_var.as_ref());
@@ -162,19 +185,20 @@ impl BatchNorm {
         match (self.is_training_for(&x), running) {
             (false, Some((mean, var))) => {
                 let device = x.device();
-                normalize_eval(
+                let y = normalize_eval(
                     x,
                     gamma,
                     beta,
                     mean.value().to_device(&device),
                     var.value().to_device(&device),
                     self.eps,
-                )
+                )?;
+                Ok(apply_epilogue(y, epilogue))
             }
-            (false, None) => Ok(self.normalize_train(x, gamma, beta)?.0),
+            (false, None) => Ok(self.normalize_train(x, gamma, beta, epilogue)?.0),
             (true, running) => {
                 let device = x.device();
-                let (y, stats) = self.normalize_train(x, gamma, beta)?;
+                let (y, stats) = self.normalize_train(x, gamma, beta, epilogue)?;
                 if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
                     let tracked_now = tracked.value_sync().to_device(&device).add_scalar(1.0);
                     // The count reaches the host only for a cumulative average.
@@ -198,14 +222,22 @@ impl BatchNorm {
         }
     }
 
+    /// Training-mode normalisation with batch statistics, then `epilogue`.
     fn normalize_train<const D: usize>(
         &self,
         x: Tensor<D>,
         gamma: Option<Tensor<1>>,
         beta: Option<Tensor<1>>,
+        epilogue: Epilogue,
     ) -> Result<(Tensor<D>, BatchStats), BnError> {
         if self.kernel == Kernel::Fused {
-            match fused::try_normalize_train(x.clone(), gamma.clone(), beta.clone(), self.eps) {
+            match fused::try_normalize_train(
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                self.eps,
+                epilogue,
+            ) {
                 Some(result) => return result,
                 None => {
                     static NOTE: Once = Once::new();
@@ -218,7 +250,8 @@ impl BatchNorm {
                 }
             }
         }
-        normalize_train(x, gamma, beta, self.eps)
+        let (y, stats) = normalize_train(x, gamma, beta, self.eps)?;
+        Ok((apply_epilogue(y, epilogue), stats))
     }
 
     /// The running statistics, as stored (eval reads them).

@@ -3,6 +3,8 @@
 //! - [`functional`]: batch norm as functions of tensors, the chapter's `batch_norm`.
 //! - [`layer`]: [`BatchNorm`], the same as a Burn module with parameters and running state.
 //! - [`NormLayer`]: what a model puts after a conv or linear layer, chosen by [`NormKind`].
+//! - [`fused`] and [`kernels`]: the hand-written Flex op of `--norm fused`, which can also
+//!   compute the activation and pooling that follow BN ([`Epilogue`]).
 
 pub mod functional;
 pub mod fused;
@@ -13,7 +15,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use functional::{batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate};
+pub use functional::{
+    apply_epilogue, batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate,
+};
+pub use kernels::Epilogue;
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
 /// Which batch norm a model uses (`--norm`).
@@ -147,9 +152,14 @@ impl NormLayer {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.forward_then(x, Epilogue::NONE)
+    }
+
+    /// The layer, then `epilogue`: in one kernel where `--norm fused` trains on Flex.
+    pub fn forward_then<const D: usize>(&self, x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
         match self {
-            Self::Scratch(bn) => bn.forward(x),
-            Self::Burn(bn) => bn.forward(x),
+            Self::Scratch(bn) => bn.forward_then(x, epilogue),
+            Self::Burn(bn) => apply_epilogue(bn.forward(x), epilogue),
         }
     }
 }
@@ -187,10 +197,16 @@ impl NormLayer {
     }
 }
 
-/// Applies an optional norm layer: the identity when the model has none.
-pub fn apply_norm<const D: usize>(norm: &Option<NormLayer>, x: Tensor<D>) -> Tensor<D> {
+/// Applies an optional norm layer (the identity when the model has none), then `epilogue`:
+/// the activation and pooling that follow it, computed in the same kernel where `--norm fused`
+/// trains on Flex.
+pub fn norm_then<const D: usize>(
+    norm: &Option<NormLayer>,
+    x: Tensor<D>,
+    epilogue: Epilogue,
+) -> Tensor<D> {
     match norm {
-        Some(layer) => layer.forward(x),
-        None => x,
+        Some(layer) => layer.forward_then(x, epilogue),
+        None => apply_epilogue(x, epilogue),
     }
 }
