@@ -15,6 +15,7 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgP
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
+use super::conv::conv2d;
 use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
@@ -33,7 +34,7 @@ pub struct ConvBlock {
 
 impl ConvBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(norm_then(&self.bn, x, BN_RELU))
+        conv2d(&self.conv, norm_then(&self.bn, x, BN_RELU))
     }
 }
 
@@ -47,7 +48,7 @@ pub struct Transition {
 impl Transition {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.pool
-            .forward(self.conv.forward(norm_then(&self.bn, x, BN_RELU)))
+            .forward(conv2d(&self.conv, norm_then(&self.bn, x, BN_RELU)))
     }
 }
 

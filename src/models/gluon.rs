@@ -12,6 +12,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::conv::conv2d;
 use super::layers::BN_RELU;
 use super::layers::{Initializer, Trace};
 use super::ModelSpec;
@@ -49,9 +50,9 @@ impl GluonLeNet {
             pool: Pool::Max(self.pool.kernel_size[0]),
             ..BN_RELU
         };
-        let x = norm_then(&self.bn1, self.conv1.forward(x), relu_pool);
+        let x = norm_then(&self.bn1, conv2d(&self.conv1, x), relu_pool);
         trace.record("conv1-bn-relu-pool", &x.dims());
-        let x = norm_then(&self.bn2, self.conv2.forward(x), relu_pool);
+        let x = norm_then(&self.bn2, conv2d(&self.conv2, x), relu_pool);
         trace.record("conv2-bn-relu-pool", &x.dims());
         let x = relu(self.fc1.forward(x.flatten::<2>(1, 3)));
         trace.record("dense1-relu", &x.dims());

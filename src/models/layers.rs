@@ -1,5 +1,6 @@
 //! Pieces the models share: pooling and activation choices, and seeded weight initialisation.
 
+use super::conv::conv2d;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
@@ -243,6 +244,6 @@ impl Stem {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
         self.pool
-            .forward(norm_then(&self.bn, self.conv.forward(x), BN_RELU))
+            .forward(norm_then(&self.bn, conv2d(&self.conv, x), BN_RELU))
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! With [`crate::norm::NormKind::None`] the BN layers are left out: the plain LeNet of the comparison.
 
+use super::conv::conv2d;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
@@ -84,9 +85,9 @@ impl LeNet {
             pool: self.pool.epilogue(),
             ..act
         };
-        let x = norm_then(&self.bn1, self.conv1.forward(x), act_pool);
+        let x = norm_then(&self.bn1, conv2d(&self.conv1, x), act_pool);
         trace.record("conv1-bn-act-pool", &x.dims());
-        let x = norm_then(&self.bn2, self.conv2.forward(x), act_pool);
+        let x = norm_then(&self.bn2, conv2d(&self.conv2, x), act_pool);
         trace.record("conv2-bn-act-pool", &x.dims());
         let x: Tensor<2> = x.flatten(1, 3);
         trace.record("flatten", &x.dims());

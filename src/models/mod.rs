@@ -1,5 +1,6 @@
 //! The chapter's networks.
 
+pub mod conv;
 pub mod densenet;
 pub mod fold;
 pub mod gluon;

@@ -15,6 +15,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::conv::conv2d;
 use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
@@ -50,10 +51,10 @@ impl Residual {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = norm_then(&self.bn1, self.conv1.forward(x.clone()), BN_RELU);
-        let y = norm_then(&self.bn2, self.conv2.forward(y), Epilogue::NONE);
+        let y = norm_then(&self.bn1, conv2d(&self.conv1, x.clone()), BN_RELU);
+        let y = norm_then(&self.bn2, conv2d(&self.conv2, y), Epilogue::NONE);
         let shortcut = match &self.conv3 {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d(conv, x),
             None => x,
         };
         relu(y + shortcut)

@@ -1,0 +1,625 @@
+//! The models' 2-d convolution on Flex: im2col and one matrix product per group of images, forward
+//! and backward, as a backend-extension op with a hand-written backward.
+//!
+//! Burn's Flex convolution converts to channels-last and back around each call, and computes the
+//! weight gradient as a convolution with the batch as channels and the output as the kernel.
+//! Profiling LeNet-BN (README, Performance) put about half the training step there. Here:
+//!
+//! - forward: `cols = im2col(x)` (`K = C_in·k_h·k_w` rows, one column per output position), then
+//!   `y = W · cols + b`, written straight into NCHW;
+//! - backward: `dW = Σ dy · colsᵀ`, `db = Σ dy`, `dx = col2im(Wᵀ · dy)` (only when `x` needs
+//!   a gradient: never for the input images).
+//!
+//! Images are taken in groups with at least [`MIN_COLUMNS`] output positions between them, so
+//! that the products stay wide when the feature maps are small (ResNet-18 ends at 1×1). Groups
+//! run in parallel; per-group weight gradients are summed in group order, so the result does not
+//! depend on the number of threads. The matrix products are the `gemm` crate's.
+//!
+//! Other backends, dilation, groups and asymmetric padding use Burn's `Conv2d::forward`.
+
+use std::mem::MaybeUninit;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch};
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::norm::fused::supports;
+use crate::norm::kernels::{assume_init, uninit};
+
+/// Output positions per matrix product, at least (fewer only when the batch runs out).
+pub const MIN_COLUMNS: usize = 256;
+
+/// Stride and zero padding, the same along both axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait Conv2dBackend: Backend {
+    /// `y = conv2d(x, weight) + bias` for `x` `(N, C_in, H, W)` and `weight`
+    /// `(C_out, C_in, k_h, k_w)`.
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> FloatTensor<Self>;
+}
+
+/// `conv.forward(x)`, by the kernel of this module where it applies.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match geometry_of(conv, &x) {
+        Some(geometry) => {
+            let weight = conv.weight.val();
+            let bias = match &conv.bias {
+                Some(b) => b.val(),
+                None => Tensor::zeros([weight.dims()[0]], (&x.device(), x.dtype())),
+            };
+            Tensor::from_dispatch(<Dispatch as Conv2dBackend>::im2col_conv2d(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                geometry,
+            ))
+        }
+        None => conv.forward(x),
+    }
+}
+
+/// Whether [`conv2d`] runs this module's kernel (not Burn's) for `conv` on `x`.
+pub fn applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
+    geometry_of(conv, x).is_some()
+}
+
+/// The geometry when this module's kernel can run `conv` on `x`.
+fn geometry_of(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvGeometry> {
+    let [s_h, s_w] = conv.stride;
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => 0,
+        PaddingConfig2d::Explicit(a, b, c, d) if a == b && b == c && c == d => a,
+        _ => return None,
+    };
+    let [_, _, h, w] = x.dims();
+    let [k_h, k_w] = conv.kernel_size;
+    let fits = h + 2 * padding >= k_h && w + 2 * padding >= k_w;
+    let plain = conv.groups == 1 && conv.dilation == [1, 1] && s_h == s_w && s_h > 0;
+    (plain && fits && supports(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F64))
+        .then_some(ConvGeometry {
+            stride: s_h,
+            padding,
+        })
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k_h: usize,
+    k_w: usize,
+    h_out: usize,
+    w_out: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Shape {
+    fn of(x: &[usize], weight: &[usize], g: ConvGeometry) -> Self {
+        let (h, w, k_h, k_w) = (x[2], x[3], weight[2], weight[3]);
+        Self {
+            n: x[0],
+            c_in: x[1],
+            h,
+            w,
+            c_out: weight[0],
+            k_h,
+            k_w,
+            h_out: (h + 2 * g.padding - k_h) / g.stride + 1,
+            w_out: (w + 2 * g.padding - k_w) / g.stride + 1,
+            stride: g.stride,
+            padding: g.padding,
+        }
+    }
+
+    /// Rows of `cols`: one per input channel and kernel position.
+    fn k(&self) -> usize {
+        self.c_in * self.k_h * self.k_w
+    }
+
+    /// Output positions per image.
+    fn p(&self) -> usize {
+        self.h_out * self.w_out
+    }
+
+    /// Images per group.
+    fn group(&self) -> usize {
+        MIN_COLUMNS.div_ceil(self.p()).clamp(1, self.n.max(1))
+    }
+
+    fn image_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    /// The valid output columns `[lo, hi)` for kernel column `kx`, and the first input column.
+    fn columns(&self, kx: usize) -> (usize, usize) {
+        // ix = ox·s - p + kx must lie within [0, w).
+        let lo = self.padding.saturating_sub(kx).div_ceil(self.stride);
+        let hi = (self.w + self.padding)
+            .checked_sub(kx)
+            .map_or(0, |end| end.div_ceil(self.stride))
+            .min(self.w_out);
+        (lo, hi.max(lo))
+    }
+}
+
+/// The element types the kernel runs on (the ones gemm supports).
+trait Element: burn::tensor::Element + bytemuck::Pod + Send + Sync + Default + 'static {
+    const ONE: Self;
+    fn add(self, other: Self) -> Self;
+}
+impl Element for f32 {
+    const ONE: Self = 1.0;
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+}
+impl Element for f64 {
+    const ONE: Self = 1.0;
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+/// `cols[r][i·P + p]` for the `imgs` images of `x` (a group, contiguous), where row
+/// `r = (c·k_h + ky)·k_w + kx` and `p = oy·W_out + ox`.
+fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>]) {
+    let (p, width) = (s.p(), imgs * s.p());
+    for c in 0..s.c_in {
+        for ky in 0..s.k_h {
+            for kx in 0..s.k_w {
+                let r = (c * s.k_h + ky) * s.k_w + kx;
+                let row = &mut cols[r * width..][..width];
+                let (lo, hi) = s.columns(kx);
+                for i in 0..imgs {
+                    let plane = &x[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
+                    for oy in 0..s.h_out {
+                        let out = &mut row[i * p + oy * s.w_out..][..s.w_out];
+                        let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
+                        if iy >= s.h {
+                            out.iter_mut().for_each(|o| {
+                                o.write(E::default());
+                            });
+                            continue;
+                        }
+                        let input = &plane[iy * s.w..][..s.w];
+                        out[..lo].iter_mut().for_each(|o| {
+                            o.write(E::default());
+                        });
+                        out[hi..].iter_mut().for_each(|o| {
+                            o.write(E::default());
+                        });
+                        let first = lo * s.stride + kx - s.padding;
+                        // Every column in [lo, hi) reads inside the row (see Shape::columns),
+                        // so the loops below write all of them.
+                        assert!(hi == lo || first + (hi - lo - 1) * s.stride < s.w);
+                        if s.stride == 1 {
+                            for (o, &v) in out[lo..hi].iter_mut().zip(&input[first..]) {
+                                o.write(v);
+                            }
+                        } else {
+                            let strided = input[first..].iter().step_by(s.stride);
+                            for (o, &v) in out[lo..hi].iter_mut().zip(strided) {
+                                o.write(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `dcols` (laid out as [`im2col`]'s output) back into the group's input gradient `dx`.
+fn col2im<E: Element>(dcols: &[E], s: Shape, imgs: usize, dx: &mut [E]) {
+    let (p, width) = (s.p(), imgs * s.p());
+    for c in 0..s.c_in {
+        for ky in 0..s.k_h {
+            for kx in 0..s.k_w {
+                let r = (c * s.k_h + ky) * s.k_w + kx;
+                let row = &dcols[r * width..][..width];
+                let (lo, hi) = s.columns(kx);
+                for i in 0..imgs {
+                    let plane = &mut dx[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
+                    for oy in 0..s.h_out {
+                        let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
+                        if iy >= s.h || lo == hi {
+                            continue;
+                        }
+                        let grads = &row[i * p + oy * s.w_out..][lo..hi];
+                        let first = lo * s.stride + kx - s.padding;
+                        let input = &mut plane[iy * s.w..][first..];
+                        for (j, &g) in grads.iter().enumerate() {
+                            let v = &mut input[j * s.stride];
+                            *v = v.add(g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A matrix in a slice: element `(i, j)` at `i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct Mat<P> {
+    ptr: P,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<P> Mat<P> {
+    /// The largest offset, for the bounds checks that keep [`matmul`] sound.
+    fn last(&self) -> usize {
+        (self.rows.max(1) - 1) * self.row_stride + (self.cols.max(1) - 1) * self.col_stride
+    }
+}
+
+fn row_major<E>(data: &[E], rows: usize, cols: usize) -> Mat<&[E]> {
+    Mat {
+        ptr: data,
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+fn transposed<E>(m: Mat<&[E]>) -> Mat<&[E]> {
+    Mat {
+        rows: m.cols,
+        cols: m.rows,
+        row_stride: m.col_stride,
+        col_stride: m.row_stride,
+        ..m
+    }
+}
+
+/// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major `a.rows × b.cols`.
+/// `parallel` lets gemm split the product over rayon's threads.
+fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: bool, parallel: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions");
+    assert_eq!(dst.len(), m * n, "matmul: output size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(E::default());
+        }
+        return;
+    }
+    assert!(
+        a.last() < a.ptr.len() && b.last() < b.ptr.len(),
+        "matmul: operand bounds"
+    );
+    let parallelism = match parallel {
+        true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        false => gemm::Parallelism::None,
+    };
+    // SAFETY: the shapes and strides were checked against the slices above; gemm supports
+    // f32 and f64, the only element types here.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.ptr.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            E::ONE,
+            E::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+fn slice<E: Element>(t: &FlexTensor) -> &[E] {
+    t.as_slice::<E>()
+        .expect("conv2d: a contiguous tensor of the expected dtype")
+}
+
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Whether gemm itself should use the threads: when there are too few groups to share out.
+fn few_groups(groups: usize) -> bool {
+    groups < 2 * rayon::current_num_threads()
+}
+
+fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec<E> {
+    let (p, g) = (s.p(), s.group());
+    let mut y = uninit::<E>(s.n * s.c_out * p);
+    let groups = s.n.div_ceil(g);
+    let parallel = few_groups(groups);
+    let w = row_major(weight, s.c_out, s.k());
+    y.par_chunks_mut(g * s.c_out * p)
+        .enumerate()
+        .for_each(|(gi, out)| {
+            let imgs = out.len() / (s.c_out * p);
+            let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
+            let mut cols = uninit::<E>(s.k() * imgs * p);
+            im2col(x, s, imgs, &mut cols);
+            // SAFETY: im2col writes every element.
+            let cols = unsafe { assume_init(cols) };
+            let cols = row_major(&cols, s.k(), imgs * p);
+            // Bias first, then the product added to it.
+            let mut product = vec![E::default(); s.c_out * imgs * p];
+            for (co, row) in product.chunks_mut(imgs * p).enumerate() {
+                row.fill(bias[co]);
+            }
+            matmul(&mut product, w, cols, true, parallel);
+            // (C_out, imgs·P) to (imgs, C_out, P).
+            for (i, image) in out.chunks_mut(s.c_out * p).enumerate() {
+                for (co, o) in image.chunks_mut(p).enumerate() {
+                    let src = &product[co * imgs * p + i * p..][..p];
+                    for (o, &v) in o.iter_mut().zip(src) {
+                        o.write(v);
+                    }
+                }
+            }
+        });
+    // SAFETY: every group of y was written above.
+    unsafe { assume_init(y) }
+}
+
+/// `(dx, dweight, dbias)`, `dx` only if `need_dx`.
+fn backward_typed<E: Element>(
+    x: &[E],
+    weight: &[E],
+    dy: &[E],
+    s: Shape,
+    need_dx: bool,
+) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
+    let (p, g, k) = (s.p(), s.group(), s.k());
+    let groups = s.n.div_ceil(g);
+    let parallel = few_groups(groups);
+    let w = row_major(weight, s.c_out, k);
+    let group = |gi: usize, dx: Option<&mut [E]>| {
+        let imgs = (s.n - gi * g).min(g);
+        let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
+        let mut cols = uninit::<E>(k * imgs * p);
+        im2col(x, s, imgs, &mut cols);
+        // SAFETY: im2col writes every element.
+        let cols = unsafe { assume_init(cols) };
+        // dy of the group as (C_out, imgs·P).
+        let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
+        let mut grads = Vec::with_capacity(s.c_out * imgs * p);
+        for co in 0..s.c_out {
+            for i in 0..imgs {
+                grads.extend_from_slice(&dy[(i * s.c_out + co) * p..][..p]);
+            }
+        }
+        let grads_mat = row_major(&grads, s.c_out, imgs * p);
+        let mut dweight = vec![E::default(); s.c_out * k];
+        matmul(
+            &mut dweight,
+            grads_mat,
+            transposed(row_major(&cols, k, imgs * p)),
+            false,
+            parallel,
+        );
+        let dbias: Vec<E> = grads
+            .chunks(imgs * p)
+            .map(|row| row.iter().fold(E::default(), |acc, &v| acc.add(v)))
+            .collect();
+        if let Some(dx) = dx {
+            let mut dcols = vec![E::default(); k * imgs * p];
+            matmul(&mut dcols, transposed(w), grads_mat, false, parallel);
+            col2im(&dcols, s, imgs, dx);
+        }
+        (dweight, dbias)
+    };
+    let mut dx = need_dx.then(|| vec![E::default(); s.n * s.image_len()]);
+    let partials: Vec<(Vec<E>, Vec<E>)> = match dx.as_mut() {
+        Some(dx) => dx
+            .par_chunks_mut(g * s.image_len())
+            .enumerate()
+            .map(|(gi, dx)| group(gi, Some(dx)))
+            .collect(),
+        None => (0..groups)
+            .into_par_iter()
+            .map(|gi| group(gi, None))
+            .collect(),
+    };
+    // Summed in group order: the same result for any number of threads.
+    let mut dweight = vec![E::default(); s.c_out * k];
+    let mut dbias = vec![E::default(); s.c_out];
+    for (dw, db) in partials {
+        dweight.iter_mut().zip(dw).for_each(|(a, b)| *a = a.add(b));
+        dbias.iter_mut().zip(db).for_each(|(a, b)| *a = a.add(b));
+    }
+    (dx, dweight, dbias)
+}
+
+fn forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, g: ConvGeometry) -> FlexTensor {
+    let (x, weight, bias) = (contiguous(&x), contiguous(&weight), contiguous(&bias));
+    let s = Shape::of(x.layout().shape(), weight.layout().shape(), g);
+    let out_shape = vec![s.n, s.c_out, s.h_out, s.w_out];
+    match x.dtype() {
+        DType::F64 => tensor(
+            forward_typed::<f64>(slice(&x), slice(&weight), slice(&bias), s),
+            out_shape,
+        ),
+        _ => tensor(
+            forward_typed::<f32>(slice(&x), slice(&weight), slice(&bias), s),
+            out_shape,
+        ),
+    }
+}
+
+impl Conv2dBackend for Flex {
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> FloatTensor<Self> {
+        forward(x, weight, bias, geometry)
+    }
+}
+
+/// What the backward needs: the input, the weight and the geometry.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    x: FlexTensor,
+    weight: FlexTensor,
+    geometry: ConvGeometry,
+}
+
+#[derive(Debug)]
+struct Conv2dBackward;
+
+impl Backward<Flex, 3> for Conv2dBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight, node_bias] = ops.parents;
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let saved = &ops.state;
+        let s = Shape::of(
+            saved.x.layout().shape(),
+            saved.weight.layout().shape(),
+            saved.geometry,
+        );
+        let need_dx = node_x.is_some();
+        let (dx, dweight, dbias) = match saved.x.dtype() {
+            DType::F64 => {
+                let (dx, dw, db) = backward_typed::<f64>(
+                    slice(&saved.x),
+                    slice(&saved.weight),
+                    slice(&dy),
+                    s,
+                    need_dx,
+                );
+                (
+                    dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
+                    tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
+                    tensor(db, vec![s.c_out]),
+                )
+            }
+            _ => {
+                let (dx, dw, db) = backward_typed::<f32>(
+                    slice(&saved.x),
+                    slice(&saved.weight),
+                    slice(&dy),
+                    s,
+                    need_dx,
+                );
+                (
+                    dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
+                    tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
+                    tensor(db, vec![s.c_out]),
+                )
+            }
+        };
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = node_weight {
+            grads.register::<Flex>(node.id, dweight);
+        }
+        if let Some(node) = node_bias {
+            grads.register::<Flex>(node.id, dbias);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> Conv2dBackend for Autodiff<Flex, C> {
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> FloatTensor<Self> {
+        let prepared = Conv2dBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful();
+        let (x, weight) = (contiguous(x.primitive()), contiguous(weight.primitive()));
+        let y = forward(
+            x.clone(),
+            weight.clone(),
+            bias.primitive().clone(),
+            geometry,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish(
+                Saved {
+                    x,
+                    weight,
+                    geometry,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_output_columns_respect_padding_and_stride() {
+        let s = Shape::of(
+            &[1, 1, 7, 7],
+            &[1, 1, 3, 3],
+            ConvGeometry {
+                stride: 2,
+                padding: 1,
+            },
+        );
+        assert_eq!((s.h_out, s.w_out), (4, 4));
+        // kx = 0 reads ix = 2·ox - 1: ox = 0 falls in the padding.
+        assert_eq!(s.columns(0), (1, 4));
+        assert_eq!(s.columns(1), (0, 4));
+        // kx = 2 reads ix = 2·ox + 1: ox = 3 gives 7, past the edge.
+        assert_eq!(s.columns(2), (0, 3));
+    }
+}
