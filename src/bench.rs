@@ -100,6 +100,15 @@ impl Scale {
 /// The norms a workload is run with.
 pub const NORMS: [NormKind; 3] = [NormKind::Fused, NormKind::Scratch, NormKind::Burn];
 
+/// `--norm`'s name, and what runs instead where the fused kernel has no kernel for the backend.
+fn norm_label(norm: NormKind) -> String {
+    let name = crate::value_name(norm);
+    match norm == NormKind::Fused && !crate::norm::fused::supports(&train_device()) {
+        true => format!("{name} (scratch: no fused kernel on this backend)"),
+        false => name,
+    }
+}
+
 /// W1: one epoch of LeNet-BN training with `norm`.
 pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyhow::Result<Record> {
     let config = RunConfig {
@@ -119,7 +128,7 @@ pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyh
             scale.lenet_batches.map_or("235".into(), |b| b.to_string())
         ),
     );
-    r.norm = Some(crate::value_name(norm));
+    r.norm = Some(norm_label(norm));
     r.examples_per_sec = Some(m.examples_per_sec);
     r.test_acc = Some(m.test_acc);
     Ok(r)
@@ -169,7 +178,7 @@ pub fn resnet_training(
             scale.resnet_steps
         ),
     );
-    r.norm = Some(crate::value_name(norm));
+    r.norm = Some(norm_label(norm));
     r.examples_per_sec = Some((128 * scale.resnet_steps) as f64 / seconds);
     Ok(r)
 }
@@ -211,7 +220,7 @@ pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
             scale.bn_iters
         ),
     );
-    r.norm = Some(crate::value_name(norm));
+    r.norm = Some(norm_label(norm));
     r.ms_per_fwd_bwd = Some(seconds * 1e3 / scale.bn_iters as f64);
     r.ms_per_fwd_bwd_median = Some(times[times.len() / 2]);
     r

@@ -371,6 +371,32 @@ fn few_groups(groups: usize) -> bool {
     groups < 2 * rayon::current_num_threads()
 }
 
+/// Writes `values[r]` to every element of row `r` (rows of `len`) and returns `out` as
+/// initialised.
+fn fill_rows<'a, E: Element>(
+    out: &'a mut [MaybeUninit<E>],
+    values: &[E],
+    len: usize,
+) -> &'a mut [E] {
+    assert_eq!(
+        out.len(),
+        values.len() * len,
+        "fill_rows: one value per row"
+    );
+    for (row, &v) in out.chunks_mut(len).zip(values) {
+        row.iter_mut().for_each(|o| {
+            o.write(v);
+        });
+    }
+    // SAFETY: every element was just written.
+    unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) }
+}
+
+fn as_uninit<E>(v: &mut [E]) -> &mut [MaybeUninit<E>] {
+    // SAFETY: same layout; writing initialised values into it keeps it initialised.
+    unsafe { &mut *(v as *mut [E] as *mut [MaybeUninit<E>]) }
+}
+
 fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec<E> {
     let (p, g) = (s.p(), s.group());
     let mut y = uninit::<E>(s.n * s.c_out * p);
@@ -387,12 +413,15 @@ fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec
             // SAFETY: im2col writes every element.
             let cols = unsafe { assume_init(cols) };
             let cols = row_major(&cols, s.k(), imgs * p);
-            // Bias first, then the product added to it.
-            let mut product = vec![E::default(); s.c_out * imgs * p];
-            for (co, row) in product.chunks_mut(imgs * p).enumerate() {
-                row.fill(bias[co]);
+            if imgs == 1 {
+                // (C_out, P) is already the image's layout: bias first, the product onto it.
+                let out = fill_rows(out, bias, p);
+                matmul(out, w, cols, true, parallel);
+                return;
             }
-            matmul(&mut product, w, cols, true, parallel);
+            let mut product = vec![E::default(); s.c_out * imgs * p];
+            let product_init = fill_rows(as_uninit(&mut product), bias, imgs * p);
+            matmul(product_init, w, cols, true, parallel);
             // (C_out, imgs·P) to (imgs, C_out, P).
             for (i, image) in out.chunks_mut(s.c_out * p).enumerate() {
                 for (co, o) in image.chunks_mut(p).enumerate() {
@@ -426,15 +455,23 @@ fn backward_typed<E: Element>(
         im2col(x, s, imgs, &mut cols);
         // SAFETY: im2col writes every element.
         let cols = unsafe { assume_init(cols) };
-        // dy of the group as (C_out, imgs·P).
+        // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
-        let mut grads = Vec::with_capacity(s.c_out * imgs * p);
-        for co in 0..s.c_out {
-            for i in 0..imgs {
-                grads.extend_from_slice(&dy[(i * s.c_out + co) * p..][..p]);
+        let gathered: Vec<E>;
+        let grads = match imgs {
+            1 => dy,
+            _ => {
+                let mut rows = Vec::with_capacity(s.c_out * imgs * p);
+                for co in 0..s.c_out {
+                    for i in 0..imgs {
+                        rows.extend_from_slice(&dy[(i * s.c_out + co) * p..][..p]);
+                    }
+                }
+                gathered = rows;
+                &gathered
             }
-        }
-        let grads_mat = row_major(&grads, s.c_out, imgs * p);
+        };
+        let grads_mat = row_major(grads, s.c_out, imgs * p);
         let mut dweight = vec![E::default(); s.c_out * k];
         matmul(
             &mut dweight,
