@@ -28,10 +28,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch};
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::norm::fused::supports;
+use crate::norm::fused::{contiguous, slice, supports, tensor, Element};
 use crate::norm::kernels::{assume_init, uninit};
 
 /// Output positions per matrix product, at least (fewer only when the batch runs out).
@@ -165,24 +165,6 @@ impl Shape {
     }
 }
 
-/// The element types the kernel runs on (the ones gemm supports).
-trait Element: burn::tensor::Element + bytemuck::Pod + Send + Sync + Default + 'static {
-    const ONE: Self;
-    fn add(self, other: Self) -> Self;
-}
-impl Element for f32 {
-    const ONE: Self = 1.0;
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-}
-impl Element for f64 {
-    const ONE: Self = 1.0;
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-}
-
 /// `cols[r][i·P + p]` for the `imgs` images of `x` (a group, contiguous), where row
 /// `r = (c·k_h + ky)·k_w + kx` and `p = oy·W_out + ox`.
 fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>]) {
@@ -200,16 +182,16 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
                         let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
                         if iy >= s.h {
                             out.iter_mut().for_each(|o| {
-                                o.write(E::default());
+                                o.write(E::ZERO);
                             });
                             continue;
                         }
                         let input = &plane[iy * s.w..][..s.w];
                         out[..lo].iter_mut().for_each(|o| {
-                            o.write(E::default());
+                            o.write(E::ZERO);
                         });
                         out[hi..].iter_mut().for_each(|o| {
-                            o.write(E::default());
+                            o.write(E::ZERO);
                         });
                         let first = lo * s.stride + kx - s.padding;
                         // Every column in [lo, hi) reads inside the row (see Shape::columns),
@@ -310,7 +292,7 @@ fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: boo
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(E::default());
+            dst.fill(E::ZERO);
         }
         return;
     }
@@ -347,23 +329,6 @@ fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: boo
             parallelism,
         )
     }
-}
-
-fn slice<E: Element>(t: &FlexTensor) -> &[E] {
-    t.as_slice::<E>()
-        .expect("conv2d: a contiguous tensor of the expected dtype")
-}
-
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 /// Whether gemm itself should use the threads: when there are too few groups to share out.
@@ -419,7 +384,7 @@ fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec
                 matmul(out, w, cols, true, parallel);
                 return;
             }
-            let mut product = vec![E::default(); s.c_out * imgs * p];
+            let mut product = vec![E::ZERO; s.c_out * imgs * p];
             let product_init = fill_rows(as_uninit(&mut product), bias, imgs * p);
             matmul(product_init, w, cols, true, parallel);
             // (C_out, imgs·P) to (imgs, C_out, P).
@@ -472,7 +437,7 @@ fn backward_typed<E: Element>(
             }
         };
         let grads_mat = row_major(grads, s.c_out, imgs * p);
-        let mut dweight = vec![E::default(); s.c_out * k];
+        let mut dweight = vec![E::ZERO; s.c_out * k];
         matmul(
             &mut dweight,
             grads_mat,
@@ -482,16 +447,16 @@ fn backward_typed<E: Element>(
         );
         let dbias: Vec<E> = grads
             .chunks(imgs * p)
-            .map(|row| row.iter().fold(E::default(), |acc, &v| acc.add(v)))
+            .map(|row| row.iter().fold(E::ZERO, |acc, &v| acc.add(v)))
             .collect();
         if let Some(dx) = dx {
-            let mut dcols = vec![E::default(); k * imgs * p];
+            let mut dcols = vec![E::ZERO; k * imgs * p];
             matmul(&mut dcols, transposed(w), grads_mat, false, parallel);
             col2im(&dcols, s, imgs, dx);
         }
         (dweight, dbias)
     };
-    let mut dx = need_dx.then(|| vec![E::default(); s.n * s.image_len()]);
+    let mut dx = need_dx.then(|| vec![E::ZERO; s.n * s.image_len()]);
     let partials: Vec<(Vec<E>, Vec<E>)> = match dx.as_mut() {
         Some(dx) => dx
             .par_chunks_mut(g * s.image_len())
@@ -504,8 +469,8 @@ fn backward_typed<E: Element>(
             .collect(),
     };
     // Summed in group order: the same result for any number of threads.
-    let mut dweight = vec![E::default(); s.c_out * k];
-    let mut dbias = vec![E::default(); s.c_out];
+    let mut dweight = vec![E::ZERO; s.c_out * k];
+    let mut dbias = vec![E::ZERO; s.c_out];
     for (dw, db) in partials {
         dweight.iter_mut().zip(dw).for_each(|(a, b)| *a = a.add(b));
         dbias.iter_mut().zip(db).for_each(|(a, b)| *a = a.add(b));
@@ -540,6 +505,22 @@ impl Conv2dBackend for Flex {
     }
 }
 
+/// [`backward_typed`] on the saved tensors, as Flex tensors.
+fn backward_tensors<E: Element>(
+    saved: &Saved,
+    dy: &FlexTensor,
+    s: Shape,
+    need_dx: bool,
+) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+    let (dx, dw, db) =
+        backward_typed::<E>(slice(&saved.x), slice(&saved.weight), slice(dy), s, need_dx);
+    (
+        dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
+        tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
+        tensor(db, vec![s.c_out]),
+    )
+}
+
 /// What the backward needs: the input, the weight and the geometry.
 #[derive(Debug, Clone)]
 pub struct Saved {
@@ -565,34 +546,8 @@ impl Backward<Flex, 3> for Conv2dBackward {
         );
         let need_dx = node_x.is_some();
         let (dx, dweight, dbias) = match saved.x.dtype() {
-            DType::F64 => {
-                let (dx, dw, db) = backward_typed::<f64>(
-                    slice(&saved.x),
-                    slice(&saved.weight),
-                    slice(&dy),
-                    s,
-                    need_dx,
-                );
-                (
-                    dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
-                    tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
-                    tensor(db, vec![s.c_out]),
-                )
-            }
-            _ => {
-                let (dx, dw, db) = backward_typed::<f32>(
-                    slice(&saved.x),
-                    slice(&saved.weight),
-                    slice(&dy),
-                    s,
-                    need_dx,
-                );
-                (
-                    dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
-                    tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
-                    tensor(db, vec![s.c_out]),
-                )
-            }
+            DType::F64 => backward_tensors::<f64>(saved, &dy, s, need_dx),
+            _ => backward_tensors::<f32>(saved, &dy, s, need_dx),
         };
         if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<Flex>(node.id, dx);

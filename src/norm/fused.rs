@@ -122,10 +122,10 @@ pub struct Saved {
 }
 
 /// The element types the kernels run on, as Flex stores them.
-trait Element: Real + burn::tensor::Element + bytemuck::Pod {}
+pub(crate) trait Element: Real + burn::tensor::Element + bytemuck::Pod {}
 impl<E: Real + burn::tensor::Element + bytemuck::Pod> Element for E {}
 
-fn contiguous(t: &FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
     if t.is_contiguous() {
         t.clone()
     } else {
@@ -133,12 +133,12 @@ fn contiguous(t: &FlexTensor) -> FlexTensor {
     }
 }
 
-fn slice<E: Element>(t: &FlexTensor) -> &[E] {
+pub(crate) fn slice<E: Element>(t: &FlexTensor) -> &[E] {
     t.as_slice::<E>()
-        .expect("fused batch norm: a contiguous tensor of the expected dtype")
+        .expect("a contiguous Flex tensor of the expected dtype")
 }
 
-fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 

@@ -38,71 +38,47 @@ pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
     fn sigmoid(self) -> Self;
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn from_f64(value: f64) -> Self {
-        value as f32
-    }
-    #[inline(always)]
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    #[inline(always)]
-    fn sub(self, other: Self) -> Self {
-        self - other
-    }
-    #[inline(always)]
-    fn mul(self, other: Self) -> Self {
-        self * other
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        self * a + b
-    }
-    #[inline(always)]
-    fn sigmoid(self) -> Self {
-        1.0 / (1.0 + exp_f32(-self))
-    }
+/// `Real` for a primitive float type, with its sigmoid (`$exp` is the `e^x` it uses).
+macro_rules! impl_real {
+    ($t:ty, $exp:expr) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                self + other
+            }
+            #[inline(always)]
+            fn sub(self, other: Self) -> Self {
+                self - other
+            }
+            #[inline(always)]
+            fn mul(self, other: Self) -> Self {
+                self * other
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                self * a + b
+            }
+            #[inline(always)]
+            fn sigmoid(self) -> Self {
+                let exp: fn($t) -> $t = $exp;
+                1.0 / (1.0 + exp(-self))
+            }
+        }
+    };
 }
-
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64(value: f64) -> Self {
-        value
-    }
-    #[inline(always)]
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    #[inline(always)]
-    fn sub(self, other: Self) -> Self {
-        self - other
-    }
-    #[inline(always)]
-    fn mul(self, other: Self) -> Self {
-        self * other
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        self * a + b
-    }
-    #[inline(always)]
-    fn sigmoid(self) -> Self {
-        1.0 / (1.0 + (-self).exp())
-    }
-}
+// float32 takes the vectorisable exp below; float64 (tests, references) libm's.
+impl_real!(f32, exp_f32);
+impl_real!(f64, f64::exp);
 
 /// `e^x` in float32, written so that it vectorises (libm's `expf` is a call per value).
 ///
