@@ -96,7 +96,11 @@ pub fn device_for(choice: DeviceChoice) -> Result<Device, String> {
         #[cfg(feature = "cuda")]
         Backend::Cuda => Ok(Device::cuda(choice.index)),
         #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => missing("cuda", "; it needs the CUDA toolkit and an NVIDIA GPU"),
+        Backend::Cuda => missing(
+            "cuda",
+            "; it needs the CUDA toolkit, an NVIDIA GPU, and internet access while it builds: \
+             Burn's CUDA backend downloads an LLVM bundle in its build script",
+        ),
         #[cfg(feature = "libtorch")]
         Backend::Libtorch => Ok(match choice.index {
             0 => Device::libtorch(),
@@ -105,7 +109,8 @@ pub fn device_for(choice: DeviceChoice) -> Result<Device, String> {
         #[cfg(not(feature = "libtorch"))]
         Backend::Libtorch => missing(
             "libtorch",
-            " and LIBTORCH_USE_PYTORCH=1 in a Python environment with torch==2.9.0",
+            " and LIBTORCH_USE_PYTORCH=1 in a Python environment with torch==2.9.0; run it with \
+             LD_LIBRARY_PATH pointing at that torch's lib directory",
         ),
     }
 }

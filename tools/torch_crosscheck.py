@@ -285,8 +285,9 @@ def crosscheck(args):
                          f"{len(images)} images")
 
     ours = []
-    for i in range(0, n, args.batch_size):
-        x = torch.from_numpy(images[i:i + args.batch_size].astype(np.float32) / 255.0).unsqueeze(1)
+    bs = args.batch_size or 500
+    for i in range(0, n, bs):
+        x = torch.from_numpy(images[i:i + bs].astype(np.float32) / 255.0).unsqueeze(1)
         if size != 28:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         ours.append(net(x).numpy())
@@ -336,7 +337,7 @@ def train_epoch(args):
     loss_fn = nn.CrossEntropyLoss()
     images = read_idx(find(args.data_dir, "train-images-idx3-ubyte"))
     labels = read_idx(find(args.data_dir, "train-labels-idx1-ubyte")).astype(np.int64)
-    bs = args.batch_size
+    bs = args.batch_size or 256  # bnlab train's default
     n = len(images) if args.limit_batches is None else min(len(images), args.limit_batches * bs)
     total, seen = 0.0, 0
     for i in range(0, n, bs):
@@ -367,7 +368,8 @@ def main():
                     help="default: the norm in the file's bnlab metadata")
     ap.add_argument("--size", type=int, help="image side; default: image_size in the bnlab metadata, or 28")
     ap.add_argument("--data-dir", default=DATA_DIR)
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=int,
+                    help="default: 500 for evaluation, 256 (bnlab train's) with --train-epoch")
     ap.add_argument("--max-logit-diff", type=float, default=1e-3,
                     help="fail above this largest |logit difference| (default 1e-3)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
