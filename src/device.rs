@@ -137,7 +137,7 @@ fn probe(choice: DeviceChoice, device: &Device) -> Result<(), String> {
         Backend::Flex => "",
     };
     match result {
-        Ok(v) if v == 3.0 => Ok(()),
+        Ok(3.0) => Ok(()),
         Ok(v) => Err(format!(
             "--device {choice}: the device computed 1 + 2 = {v}; its driver is broken ({fix})"
         )),

@@ -4,7 +4,10 @@
 //! - One LeNet-BN training step (batch 64, SGD lr 1): logits, loss, and every tensor of the
 //!   state_dict after the step. With lr 1 and no momentum, a weight after the step is the weight
 //!   before minus its gradient, so this compares every gradient too, and the running statistics.
-//!   `--norm fused` runs its kernel on Flex and the composed layer elsewhere, as users get it.
+//!   On wgpu the step runs twice: with `--norm fused` (the CubeCL kernels of
+//!   `src/norm/fused_cube.rs`) and with `--norm scratch` (the composed layer). LibTorch has no
+//!   fused kernel and runs the composed layer for both, as users get it. Flex's side is its
+//!   fused kernel (tested against PyTorch and finite differences elsewhere).
 //! - The case that stock Debian 12 Mesa (22.3.6) gets wrong on lavapipe: the composed BN on a
 //!   conv output (NHWC-strided on wgpu), then a sigmoid. Its gamma gradient was 44–95% off there;
 //!   with Mesa 25 (bookworm-backports) it matches Flex.
@@ -23,12 +26,13 @@ use std::collections::BTreeMap;
 use bnlab::data::FashionMnist;
 use bnlab::interop::torch::export;
 use bnlab::models::{ModelKind, ModelSpec};
+use bnlab::norm::fused::{self, Family};
 use bnlab::norm::{BatchNormConfig, NormKind};
 use bnlab::train::input_batch;
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -77,8 +81,8 @@ struct Step {
     state_after: BTreeMap<String, Vec<f64>>,
 }
 
-fn lenet_step(data: &FashionMnist, device: &Device) -> Step {
-    let spec = ModelSpec::of(ModelKind::LenetBn, NormKind::Fused);
+fn lenet_step(data: &FashionMnist, device: &Device, norm: NormKind) -> Step {
+    let spec = ModelSpec::of(ModelKind::LenetBn, norm);
     let train_device = device.clone().autodiff();
     // The initialiser draws on the host, so every backend starts from the same weights.
     let model = spec.init(0, &train_device);
@@ -122,10 +126,10 @@ fn lenet_step(data: &FashionMnist, device: &Device) -> Step {
     }
 }
 
-fn check_lenet_step(device: &Device) {
+fn check_lenet_step(device: &Device, norm: NormKind) {
     let data = data();
-    let want = lenet_step(&data, &Device::flex());
-    let got = lenet_step(&data, device);
+    let want = lenet_step(&data, &Device::flex(), NormKind::Fused);
+    let got = lenet_step(&data, device, norm);
     assert_close("logits", &got.logits, &want.logits, TOLERANCE);
     assert_close("loss", &[got.loss], &[want.loss], 1e-5);
     assert_eq!(
@@ -197,8 +201,19 @@ mod wgpu {
     }
 
     #[test]
-    fn lenet_bn_step_matches_flex_on_wgpu() {
-        check_lenet_step(&device());
+    fn lenet_bn_step_with_the_cubecl_kernel_matches_flex_on_wgpu() {
+        // Not a silent fallback: wgpu has a fused kernel of its own.
+        let device = device();
+        assert_eq!(
+            fused::family(&device.clone().autodiff()),
+            Some(Family::Cube)
+        );
+        check_lenet_step(&device, NormKind::Fused);
+    }
+
+    #[test]
+    fn lenet_bn_step_with_the_composed_layer_matches_flex_on_wgpu() {
+        check_lenet_step(&device(), NormKind::Scratch);
     }
 
     #[test]
@@ -213,7 +228,7 @@ mod libtorch {
 
     #[test]
     fn lenet_bn_step_matches_flex_on_libtorch() {
-        check_lenet_step(&Device::libtorch());
+        check_lenet_step(&Device::libtorch(), NormKind::Fused);
     }
 
     #[test]

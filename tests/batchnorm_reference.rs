@@ -485,8 +485,8 @@ fn convention_weights() {
 }
 
 /// The same cases on Burn's other backends, in float32 (what they train in): see
-/// `tests/backends.rs` for the rest of the cross-backend checks. `fused` has no kernel there and
-/// runs the composed layer, which these check.
+/// `tests/backends.rs` for the rest of the cross-backend checks. On wgpu, `fused` runs the CubeCL
+/// kernels of `src/norm/fused_cube.rs`; LibTorch has none, and runs the composed layer.
 #[cfg(feature = "wgpu")]
 mod on_wgpu {
     use super::*;
@@ -495,6 +495,8 @@ mod on_wgpu {
     fn module_matches_pytorch_in_float32_on_wgpu() {
         let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
         check_all_on(&device, DType::F32, Form::Module(Kernel::Composed));
+        // Not a silent fallback: the CubeCL kernel exists for this device.
+        assert!(bnlab::norm::fused::supports(&device.clone().autodiff()));
         check_all_on(&device, DType::F32, Form::Module(Kernel::Fused));
     }
 

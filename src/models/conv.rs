@@ -31,7 +31,7 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::norm::fused::{contiguous, slice, supports, tensor, Element};
+use crate::norm::fused::{contiguous, family, slice, tensor, Element, Family};
 use crate::norm::kernels::{assume_init, uninit};
 
 /// Output positions per matrix product, at least (fewer only when the batch runs out).
@@ -93,11 +93,14 @@ fn geometry_of(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvGeometry> {
     let [k_h, k_w] = conv.kernel_size;
     let fits = h + 2 * padding >= k_h && w + 2 * padding >= k_w;
     let plain = conv.groups == 1 && conv.dilation == [1, 1] && s_h == s_w && s_h > 0;
-    (plain && fits && supports(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F64))
-        .then_some(ConvGeometry {
-            stride: s_h,
-            padding,
-        })
+    (plain
+        && fits
+        && family(&x.device()) == Some(Family::Flex)
+        && matches!(x.dtype(), DType::F32 | DType::F64))
+    .then_some(ConvGeometry {
+        stride: s_h,
+        padding,
+    })
 }
 
 /// Sizes of one convolution.

@@ -17,8 +17,9 @@
 //! `conv → BN → sigmoid → pool` blocks thus cost one op instead of three, each a pass over
 //! memory forward and backward.
 //!
-//! Other backends, and dtypes other than float32 and float64, take the composed path: see
-//! [`try_normalize_train`].
+//! On Burn's CubeCL backend (wgpu, CUDA), [`super::fused_cube`] implements the same op in
+//! float32 without the epilogue, which is then composed from Burn ops. Other backends, and
+//! other dtypes, take the composed path: see [`try_normalize_train`].
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -26,15 +27,20 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[allow(unused_imports)] // named by the generated dispatch
+use burn::backend::Cube;
 use burn::backend::{
     backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice,
 };
+use std::marker::PhantomData;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::functional::{channels_of, BatchStats, BnError};
 use super::kernels::{self, ChannelStats, Dims, Epilogue, Real};
 
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")), Autodiff)]
 pub trait FusedBatchNormBackend: Backend {
     /// Training-mode batch norm over axis 1, then `epilogue`: the output, the batch mean and
     /// the biased batch variance (the last two carry no gradient).
@@ -47,21 +53,43 @@ pub trait FusedBatchNormBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// Whether the fused kernel can run on `device` (Flex, with or without autodiff).
-pub fn supports(device: &Device) -> bool {
-    match device.as_dispatch() {
-        DispatchDevice::Flex(_) => true,
-        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
-        #[allow(unreachable_patterns)]
-        _ => false,
+/// Which kernel family runs the fused op on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// The Flex CPU kernels: float32 and float64, with the epilogue in the same pass.
+    Flex,
+    /// The CubeCL kernels (wgpu, CUDA): float32, the epilogue composed after.
+    Cube,
+}
+
+/// The kernel family of the fused op on `device` (with or without autodiff), if it has one.
+pub fn family(device: &Device) -> Option<Family> {
+    fn of(device: &DispatchDevice) -> Option<Family> {
+        match device {
+            DispatchDevice::Flex(_) => Some(Family::Flex),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            DispatchDevice::Cube(_) => Some(Family::Cube),
+            DispatchDevice::Autodiff(inner) => of(inner),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
     }
+    of(device.as_dispatch())
+}
+
+/// Whether the fused op has a kernel for `device` (with or without autodiff).
+pub fn supports(device: &Device) -> bool {
+    family(device).is_some()
 }
 
 /// Whether [`try_normalize_train`] runs the fused kernel for `x` and `epilogue`.
 pub fn applies<const D: usize>(x: &Tensor<D>, epilogue: Epilogue) -> bool {
-    supports(&x.device())
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && epilogue.output_shape(&x.dims()).is_ok()
+    let dtype_ok = match family(&x.device()) {
+        Some(Family::Flex) => matches!(x.dtype(), DType::F32 | DType::F64),
+        Some(Family::Cube) => x.dtype() == DType::F32,
+        None => false,
+    };
+    dtype_ok && epilogue.output_shape(&x.dims()).is_ok()
 }
 
 /// Training-mode normalisation followed by `epilogue`, by the fused kernel, or `None` where it
@@ -93,19 +121,25 @@ pub fn try_normalize_train<const D: usize>(
     // Without affine parameters the op still takes them, as constants that carry no gradient.
     let gamma = gamma.unwrap_or_else(|| Tensor::ones([channels], (&device, dtype)));
     let beta = beta.unwrap_or_else(|| Tensor::zeros([channels], (&device, dtype)));
+    // The CubeCL kernels normalise only; what follows BN is composed after them.
+    let (in_kernel, after) = match family(&device) {
+        Some(Family::Flex) => (epilogue, Epilogue::NONE),
+        _ => (Epilogue::NONE, epilogue),
+    };
     let (y, mean, var) = <Dispatch as FusedBatchNormBackend>::fused_batch_norm_train(
         x.into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
         eps,
-        epilogue,
+        in_kernel,
     );
     let stats = BatchStats {
         mean: Tensor::from_dispatch(mean),
         var: Tensor::from_dispatch(var),
         count,
     };
-    Some(Ok((Tensor::from_dispatch(y), stats)))
+    let y = super::functional::apply_epilogue(Tensor::from_dispatch(y), after);
+    Some(Ok((y, stats)))
 }
 
 /// What the backward needs: the input, gamma, each channel's statistics, and the epilogue
@@ -296,42 +330,106 @@ fn backward(
     }
 }
 
-impl FusedBatchNormBackend for Flex {
-    fn fused_batch_norm_train(
+/// The hand-written forward and backward of the fused op on one backend family; the plain and
+/// autodiff impls of [`FusedBatchNormBackend`] are built on it.
+pub(crate) trait FusedKernels: Backend {
+    /// What the forward keeps for the backward.
+    type Saved: Clone + Send + std::fmt::Debug + 'static;
+
+    /// `(y, mean, var, saved)`.
+    fn forward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
         epilogue: Epilogue,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, mean, var, _) = forward(x, gamma, beta, eps, epilogue);
-        (y, mean, var)
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Self::Saved,
+    );
+
+    /// `(dx, dgamma, dbeta)`, `dx` only if `need_dx`.
+    fn backward(
+        saved: &Self::Saved,
+        dy: FloatTensor<Self>,
+        need_dx: bool,
+    ) -> (
+        Option<FloatTensor<Self>>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+impl FusedKernels for Flex {
+    type Saved = Saved;
+
+    fn forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+        epilogue: Epilogue,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, Saved) {
+        forward(x, gamma, beta, eps, epilogue)
+    }
+
+    fn backward(
+        saved: &Saved,
+        dy: FlexTensor,
+        need_dx: bool,
+    ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+        backward(saved, dy, need_dx)
     }
 }
 
-#[derive(Debug)]
-struct FusedBatchNormBackward;
+/// The op on a plain (no autodiff) backend with [`FusedKernels`].
+macro_rules! plain_fused_batch_norm {
+    ($backend:ty) => {
+        impl FusedBatchNormBackend for $backend {
+            fn fused_batch_norm_train(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                eps: f64,
+                epilogue: Epilogue,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                let (y, mean, var, _) =
+                    <Self as FusedKernels>::forward(x, gamma, beta, eps, epilogue);
+                (y, mean, var)
+            }
+        }
+    };
+}
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) use plain_fused_batch_norm;
 
-impl Backward<Flex, 3> for FusedBatchNormBackward {
-    type State = Saved;
+plain_fused_batch_norm!(Flex);
+
+#[derive(Debug)]
+struct FusedBatchNormBackward<B>(PhantomData<B>);
+
+impl<B: FusedKernels> Backward<B, 3> for FusedBatchNormBackward<B> {
+    type State = B::Saved;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, dgamma, dbeta) = backward(&ops.state, dy, node_x.is_some());
+        let dy = grads.consume::<B>(&ops.node);
+        let (dx, dgamma, dbeta) = B::backward(&ops.state, dy, node_x.is_some());
         if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<Flex>(node.id, dx);
+            grads.register::<B>(node.id, dx);
         }
         if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, dgamma);
+            grads.register::<B>(node.id, dgamma);
         }
         if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, dbeta);
+            grads.register::<B>(node.id, dbeta);
         }
     }
 }
 
-impl<C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<Flex, C> {
+impl<B: FusedKernels, C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<B, C> {
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -339,11 +437,11 @@ impl<C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<Flex, C> {
         eps: f64,
         epilogue: Epilogue,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let prepared = FusedBatchNormBackward
+        let prepared = FusedBatchNormBackward::<B>(PhantomData)
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
             .stateful();
-        let (y, mean, var, saved) = forward(
+        let (y, mean, var, saved) = B::forward(
             x.primitive().clone(),
             gamma.primitive().clone(),
             beta.primitive().clone(),
@@ -404,12 +502,13 @@ impl<C: CheckpointStrategy> SeededBackwardBackend for Autodiff<Flex, C> {
 }
 
 /// The gradients of everything `y` depends on, for the upstream gradient `upstream` (same shape
-/// as `y`); `None` off Flex, where the caller can use `(y * upstream).sum().backward()`.
+/// as `y`); `None` off Flex, where the caller can use `(y * upstream).sum().backward()` (one
+/// fused multiply-and-sum kernel on a GPU, where this would save little).
 pub fn backward_with<const D: usize>(
     y: Tensor<D>,
     upstream: Tensor<D>,
 ) -> Option<burn::tensor::Gradients> {
-    if !supports(&y.device()) || y.dims() != upstream.dims() {
+    if family(&y.device()) != Some(Family::Flex) || y.dims() != upstream.dims() {
         return None;
     }
     let seed = <Dispatch as SeededBackwardBackend>::seed_backward(

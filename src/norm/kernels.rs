@@ -36,6 +36,7 @@ pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
     /// `self * a + b`, rounded twice (no FMA: results stay the same on CPUs without it).
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn sigmoid(self) -> Self;
+    fn is_nan(self) -> bool;
 }
 
 /// `Real` for a primitive float type, with its sigmoid (`$exp` is the `e^x` it uses).
@@ -69,6 +70,10 @@ macro_rules! impl_real {
                 self * a + b
             }
             #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+            #[inline(always)]
             fn sigmoid(self) -> Self {
                 let exp: fn($t) -> $t = $exp;
                 1.0 / (1.0 + exp(-self))
@@ -86,6 +91,7 @@ impl_real!(f64, f64::exp);
 /// `e^r = 1 + r + r² p(r)` with a degree-5 `p`; within 2 ulp of the exact value on `[-87, 88]`,
 /// where the input is clamped (`e^-87` is already below float32's smallest normal number).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' constants, digit for digit
 pub fn exp_f32(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer in the low mantissa bits, without SSE4.1's `roundps`.
     const ROUND: f32 = 12_582_912.0;
@@ -487,7 +493,7 @@ fn pool_plane<E: Real>(a: &[E], (h, w): (usize, usize), pool: Pool, out: &mut [M
                 acc = match average {
                     true => acc.add(v),
                     // NaN wins, as in PyTorch.
-                    false if v > acc || v != v => v,
+                    false if v > acc || v.is_nan() => v,
                     false => acc,
                 };
             }
@@ -538,7 +544,7 @@ fn epilogue_grad_plane<'a, E: Real>(
                 let mut best = r0 * w + c0;
                 for dh in 0..k {
                     for j in (r0 + dh) * w + c0..(r0 + dh) * w + c0 + k {
-                        if a[j] > a[best] || (a[j] != a[j] && a[best] == a[best]) {
+                        if a[j] > a[best] || (a[j].is_nan() && !a[best].is_nan()) {
                             best = j;
                         }
                     }

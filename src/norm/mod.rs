@@ -4,10 +4,13 @@
 //! - [`layer`]: [`BatchNorm`], the same as a Burn module with parameters and running state.
 //! - [`NormLayer`]: what a model puts after a conv or linear layer, chosen by [`NormKind`].
 //! - [`fused`] and [`kernels`]: the hand-written Flex op of `--norm fused`, which can also
-//!   compute the activation and pooling that follow BN ([`Epilogue`]).
+//!   compute the activation and pooling that follow BN ([`Epilogue`]); `fused_cube`: the same
+//!   op as CubeCL kernels for wgpu and CUDA (with `--features wgpu` or `cuda`).
 
 pub mod functional;
 pub mod fused;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod fused_cube;
 pub mod kernels;
 pub mod layer;
 
@@ -25,8 +28,8 @@ pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NormKind {
-    /// This project's layer with its hand-written Flex kernel ([`fused`]); the scratch layer on
-    /// other backends.
+    /// This project's layer with its hand-written kernels: Flex on the CPU, CubeCL on wgpu and
+    /// CUDA; the scratch layer on LibTorch.
     Fused,
     /// This project's layer, built from Burn tensor ops ([`BatchNorm`]).
     Scratch,
