@@ -14,7 +14,7 @@
 
 use bnlab::norm::functional::normalize_train;
 use bnlab::norm::kernels::{Activation, Pool};
-use bnlab::norm::{apply_epilogue, fused, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
+use bnlab::norm::{compose_epilogue, fused, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
 use burn::module::{Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -55,7 +55,7 @@ fn loss<const D: usize>(
         1e-5,
     )
     .unwrap();
-    let y = apply_epilogue(y, epilogue);
+    let y = compose_epilogue(y, epilogue);
     let w = f64_tensor(w, output_shape(shape, epilogue), &d);
     values((y * w).sum())[0]
 }
@@ -170,6 +170,56 @@ fn epilogue_gradients_match_finite_differences() {
     for ep in [epilogue(Sigmoid, Pool::None), epilogue(Relu, Pool::None)] {
         check_with([6, 3], 20, Kernel::Fused, ep);
     }
+}
+
+/// Inference: the epilogue kernel (what eval mode runs after a folded BN) against Burn's ops,
+/// for every activation and pool, on planes the 2×2 pools do not divide (5 × 7), with a NaN and
+/// values of both signs; float64 to 1e-12 and float32 to 1e-6 of the largest value.
+#[test]
+fn inference_epilogue_kernel_matches_burn_ops() {
+    use Activation::{Identity, Relu, Sigmoid};
+    let shape = [3, 4, 5, 7];
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(9);
+    let mut x = random(shape.iter().product(), 6.0, 0.0, &mut rng);
+    x[17] = f64::NAN;
+    let device = Device::flex();
+    for dtype in [DType::F64, DType::F32] {
+        let input = Tensor::<4>::from_data(TensorData::new(x.clone(), shape), (&device, dtype));
+        for ep in [
+            epilogue(Sigmoid, Pool::Avg(2)),
+            epilogue(Sigmoid, Pool::Max(2)),
+            epilogue(Relu, Pool::Max(2)),
+            epilogue(Relu, Pool::Avg(2)),
+            epilogue(Identity, Pool::Max(2)),
+            epilogue(Identity, Pool::Avg(3)),
+            epilogue(Sigmoid, Pool::None),
+            epilogue(Relu, Pool::None),
+        ] {
+            let kernel = fused::try_epilogue_only(&input, ep).expect("the kernel applies");
+            let want = values(compose_epilogue(input.clone(), ep));
+            let got = values(kernel);
+            assert_eq!(got.len(), want.len(), "{ep:?} {dtype:?}");
+            let tol = match dtype {
+                DType::F64 => 1e-12,
+                _ => 1e-6,
+            } * max_abs(
+                &want
+                    .iter()
+                    .copied()
+                    .filter(|v| v.is_finite())
+                    .collect::<Vec<_>>(),
+            );
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g.is_nan() && w.is_nan()) || (g - w).abs() <= tol,
+                    "{ep:?} {dtype:?} [{i}]: kernel {g}, Burn {w}"
+                );
+            }
+        }
+    }
+    // Training keeps Burn's ops (or the fused BN op): no kernel on an autodiff device.
+    let tracked = Tensor::<4>::zeros(shape, &device.clone().autodiff());
+    assert!(fused::try_epilogue_only(&tracked, epilogue(Sigmoid, Pool::Avg(2))).is_none());
 }
 
 /// The fused epilogue against the composed layers in float32, on LeNet's first block:

@@ -250,12 +250,24 @@ pub fn normalize_eval<const D: usize>(
     Ok(affine(normalized, gamma, beta, channels))
 }
 
-/// `epilogue` (an activation, then a `k × k` pool of stride `k`) from Burn ops: what the fused
-/// kernel computes in its own pass.
+/// `epilogue` (an activation, then a `k × k` pool of stride `k`): in inference on Flex by one
+/// kernel ([`super::fused::try_epilogue_only`]), otherwise by [`compose_epilogue`].
 ///
 /// # Panics
 /// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
 pub fn apply_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
+    match super::fused::try_epilogue_only(&x, epilogue) {
+        Some(y) => y,
+        None => compose_epilogue(x, epilogue),
+    }
+}
+
+/// `epilogue` from Burn ops: what the fused kernels compute in their own pass, and the
+/// reference the tests hold them to.
+///
+/// # Panics
+/// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
+pub fn compose_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
     let a = match epilogue.activation {
         Activation::Identity => x,
         Activation::Sigmoid => sigmoid(x),

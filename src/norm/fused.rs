@@ -456,6 +456,66 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedBatchNormBackend for Autodiff<
     }
 }
 
+/// Inference: an [`Epilogue`] alone (the activation, then the pool) as one Flex kernel. Eval
+/// mode runs it after a BN layer folded into its conv, where Burn's ops would take a pass for
+/// each and compute the sigmoid with scalar `expf`.
+#[backend_extension(Flex)]
+pub trait EpilogueBackend: Backend {
+    fn epilogue_only(x: FloatTensor<Self>, epilogue: Epilogue) -> FloatTensor<Self>;
+}
+
+impl EpilogueBackend for Flex {
+    fn epilogue_only(x: FlexTensor, epilogue: Epilogue) -> FlexTensor {
+        fn typed<E: Element>(x: &FlexTensor, epilogue: Epilogue) -> FlexTensor {
+            let shape = x.layout().shape().to_vec();
+            let dims = Dims::of(&shape);
+            // The fused forward with the identity for BN: x̂ = x, gamma 1, beta 0.
+            let identity = ChannelStats {
+                pivot: E::ZERO,
+                shifted_mean: E::ZERO,
+                inv_std: E::ONE,
+                mean: 0.0,
+                var: 0.0,
+            };
+            let (activations, pooled) = kernels::forward(
+                slice::<E>(x),
+                dims,
+                plane_of(&shape),
+                &vec![identity; dims.c],
+                &vec![E::ONE; dims.c],
+                &vec![E::ZERO; dims.c],
+                epilogue,
+            );
+            let out_shape = epilogue
+                .output_shape(&shape)
+                .expect("checked by the caller");
+            tensor(pooled.unwrap_or(activations), out_shape)
+        }
+        let x = contiguous(&x);
+        match x.dtype() {
+            DType::F64 => typed::<f64>(&x, epilogue),
+            _ => typed::<f32>(&x, epilogue),
+        }
+    }
+}
+
+/// `epilogue` applied to `x` by the Flex kernel, or `None` where it does not apply: off Flex,
+/// on an autodiff device (training takes the gradient through Burn's ops or the fused BN op),
+/// for other dtypes, or for an epilogue that does nothing.
+pub fn try_epilogue_only<const D: usize>(x: &Tensor<D>, epilogue: Epilogue) -> Option<Tensor<D>> {
+    let plain_flex = matches!(x.device().as_dispatch(), DispatchDevice::Flex(_));
+    let applies = plain_flex
+        && !epilogue.is_none()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && epilogue.output_shape(&x.dims()).is_ok();
+    applies.then(|| {
+        Tensor::from_dispatch(<Dispatch as EpilogueBackend>::epilogue_only(
+            x.clone().into_dispatch(),
+            epilogue,
+        ))
+    })
+}
+
 /// Backward from a given upstream gradient, as `torch.autograd.grad(y, params, g)` does: the W6
 /// benchmark feeds `g` straight in, where `(y * g).sum().backward()` would add three passes over
 /// memory to what it times.

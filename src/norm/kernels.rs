@@ -361,6 +361,11 @@ fn lane_sums<E: Real>(
 simd_fn! {
     /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`.
     fn shifted_sums<E: Real>(x: &[E], dims: Dims, c: usize, pivot: E) -> (f64, f64) {
+        if dims.s == 1 {
+            // (N, C) input: the channel's values are a column.
+            let column = x[c..].iter().step_by(dims.c).map(|&v| v.sub(pivot).to_f64());
+            return column.fold((0.0, 0.0), |(s, q), d| (s + d, q + d * d));
+        }
         let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
             let run = &x[(n * dims.c + c) * dims.s..][..dims.s];
@@ -413,6 +418,14 @@ pub fn forward<E: Real>(
     beta: &[E],
     epilogue: Epilogue,
 ) -> (Vec<E>, Option<Vec<E>>) {
+    if dims.s == 1 {
+        // No pool fits one value per plane (`Epilogue::output_shape` says so).
+        debug_assert_eq!(epilogue.pool, Pool::None);
+        return (
+            rows::forward(x, dims, stats, gamma, beta, epilogue.activation),
+            None,
+        );
+    }
     let mut activations = uninit::<E>(dims.len());
     let (h, w) = plane;
     let k = epilogue.pool.window().unwrap_or(1);
@@ -477,34 +490,51 @@ simd_fn! {
 
 /// Pools one `(h, w)` plane into `out`, `(h / k) × (w / k)`.
 #[inline(always)]
-fn pool_plane<E: Real>(a: &[E], (h, w): (usize, usize), pool: Pool, out: &mut [MaybeUninit<E>]) {
-    let (k, average) = match pool {
-        Pool::None => return,
-        Pool::Avg(k) => (k, true),
-        Pool::Max(k) => (k, false),
-    };
+fn pool_plane<E: Real>(a: &[E], plane: (usize, usize), pool: Pool, out: &mut [MaybeUninit<E>]) {
+    // A literal `k` per arm lets the window loops unroll (LeNet's pools are 2×2).
+    match pool {
+        Pool::None => {}
+        Pool::Avg(2) => pool_rows(a, plane, 2, true, out),
+        Pool::Max(2) => pool_rows(a, plane, 2, false, out),
+        Pool::Avg(k) => pool_rows(a, plane, k, true, out),
+        Pool::Max(k) => pool_rows(a, plane, k, false, out),
+    }
+}
+
+/// [`pool_plane`], one output row at a time (no division per output value).
+#[inline(always)]
+fn pool_rows<E: Real>(
+    a: &[E],
+    (h, w): (usize, usize),
+    k: usize,
+    average: bool,
+    out: &mut [MaybeUninit<E>],
+) {
     let (ho, wo) = (h / k, w / k);
     let inv_area = E::from_f64(1.0 / (k * k) as f64);
-    let window = |o: usize| {
-        let (r0, c0) = ((o / wo) * k, (o % wo) * k);
-        let mut acc = if average { E::ZERO } else { a[r0 * w + c0] };
-        for dh in 0..k {
-            for &v in &a[(r0 + dh) * w + c0..][..k] {
-                acc = match average {
-                    true => acc.add(v),
-                    // NaN wins, as in PyTorch.
-                    false if v > acc || v.is_nan() => v,
-                    false => acc,
-                };
+    for (r, out_row) in out[..ho * wo].chunks_exact_mut(wo).enumerate() {
+        let rows = &a[r * k * w..][..k * w];
+        let window = |j: usize| {
+            let c0 = j * k;
+            let mut acc = if average { E::ZERO } else { rows[c0] };
+            for dh in 0..k {
+                for &v in &rows[dh * w + c0..][..k] {
+                    acc = match average {
+                        true => acc.add(v),
+                        // NaN wins, as in PyTorch.
+                        false if v > acc || v.is_nan() => v,
+                        false => acc,
+                    };
+                }
             }
-        }
-        if average {
-            acc.mul(inv_area)
-        } else {
-            acc
-        }
-    };
-    fill(out, (0..ho * wo).map(window));
+            if average {
+                acc.mul(inv_area)
+            } else {
+                acc
+            }
+        };
+        fill(out_row, (0..wo).map(window));
+    }
 }
 
 /// The gradient with respect to BN's output `z` of one `(h, w)` plane, from the gradient of
@@ -528,30 +558,12 @@ fn epilogue_grad_plane<'a, E: Real>(
         }
         Pool::Avg(k) | Pool::Max(k) => (k, fill(dz, std::iter::repeat(E::ZERO))),
     };
-    let (ho, wo) = (h / k, w / k);
-    // The pool's backward: dout spread over (or routed to the maximum of) each window.
-    for (o, &g) in dout[..ho * wo].iter().enumerate() {
-        let (r0, c0) = ((o / wo) * k, (o % wo) * k);
-        match epilogue.pool {
-            Pool::Avg(_) => {
-                let share = g.mul(E::from_f64(1.0 / (k * k) as f64));
-                for dh in 0..k {
-                    dz[(r0 + dh) * w + c0..][..k].fill(share);
-                }
-            }
-            _ => {
-                // The first maximum in row-major order, the one the forward took.
-                let mut best = r0 * w + c0;
-                for dh in 0..k {
-                    for j in (r0 + dh) * w + c0..(r0 + dh) * w + c0 + k {
-                        if a[j] > a[best] || (a[j].is_nan() && !a[best].is_nan()) {
-                            best = j;
-                        }
-                    }
-                }
-                dz[best] = g;
-            }
-        }
+    // A literal `k` per arm lets the window loops unroll (LeNet's pools are 2×2).
+    match epilogue.pool {
+        Pool::Avg(2) => unpool_rows(a, dout, (h, w), 2, true, dz),
+        Pool::Max(2) => unpool_rows(a, dout, (h, w), 2, false, dz),
+        Pool::Avg(_) => unpool_rows(a, dout, (h, w), k, true, dz),
+        _ => unpool_rows(a, dout, (h, w), k, false, dz),
     }
     if act != Activation::Identity {
         for (d, &av) in dz.iter_mut().zip(a) {
@@ -559,6 +571,44 @@ fn epilogue_grad_plane<'a, E: Real>(
         }
     }
     dz
+}
+
+/// The pool's backward into `dz` (zeroed): each output's gradient spread over its `k × k`
+/// window (average) or routed to the window's maximum, one output row at a time.
+#[inline(always)]
+fn unpool_rows<E: Real>(
+    a: &[E],
+    dout: &[E],
+    (h, w): (usize, usize),
+    k: usize,
+    average: bool,
+    dz: &mut [E],
+) {
+    let (ho, wo) = (h / k, w / k);
+    let share_of = E::from_f64(1.0 / (k * k) as f64);
+    for (r, dout_row) in dout[..ho * wo].chunks_exact(wo).enumerate() {
+        let base = r * k * w;
+        for (j, &g) in dout_row.iter().enumerate() {
+            let c0 = base + j * k;
+            if average {
+                let share = g.mul(share_of);
+                for dh in 0..k {
+                    dz[c0 + dh * w..][..k].fill(share);
+                }
+            } else {
+                // The first maximum in row-major order, the one the forward took.
+                let mut best = c0;
+                for dh in 0..k {
+                    for i in c0 + dh * w..c0 + dh * w + k {
+                        if a[i] > a[best] || (a[i].is_nan() && !a[best].is_nan()) {
+                            best = i;
+                        }
+                    }
+                }
+                dz[best] = g;
+            }
+        }
+    }
 }
 
 simd_fn! {
@@ -586,6 +636,9 @@ pub fn grad_sums<E: Real>(
     dims: Dims,
     stats: &[ChannelStats<E>],
 ) -> Vec<(f64, f64)> {
+    if dims.s == 1 {
+        return rows::grad_sums(x, dy, dims, stats, None);
+    }
     (0..dims.c)
         .into_par_iter()
         .map(|c| {
@@ -630,6 +683,10 @@ pub fn epilogue_grad_sums<E: Real>(
     epilogue: Epilogue,
     dz: &mut [MaybeUninit<E>],
 ) -> Vec<(f64, f64)> {
+    if dims.s == 1 {
+        debug_assert_eq!(epilogue.pool, Pool::None);
+        return rows::grad_sums(x, dout, dims, stats, Some((activations, epilogue, dz)));
+    }
     let out_plane = dout.len() / (dims.n * dims.c);
     let per_plane: Vec<(f64, f64)> = dz
         .par_chunks_mut(dims.s)
@@ -718,6 +775,18 @@ pub fn input_grad<E: Real>(
 ) -> Vec<E> {
     let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
     let mut dx = uninit::<E>(dims.len());
+    if dims.s == 1 {
+        rows::input_grad(
+            x,
+            Some(dy),
+            dims,
+            stats,
+            &coefficients,
+            RowsOut::Fresh(&mut dx),
+        );
+        // SAFETY: every row was filled above.
+        return unsafe { assume_init(dx) };
+    }
     dx.par_chunks_mut(dims.s)
         .with_min_len(planes_per_task(dims))
         .enumerate()
@@ -741,6 +810,10 @@ pub fn input_grad_in_place<E: Real>(
     sums: &[(f64, f64)],
 ) {
     let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
+    if dims.s == 1 {
+        rows::input_grad(x, None, dims, stats, &coefficients, RowsOut::InPlace(dz));
+        return;
+    }
     dz.par_chunks_mut(dims.s)
         .with_min_len(planes_per_task(dims))
         .enumerate()
@@ -748,6 +821,211 @@ pub fn input_grad_in_place<E: Real>(
             let xs = &x[i * dims.s..][..dims.s];
             input_grad_plane_in_place(xs, stats[i % dims.c], coefficients[i % dims.c], run);
         });
+}
+
+/// Where [`rows::input_grad`] writes: a new buffer, or over the gradient it reads.
+enum RowsOut<'a, E> {
+    Fresh(&'a mut [MaybeUninit<E>]),
+    InPlace(&'a mut [E]),
+}
+
+/// The passes for `(N, C)` input (one value per plane: the linear layers' BN). The per-plane
+/// loops above would make one call per value there, 15× slower per value than on a conv
+/// layer's planes; these take blocks of rows (examples), each channel's parameters in arrays.
+mod rows {
+    use super::*;
+
+    /// Rows per rayon task, so that each task has a few thousand values to work on.
+    fn per_task(dims: Dims) -> usize {
+        (4096 / dims.c.max(1)).max(1)
+    }
+
+    /// Each channel's pivot and shifted mean, as arrays: `x - mean = (x - pivot) - shifted`.
+    fn centering<E: Real>(stats: &[ChannelStats<E>]) -> (Vec<E>, Vec<E>) {
+        stats.iter().map(|st| (st.pivot, st.shifted_mean)).unzip()
+    }
+
+    simd_fn! {
+        /// `activation(scale · (x - mean) + beta)` over a block of rows.
+        #[allow(clippy::too_many_arguments)]
+        fn forward_block<E: Real>(
+            x: &[E],
+            pivot: &[E],
+            shifted: &[E],
+            scale: &[E],
+            beta: &[E],
+            activation: Activation,
+            out: &mut [MaybeUninit<E>],
+        ) {
+            let c = pivot.len();
+            for (row, out) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+                let z = row
+                    .iter()
+                    .zip(pivot.iter().zip(shifted))
+                    .zip(scale.iter().zip(beta))
+                    .map(|((&v, (&p, &m)), (&s, &b))| v.sub(p).sub(m).mul_add(s, b));
+                match activation {
+                    Activation::Identity => fill(out, z),
+                    Activation::Sigmoid => fill(out, z.map(Real::sigmoid)),
+                    Activation::Relu => fill(out, z.map(|z| Activation::Relu.apply(z))),
+                };
+            }
+        }
+    }
+
+    pub(super) fn forward<E: Real>(
+        x: &[E],
+        dims: Dims,
+        stats: &[ChannelStats<E>],
+        gamma: &[E],
+        beta: &[E],
+        activation: Activation,
+    ) -> Vec<E> {
+        let (pivot, shifted) = centering(stats);
+        let scale: Vec<E> = stats
+            .iter()
+            .zip(gamma)
+            .map(|(st, g)| E::from_f64(g.to_f64() * st.inv_std.to_f64()))
+            .collect();
+        let mut out = uninit::<E>(dims.len());
+        let block = per_task(dims) * dims.c;
+        out.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(out, x)| forward_block(x, &pivot, &shifted, &scale, beta, activation, out));
+        // SAFETY: every row was filled above.
+        unsafe { assume_init(out) }
+    }
+
+    simd_fn! {
+        /// Adds each channel's `Σ g` and `Σ g · (x - mean)` over a block of rows to `sums`.
+        fn sums_block<E: Real>(
+            x: &[E],
+            g: &[E],
+            pivot: &[E],
+            shifted: &[E],
+            sums: &mut [(f64, f64)],
+        ) {
+            let c = pivot.len();
+            for (row, grads) in x.chunks_exact(c).zip(g.chunks_exact(c)) {
+                let terms = row.iter().zip(grads).zip(pivot.iter().zip(shifted));
+                for (sum, ((&v, &g), (&p, &m))) in sums.iter_mut().zip(terms) {
+                    let g = g.to_f64();
+                    *sum = (sum.0 + g, sum.1 + g * v.sub(p).sub(m).to_f64());
+                }
+            }
+        }
+    }
+
+    /// What [`super::grad_sums`] returns, for BN's own output gradient `g`, or with
+    /// `epilogue = Some((activations, epilogue, dz))` what [`super::epilogue_grad_sums`] does:
+    /// `g` is then the epilogue's output gradient, taken back through the activation into `dz`.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn grad_sums<E: Real>(
+        x: &[E],
+        g: &[E],
+        dims: Dims,
+        stats: &[ChannelStats<E>],
+        epilogue: Option<(&[E], Epilogue, &mut [MaybeUninit<E>])>,
+    ) -> Vec<(f64, f64)> {
+        let (pivot, shifted) = centering(stats);
+        let block = per_task(dims) * dims.c;
+        let block_sums = |x: &[E], g: &[E]| {
+            let mut sums = vec![(0.0, 0.0); dims.c];
+            sums_block(x, g, &pivot, &shifted, &mut sums);
+            sums
+        };
+        // Per block, then added in block order: the same sums on every run.
+        let per_block: Vec<Vec<(f64, f64)>> = match epilogue {
+            None => x
+                .par_chunks(block)
+                .zip(g.par_chunks(block))
+                .map(|(x, g)| block_sums(x, g))
+                .collect(),
+            Some((activations, epilogue, dz)) => dz
+                .par_chunks_mut(block)
+                .zip(x.par_chunks(block))
+                .zip(g.par_chunks(block).zip(activations.par_chunks(block)))
+                .map(|((dz, x), (g, a))| {
+                    // Without a pool the epilogue's backward is element-wise.
+                    let dz = epilogue_grad_plane(a, g, (1, 1), epilogue, dz);
+                    block_sums(x, dz)
+                })
+                .collect(),
+        };
+        let mut sums = vec![(0.0, 0.0); dims.c];
+        for block in per_block {
+            for (sum, (s0, s1)) in sums.iter_mut().zip(block) {
+                *sum = (sum.0 + s0, sum.1 + s1);
+            }
+        }
+        sums.iter()
+            .zip(stats)
+            .map(|(&(s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+            .collect()
+    }
+
+    simd_fn! {
+        /// `dx = a·g + b·(x - mean) + k` over a block of rows; `g` is read from `out` when
+        /// `dy` is `None`.
+        #[allow(clippy::too_many_arguments)]
+        fn input_grad_block<E: Real>(
+            x: &[E],
+            dy: Option<&[E]>,
+            pivot: &[E],
+            shifted: &[E],
+            coefficients: &[(E, E, E)],
+            out: RowsOut<'_, E>,
+        ) {
+            let c = pivot.len();
+            let per_channel = || pivot.iter().zip(shifted).zip(coefficients);
+            let grad = |v: E, g: E, ((&p, &m), &(a, b, k)): ((&E, &E), &(E, E, E))| {
+                g.mul_add(a, v.sub(p).sub(m).mul_add(b, k))
+            };
+            match (out, dy) {
+                (RowsOut::Fresh(out), Some(dy)) => {
+                    let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
+                    for ((row, gs), out) in rows.zip(out.chunks_exact_mut(c)) {
+                        let values = row.iter().zip(gs).zip(per_channel());
+                        fill(out, values.map(|((&v, &g), ch)| grad(v, g, ch)));
+                    }
+                }
+                (RowsOut::InPlace(gs), None) => {
+                    for (row, gs) in x.chunks_exact(c).zip(gs.chunks_exact_mut(c)) {
+                        for ((&v, g), ch) in row.iter().zip(gs).zip(per_channel()) {
+                            *g = grad(v, *g, ch);
+                        }
+                    }
+                }
+                _ => unreachable!("a fresh output reads dy, an in-place one its own values"),
+            }
+        }
+    }
+
+    pub(super) fn input_grad<E: Real>(
+        x: &[E],
+        dy: Option<&[E]>,
+        dims: Dims,
+        stats: &[ChannelStats<E>],
+        coefficients: &[(E, E, E)],
+        out: RowsOut<'_, E>,
+    ) {
+        let (pivot, shifted) = centering(stats);
+        let block = per_task(dims) * dims.c;
+        let run = |x: &[E], dy: Option<&[E]>, out: RowsOut<'_, E>| {
+            input_grad_block(x, dy, &pivot, &shifted, coefficients, out)
+        };
+        match (out, dy) {
+            (RowsOut::Fresh(out), Some(dy)) => out
+                .par_chunks_mut(block)
+                .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+                .for_each(|(out, (x, dy))| run(x, Some(dy), RowsOut::Fresh(out))),
+            (RowsOut::InPlace(gs), None) => gs
+                .par_chunks_mut(block)
+                .zip(x.par_chunks(block))
+                .for_each(|(gs, x)| run(x, None, RowsOut::InPlace(gs))),
+            _ => unreachable!("a fresh output reads dy, an in-place one its own values"),
+        }
+    }
 }
 
 #[cfg(test)]

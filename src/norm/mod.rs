@@ -19,7 +19,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use functional::{
-    apply_epilogue, batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate,
+    apply_epilogue, batch_norm, compose_epilogue, BnError, Convention, Mode, RunningStats,
+    RunningUpdate,
 };
 pub use kernels::Epilogue;
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
