@@ -250,8 +250,8 @@ pub fn normalize_eval<const D: usize>(
     Ok(affine(normalized, gamma, beta, channels))
 }
 
-/// `epilogue` (an activation, then a `k × k` pool of stride `k`): in inference on Flex by one
-/// kernel ([`super::fused::try_epilogue_only`]), otherwise by [`compose_epilogue`].
+/// `epilogue` (an activation, then a `k × k` pool of stride `k`): on Flex by one op with its
+/// own backward ([`super::fused::try_epilogue_only`]), elsewhere by [`compose_epilogue`].
 ///
 /// # Panics
 /// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.

@@ -711,6 +711,51 @@ pub fn epilogue_grad_sums<E: Real>(
         .collect()
 }
 
+simd_fn! {
+    /// [`epilogue_grad_plane`] over one plane, or over a block of values when nothing pools.
+    fn epilogue_grad_block<E: Real>(
+        a: &[E],
+        dout: &[E],
+        plane: (usize, usize),
+        epilogue: Epilogue,
+        dz: &mut [MaybeUninit<E>],
+    ) {
+        epilogue_grad_plane(a, dout, plane, epilogue, dz);
+    }
+}
+
+/// The backward of an epilogue alone (no BN before it): the gradient at its input from the
+/// gradient at its output `dout` and its saved activations.
+pub fn epilogue_grad<E: Real>(
+    activations: &[E],
+    dout: &[E],
+    dims: Dims,
+    plane: (usize, usize),
+    epilogue: Epilogue,
+) -> Vec<E> {
+    let mut dz = uninit::<E>(dims.len());
+    match epilogue.pool {
+        // Element-wise: any blocks will do.
+        Pool::None => dz
+            .par_chunks_mut(4096)
+            .zip(activations.par_chunks(4096).zip(dout.par_chunks(4096)))
+            .for_each(|(dz, (a, g))| epilogue_grad_block(a, g, (1, 1), epilogue, dz)),
+        _ => {
+            let out_plane = dout.len() / (dims.n * dims.c);
+            dz.par_chunks_mut(dims.s)
+                .with_min_len(planes_per_task(dims))
+                .enumerate()
+                .for_each(|(i, dz)| {
+                    let a = &activations[i * dims.s..][..dims.s];
+                    let g = &dout[i * out_plane..][..out_plane];
+                    epilogue_grad_block(a, g, plane, epilogue, dz)
+                })
+        }
+    }
+    // SAFETY: every block was filled above.
+    unsafe { assume_init(dz) }
+}
+
 /// Per channel, `(a, b, k)` of `dx = a·dy + b·(x - mean) + k`, the input gradient
 /// `dx = gamma·inv_std · (dy - mean(dy) - x̂ · mean(dy·x̂))`.
 fn input_grad_coefficients<E: Real>(
