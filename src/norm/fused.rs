@@ -220,13 +220,11 @@ fn forward(
     ) {
         let shape = x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
-        let xs = slice::<E>(x);
-        let stats = kernels::channel_stats(xs, dims, eps);
-        let (activations, pooled) = kernels::forward(
-            xs,
+        let (stats, activations, pooled) = kernels::train_forward(
+            slice::<E>(x),
             dims,
             plane_of(&shape),
-            &stats,
+            eps,
             slice(gamma),
             slice(beta),
             epilogue,
@@ -287,34 +285,17 @@ fn backward(
         let dims = Dims::of(&shape);
         let stats = stats_from::<E>(&saved.stats);
         let (xs, dys, gamma) = (slice::<E>(&saved.x), slice::<E>(dy), slice(&saved.gamma));
-        let (sums, dx) = match &saved.activations {
-            None => {
-                let sums = kernels::grad_sums(xs, dys, dims, &stats);
-                let dx = need_dx.then(|| kernels::input_grad(xs, dys, dims, &stats, gamma, &sums));
-                (sums, dx)
-            }
-            Some(activations) => {
-                // The gradient at BN's output goes into the buffer that becomes dx.
-                let mut dz = kernels::uninit::<E>(dims.len());
-                let sums = kernels::epilogue_grad_sums(
-                    xs,
-                    slice(activations),
-                    dys,
-                    dims,
-                    plane_of(&shape),
-                    &stats,
-                    saved.epilogue,
-                    &mut dz,
-                );
-                // SAFETY: epilogue_grad_sums writes every element of dz.
-                let mut dz = unsafe { kernels::assume_init(dz) };
-                let dx = need_dx.then(|| {
-                    kernels::input_grad_in_place(xs, &mut dz, dims, &stats, gamma, &sums);
-                    dz
-                });
-                (sums, dx)
-            }
-        };
+        let (sums, dx) = kernels::train_backward(
+            xs,
+            dys,
+            saved.activations.as_ref().map(slice::<E>),
+            dims,
+            plane_of(&shape),
+            &stats,
+            gamma,
+            saved.epilogue,
+            need_dx,
+        );
         let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
         let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();
         (
