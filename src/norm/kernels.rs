@@ -831,14 +831,8 @@ pub fn input_grad<E: Real>(
     let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
     let mut dx = uninit::<E>(dims.len());
     if dims.s == 1 {
-        rows::input_grad(
-            x,
-            Some(dy),
-            dims,
-            stats,
-            &coefficients,
-            RowsOut::Fresh(&mut dx),
-        );
+        let out = RowsOut::Fresh { dy, dx: &mut dx };
+        rows::input_grad(x, dims, stats, &coefficients, out);
         // SAFETY: every row was filled above.
         return unsafe { assume_init(dx) };
     }
@@ -866,7 +860,7 @@ pub fn input_grad_in_place<E: Real>(
 ) {
     let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
     if dims.s == 1 {
-        rows::input_grad(x, None, dims, stats, &coefficients, RowsOut::InPlace(dz));
+        rows::input_grad(x, dims, stats, &coefficients, RowsOut::InPlace(dz));
         return;
     }
     dz.par_chunks_mut(dims.s)
@@ -1063,9 +1057,13 @@ pub fn train_backward<E: Real>(
     (sums, need_dx.then(|| unsafe { assume_init(dx) }))
 }
 
-/// Where [`rows::input_grad`] writes: a new buffer, or over the gradient it reads.
+/// What [`rows::input_grad`] reads and writes: `dy` into a new buffer `dx`, or the gradient
+/// at BN's output, overwritten with the input gradient.
 enum RowsOut<'a, E> {
-    Fresh(&'a mut [MaybeUninit<E>]),
+    Fresh {
+        dy: &'a [E],
+        dx: &'a mut [MaybeUninit<E>],
+    },
     InPlace(&'a mut [E]),
 }
 
@@ -1205,12 +1203,9 @@ mod rows {
     }
 
     simd_fn! {
-        /// `dx = a·g + b·(x - mean) + k` over a block of rows; `g` is read from `out` when
-        /// `dy` is `None`.
-        #[allow(clippy::too_many_arguments)]
+        /// `dx = a·g + b·(x - mean) + k` over a block of rows.
         fn input_grad_block<E: Real>(
             x: &[E],
-            dy: Option<&[E]>,
             pivot: &[E],
             shifted: &[E],
             coefficients: &[(E, E, E)],
@@ -1221,29 +1216,27 @@ mod rows {
             let grad = |v: E, g: E, ((&p, &m), &(a, b, k)): ((&E, &E), &(E, E, E))| {
                 g.mul_add(a, v.sub(p).sub(m).mul_add(b, k))
             };
-            match (out, dy) {
-                (RowsOut::Fresh(out), Some(dy)) => {
+            match out {
+                RowsOut::Fresh { dy, dx } => {
                     let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
-                    for ((row, gs), out) in rows.zip(out.chunks_exact_mut(c)) {
+                    for ((row, gs), out) in rows.zip(dx.chunks_exact_mut(c)) {
                         let values = row.iter().zip(gs).zip(per_channel());
                         fill(out, values.map(|((&v, &g), ch)| grad(v, g, ch)));
                     }
                 }
-                (RowsOut::InPlace(gs), None) => {
+                RowsOut::InPlace(gs) => {
                     for (row, gs) in x.chunks_exact(c).zip(gs.chunks_exact_mut(c)) {
                         for ((&v, g), ch) in row.iter().zip(gs).zip(per_channel()) {
                             *g = grad(v, *g, ch);
                         }
                     }
                 }
-                _ => unreachable!("a fresh output reads dy, an in-place one its own values"),
             }
         }
     }
 
     pub(super) fn input_grad<E: Real>(
         x: &[E],
-        dy: Option<&[E]>,
         dims: Dims,
         stats: &[ChannelStats<E>],
         coefficients: &[(E, E, E)],
@@ -1251,19 +1244,16 @@ mod rows {
     ) {
         let (pivot, shifted) = centering(stats);
         let block = per_task(dims) * dims.c;
-        let run = |x: &[E], dy: Option<&[E]>, out: RowsOut<'_, E>| {
-            input_grad_block(x, dy, &pivot, &shifted, coefficients, out)
-        };
-        match (out, dy) {
-            (RowsOut::Fresh(out), Some(dy)) => out
+        let run = |x: &[E], out| input_grad_block(x, &pivot, &shifted, coefficients, out);
+        match out {
+            RowsOut::Fresh { dy, dx } => dx
                 .par_chunks_mut(block)
                 .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
-                .for_each(|(out, (x, dy))| run(x, Some(dy), RowsOut::Fresh(out))),
-            (RowsOut::InPlace(gs), None) => gs
+                .for_each(|(dx, (x, dy))| run(x, RowsOut::Fresh { dy, dx })),
+            RowsOut::InPlace(gs) => gs
                 .par_chunks_mut(block)
                 .zip(x.par_chunks(block))
-                .for_each(|(gs, x)| run(x, None, RowsOut::InPlace(gs))),
-            _ => unreachable!("a fresh output reads dy, an in-place one its own values"),
+                .for_each(|(gs, x)| run(x, RowsOut::InPlace(gs))),
         }
     }
 }
