@@ -5,8 +5,11 @@
 //!
 //! `cargo bench --bench bn_kernels`; add `-- --quick` for a short run.
 
-use bnlab::norm::kernels::{self, Activation, Dims, Epilogue, Pool};
-use bnlab::norm::{fused, NormConfig, NormKind, NormLayer};
+use bnlab::norm::epilogue::{Activation, Epilogue, Pool};
+use bnlab::norm::{NormConfig, NormKind, NormLayer};
+use bnlab::ops::batch_norm::{planes, stats};
+use bnlab::ops::cpu::Dims;
+use bnlab::ops::seeded_backward;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
@@ -24,23 +27,23 @@ fn passes(c: &mut Criterion) {
         .collect();
     let gamma = vec![1.0f32; dims.c];
     let beta = vec![0.0f32; dims.c];
-    let stats = kernels::channel_stats(&x, dims, 1e-5);
-    let sums = kernels::grad_sums(&x, &dy, dims, &stats);
+    let stats = stats::channel_stats(&x, dims, 1e-5);
+    let sums = planes::grad_sums(&x, &dy, dims, &stats);
     let plane = (SHAPE[2], SHAPE[3]);
 
     let mut group = c.benchmark_group("bn_passes");
     group.throughput(Throughput::Bytes((dims.len() * 4) as u64));
     group.bench_function("channel_stats", |b| {
-        b.iter(|| kernels::channel_stats(&x, dims, 1e-5))
+        b.iter(|| stats::channel_stats(&x, dims, 1e-5))
     });
     group.bench_function("normalize", |b| {
-        b.iter(|| kernels::forward(&x, dims, plane, &stats, &gamma, &beta, Epilogue::NONE))
+        b.iter(|| planes::forward(&x, dims, plane, &stats, &gamma, &beta, Epilogue::NONE))
     });
     group.bench_function("grad_sums", |b| {
-        b.iter(|| kernels::grad_sums(&x, &dy, dims, &stats))
+        b.iter(|| planes::grad_sums(&x, &dy, dims, &stats))
     });
     group.bench_function("input_grad", |b| {
-        b.iter(|| kernels::input_grad(&x, &dy, dims, &stats, &gamma, &sums))
+        b.iter(|| planes::input_grad(&x, &dy, dims, &stats, &gamma, &sums))
     });
     group.finish();
 }
@@ -56,7 +59,7 @@ fn layer(c: &mut Criterion) {
         group.bench_function(format!("{kind:?}").to_lowercase(), |b| {
             b.iter(|| {
                 let y = bn.forward(x.clone());
-                let grads = fused::backward_with(y, g.clone()).expect("Flex");
+                let grads = seeded_backward::backward_with(y, g.clone()).expect("Flex");
                 x.grad(&grads).expect("dx")
             })
         });
@@ -88,7 +91,7 @@ fn lenet_layers(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let y = bn.forward_then(x.clone(), ep);
-                let grads = fused::backward_with(y, g.clone()).expect("Flex");
+                let grads = seeded_backward::backward_with(y, g.clone()).expect("Flex");
                 x.grad(&grads).expect("dx")
             })
         });

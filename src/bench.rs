@@ -103,7 +103,7 @@ pub const NORMS: [NormKind; 3] = [NormKind::Fused, NormKind::Scratch, NormKind::
 /// `--norm`'s name, and what runs instead where the fused kernel has no kernel for the backend.
 fn norm_label(norm: NormKind) -> String {
     let name = crate::value_name(norm);
-    match norm == NormKind::Fused && !crate::norm::fused::supports(&train_device()) {
+    match norm == NormKind::Fused && !crate::ops::batch_norm::supports(&train_device()) {
         true => format!("{name} (scratch: no fused kernel on this backend)"),
         false => name,
     }
@@ -194,7 +194,7 @@ pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
         let y = layer.forward(x.clone());
         // The upstream gradient goes straight in, as in torch_bench.py's
         // `autograd.grad(y, params, g)`; off Flex, through `(y * g).sum()`.
-        let grads = crate::norm::fused::backward_with(y.clone(), g.clone())
+        let grads = crate::ops::seeded_backward::backward_with(y.clone(), g.clone())
             .unwrap_or_else(|| (y * g.clone()).sum().backward());
         // Read the gradients so that nothing is left lazily unevaluated.
         let dx = x.grad(&grads).expect("dx");

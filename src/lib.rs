@@ -8,6 +8,7 @@ pub mod device;
 pub mod interop;
 pub mod models;
 pub mod norm;
+pub mod ops;
 pub mod recipes;
 pub mod report;
 pub mod train;

@@ -5,7 +5,7 @@
 //!   state_dict after the step. With lr 1 and no momentum, a weight after the step is the weight
 //!   before minus its gradient, so this compares every gradient too, and the running statistics.
 //!   On wgpu the step runs twice: with `--norm fused` (the CubeCL kernels of
-//!   `src/norm/fused_cube.rs`) and with `--norm scratch` (the composed layer). LibTorch has no
+//!   `src/ops/batch_norm/cube.rs`) and with `--norm scratch` (the composed layer). LibTorch has no
 //!   fused kernel and runs the composed layer for both, as users get it. Flex's side is its
 //!   fused kernel (tested against PyTorch and finite differences elsewhere).
 //! - The case that stock Debian 12 Mesa (22.3.6) gets wrong on lavapipe: the composed BN on a
@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use bnlab::data::FashionMnist;
 use bnlab::interop::torch::export;
 use bnlab::models::{ModelKind, ModelSpec};
-use bnlab::norm::fused::{self, Family};
 use bnlab::norm::{BatchNormConfig, NormKind};
+use bnlab::ops::{self, Family};
 use bnlab::train::input_batch;
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2dConfig;
@@ -204,10 +204,7 @@ mod wgpu {
     fn lenet_bn_step_with_the_cubecl_kernel_matches_flex_on_wgpu() {
         // Not a silent fallback: wgpu has a fused kernel of its own.
         let device = device();
-        assert_eq!(
-            fused::family(&device.clone().autodiff()),
-            Some(Family::Cube)
-        );
+        assert_eq!(ops::family(&device.clone().autodiff()), Some(Family::Cube));
         check_lenet_step(&device, NormKind::Fused);
     }
 

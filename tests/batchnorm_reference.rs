@@ -429,7 +429,7 @@ fn functional_matches_pytorch_in_float64() {
 #[test]
 fn fused_kernel_matches_pytorch_in_float32() {
     // Not a silent fallback: the kernel exists for the device the cases run on.
-    assert!(bnlab::norm::fused::supports(&Device::flex().autodiff()));
+    assert!(bnlab::ops::batch_norm::supports(&Device::flex().autodiff()));
     check_all(DType::F32, Form::Module(Kernel::Fused));
 }
 
@@ -486,7 +486,7 @@ fn convention_weights() {
 
 /// The same cases on Burn's other backends, in float32 (what they train in): see
 /// `tests/backends.rs` for the rest of the cross-backend checks. On wgpu, `fused` runs the CubeCL
-/// kernels of `src/norm/fused_cube.rs`; LibTorch has none, and runs the composed layer.
+/// kernels of `src/ops/batch_norm/cube.rs`; LibTorch has none, and runs the composed layer.
 #[cfg(feature = "wgpu")]
 mod on_wgpu {
     use super::*;
@@ -496,7 +496,7 @@ mod on_wgpu {
         let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
         check_all_on(&device, DType::F32, Form::Module(Kernel::Composed));
         // Not a silent fallback: the CubeCL kernel exists for this device.
-        assert!(bnlab::norm::fused::supports(&device.clone().autodiff()));
+        assert!(bnlab::ops::batch_norm::supports(&device.clone().autodiff()));
         check_all_on(&device, DType::F32, Form::Module(Kernel::Fused));
     }
 

@@ -1,10 +1,10 @@
-//! The im2col convolution (`bnlab::models::conv`) against Burn's own `Conv2d`, forward and
+//! The im2col convolution (`bnlab::ops::conv2d`) against Burn's own `Conv2d`, forward and
 //! backward, in float64 (tolerance 1e-10 of each tensor's largest value: the same sums in a
 //! different order) and float32 (1e-5), on the geometries the models use: LeNet's 5×5 without
 //! padding, ResNet's 3×3 with padding 1 and stride 1 or 2, 1×1 shortcuts of stride 2, the
 //! 7×7 stem of stride 2 and padding 3, and batches that do not fill a group evenly.
 
-use bnlab::models::conv::{applies, conv2d};
+use bnlab::ops::conv2d::{applies, conv2d};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;

@@ -7,14 +7,16 @@
 //!
 //! Both training kernels are checked: the layer composed from tensor ops, and the fused Flex
 //! kernel with its hand-derived backward (there the upstream gradient `w` is fed in directly
-//! by `fused::backward_with`, which the W6 benchmark relies on). So is the fused kernel's
+//! by `seeded_backward::backward_with`, which the W6 benchmark relies on). So is the fused kernel's
 //! epilogue (BN, then sigmoid or ReLU, then a 2×2 average or max pool, in one op), against
 //! finite differences of the same layers composed from Burn ops, and against the composed
 //! layers in float32 on LeNet's shapes.
 
+use bnlab::norm::epilogue::{Activation, Pool};
 use bnlab::norm::functional::normalize_train;
-use bnlab::norm::kernels::{Activation, Pool};
-use bnlab::norm::{compose_epilogue, fused, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
+use bnlab::norm::{compose_epilogue, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
+use bnlab::ops::epilogue::try_epilogue_only;
+use bnlab::ops::seeded_backward::backward_with;
 use burn::module::{Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -97,7 +99,7 @@ fn check_with<const D: usize>(shape: [usize; D], seed: u64, kernel: Kernel, epil
     let upstream = f64_tensor(&w, out_shape, &device);
     let grads = match kernel {
         Kernel::Composed => (y * upstream).sum().backward(),
-        Kernel::Fused => fused::backward_with(y, upstream).expect("Flex runs the fused kernel"),
+        Kernel::Fused => backward_with(y, upstream).expect("Flex runs the fused kernel"),
     };
     let dx = values(xt.grad(&grads).unwrap());
     let dgamma = values(bn.gamma.as_ref().unwrap().val().grad(&grads).unwrap());
@@ -215,7 +217,7 @@ fn epilogue_op_matches_burn_ops() {
         ] {
             let input =
                 Tensor::<4>::from_data(TensorData::new(with_nan.clone(), shape), (&plain, dtype));
-            let op = fused::try_epilogue_only(&input, ep).expect("the op applies");
+            let op = try_epilogue_only(&input, ep).expect("the op applies");
             let what = format!("{ep:?} {dtype:?} output");
             close(values(op), values(compose_epilogue(input, ep)), tol, what);
 
@@ -226,7 +228,7 @@ fn epilogue_op_matches_burn_ops() {
                     Tensor::<4>::from_data(TensorData::new(x.clone(), shape), (&tracked, dtype))
                         .require_grad();
                 let y = match by_op {
-                    true => fused::try_epilogue_only(&x, ep).expect("the op applies"),
+                    true => try_epilogue_only(&x, ep).expect("the op applies"),
                     false => compose_epilogue(x.clone(), ep),
                 };
                 let g = Tensor::<4>::from_data(

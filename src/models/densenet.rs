@@ -15,11 +15,11 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgP
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
-use super::conv::conv2d;
 use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
 use crate::norm::{norm_then, NormLayer};
+use crate::ops::conv2d::conv2d;
 
 const GROWTH: usize = 32;
 const LAYERS_PER_BLOCK: usize = 4;

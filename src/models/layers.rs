@@ -1,6 +1,5 @@
 //! Pieces the models share: pooling and activation choices, and seeded weight initialisation.
 
-use super::conv::conv2d;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
@@ -10,8 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::norm::kernels::{self, Pool};
+use crate::norm::epilogue::{self, Pool};
 use crate::norm::{norm_then, Epilogue};
+use crate::ops::conv2d::conv2d;
 
 /// `--pool`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -83,17 +83,17 @@ impl Activation {
     }
 
     /// The same activation as the fused BN kernel computes it.
-    pub fn epilogue(&self) -> kernels::Activation {
+    pub fn epilogue(&self) -> epilogue::Activation {
         match self {
-            Self::Sigmoid(_) => kernels::Activation::Sigmoid,
-            Self::Relu(_) => kernels::Activation::Relu,
+            Self::Sigmoid(_) => epilogue::Activation::Sigmoid,
+            Self::Relu(_) => epilogue::Activation::Relu,
         }
     }
 }
 
 /// BN (if any) followed by ReLU: one kernel under `--norm fused`.
 pub const BN_RELU: Epilogue = Epilogue {
-    activation: kernels::Activation::Relu,
+    activation: epilogue::Activation::Relu,
     pool: Pool::None,
 };
 

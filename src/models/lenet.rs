@@ -7,7 +7,7 @@
 //!
 //! With [`crate::norm::NormKind::None`] the BN layers are left out: the plain LeNet of the comparison.
 
-use super::conv::conv2d;
+use crate::ops::conv2d::conv2d;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, Trace, WeightInit};
-use crate::norm::kernels::Pool;
+use crate::norm::epilogue::Pool;
 use crate::norm::{norm_then, Epilogue, NormConfig, NormLayer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,5 @@
 //! The chapter's networks.
 
-pub mod conv;
 pub mod densenet;
 pub mod fold;
 pub mod gluon;

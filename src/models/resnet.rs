@@ -15,11 +15,11 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::conv::conv2d;
 use super::layers::BN_RELU;
 use super::layers::{Initializer, Stem, Trace};
 use super::ModelSpec;
 use crate::norm::{norm_then, Epilogue, NormLayer};
+use crate::ops::conv2d::conv2d;
 
 #[derive(Module, Debug)]
 pub struct Residual {

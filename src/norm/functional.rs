@@ -8,13 +8,8 @@
 //! Shapes: `x` is `(N, C)`, `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)`. Statistics are per
 //! channel (axis 1), over every other axis. `gamma`, `beta` and the statistics have length `C`.
 
-use burn::tensor::activation::{relu, sigmoid};
-use burn::tensor::module::{avg_pool2d, max_pool2d};
-use burn::tensor::ops::{AvgPoolOptions, MaxPoolOptions};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-
-use super::kernels::{Activation, Epilogue, Pool};
 
 /// Everything that can be wrong with a batch-norm call or configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -248,47 +243,6 @@ pub fn normalize_eval<const D: usize>(
     let inv_std = var.add_scalar(eps).sqrt().recip().reshape(shape);
     let normalized = (x - mean.reshape(shape)) * inv_std;
     Ok(affine(normalized, gamma, beta, channels))
-}
-
-/// `epilogue` (an activation, then a `k × k` pool of stride `k`): on Flex by one op with its
-/// own backward ([`super::fused::try_epilogue_only`]), elsewhere by [`compose_epilogue`].
-///
-/// # Panics
-/// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
-pub fn apply_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
-    match super::fused::try_epilogue_only(&x, epilogue) {
-        Some(y) => y,
-        None => compose_epilogue(x, epilogue),
-    }
-}
-
-/// `epilogue` from Burn ops: what the fused kernels compute in their own pass, and the
-/// reference the tests hold them to.
-///
-/// # Panics
-/// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
-pub fn compose_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
-    let a = match epilogue.activation {
-        Activation::Identity => x,
-        Activation::Sigmoid => sigmoid(x),
-        Activation::Relu => relu(x),
-    };
-    let Some(k) = epilogue.pool.window() else {
-        return a;
-    };
-    let dims = a.dims();
-    if let Err(e) = epilogue.output_shape(&dims) {
-        panic!("{e}");
-    }
-    let dims: &[usize] = &dims; // rank 4, checked above
-    let a: Tensor<4> = a.reshape([dims[0], dims[1], dims[2], dims[3]]);
-    let pooled = match epilogue.pool {
-        Pool::Avg(_) => avg_pool2d(a, AvgPoolOptions::new([k, k]).with_stride([k, k])),
-        _ => max_pool2d(a, MaxPoolOptions::new([k, k]).with_stride([k, k])),
-    };
-    let mut dims = [0; D];
-    dims.copy_from_slice(&pooled.dims());
-    pooled.reshape(dims)
 }
 
 /// One step of the exponential moving average:

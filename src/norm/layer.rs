@@ -7,12 +7,13 @@ use burn::tensor::{Device, Tensor};
 
 use std::sync::Once;
 
+use super::epilogue::Epilogue;
 use super::functional::{
-    apply_epilogue, channels_of, normalize_eval, normalize_train, update_running, BatchStats,
-    BnError, Convention, RunningUpdate,
+    channels_of, normalize_eval, normalize_train, update_running, BatchStats, BnError, Convention,
+    RunningUpdate,
 };
-use super::fused;
-use super::kernels::Epilogue;
+use crate::ops::batch_norm as fused;
+use crate::ops::epilogue::apply_epilogue;
 
 /// Configuration of [`BatchNorm`]. The defaults are PyTorch's.
 #[derive(Config, Debug)]
@@ -44,7 +45,7 @@ pub enum Kernel {
     /// Composed from Burn tensor ops: runs on every backend (`--norm scratch`).
     #[default]
     Composed,
-    /// The hand-written Flex kernel of [`super::fused`] (`--norm fused`); other backends fall
+    /// The hand-written Flex kernel of [`crate::ops::batch_norm`] (`--norm fused`); other backends fall
     /// back to [`Kernel::Composed`], with a note on stderr the first time.
     Fused,
 }

@@ -3,26 +3,22 @@
 //! - [`functional`]: batch norm as functions of tensors, the chapter's `batch_norm`.
 //! - [`layer`]: [`BatchNorm`], the same as a Burn module with parameters and running state.
 //! - [`NormLayer`]: what a model puts after a conv or linear layer, chosen by [`NormKind`].
-//! - [`fused`] and [`kernels`]: the hand-written Flex op of `--norm fused`, which can also
-//!   compute the activation and pooling that follow BN ([`Epilogue`]); `fused_cube`: the same
-//!   op as CubeCL kernels for wgpu and CUDA (with `--features wgpu` or `cuda`).
+//! - [`epilogue`]: what follows BN in the models ([`Epilogue`]: an activation and a pool).
+//! - The hand-written op of `--norm fused` (Flex, and CubeCL for wgpu and CUDA) is in
+//!   [`crate::ops::batch_norm`]; it can compute the epilogue in the same pass.
 
+pub mod epilogue;
 pub mod functional;
-pub mod fused;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub mod fused_cube;
-pub mod kernels;
 pub mod layer;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use functional::{
-    apply_epilogue, batch_norm, compose_epilogue, BnError, Convention, Mode, RunningStats,
-    RunningUpdate,
-};
-pub use kernels::Epilogue;
+use crate::ops::epilogue::apply_epilogue;
+
+pub use epilogue::{compose_epilogue, Epilogue};
+pub use functional::{batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate};
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
 /// Which batch norm a model uses (`--norm`).

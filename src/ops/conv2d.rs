@@ -31,8 +31,9 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::norm::fused::{contiguous, family, slice, tensor, Element, Family};
-use crate::norm::kernels::{assume_init, uninit};
+use super::cpu::{assume_init, uninit};
+use super::flex::{contiguous, slice, tensor, Element};
+use super::{family, Family};
 
 /// Output positions per matrix product, at least (fewer only when the batch runs out).
 pub const MIN_COLUMNS: usize = 256;

@@ -1,6 +1,6 @@
 //! `--norm fused` on Burn's CubeCL backend (wgpu, CUDA): training-mode batch norm as two CubeCL
 //! kernels, one forward and one backward, with the same hand-derived backward as the Flex op
-//! ([`super::fused`]).
+//! ([`super`]).
 //!
 //! The composed layer launches about a dozen kernels forward and as many backward, each a pass
 //! over memory, and autodiff keeps their intermediates. Here one workgroup ("cube") takes one
@@ -13,7 +13,7 @@
 //! `((x - pivot) - shift) / σ`: `x - pivot` is exact for values near the mean, where
 //! `x - (pivot + shift)` would round the mean to the input's own precision.
 //!
-//! The activation and pooling that follow BN (an [`Epilogue`](super::kernels::Epilogue)) are
+//! The activation and pooling that follow BN (an [`Epilogue`]) are
 //! not part of these kernels: the caller composes them from Burn ops.
 
 use burn::backend::ops::FloatTensorOps;
@@ -25,8 +25,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::fused::{plain_fused_batch_norm, FusedBatchNormBackend, FusedKernels};
-use super::kernels::Epilogue;
+use super::{plain_fused_batch_norm, FusedBatchNormBackend, FusedKernels};
+use crate::norm::epilogue::Epilogue;
 
 /// Units per cube: each reduces a strided share of its channel, then a tree in shared memory
 /// combines the partial sums.

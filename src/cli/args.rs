@@ -1,0 +1,216 @@
+//! The flags that several commands share, and their value parsers.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use bnlab::config::{BnMomentum, InitKind, OptimizerKind, RunConfig};
+use bnlab::data::DEFAULT_DATA_DIR;
+use bnlab::models::{ActivationKind, ModelKind, PoolKind};
+use bnlab::norm::{Convention, NormKind};
+
+/// Settings of a run. Unset ones come from the recipe, or for `train` from the defaults shown.
+#[derive(Args, Debug, Default, Clone)]
+pub(crate) struct RunArgs {
+    /// Network to train [default: lenet-bn].
+    #[arg(long, value_enum)]
+    pub(crate) model: Option<ModelKind>,
+    /// Batch norm: this project's with its fused CPU kernel (fused), the same layer composed
+    /// from tensor ops (scratch), Burn's built-in (burn), or none [default: fused].
+    #[arg(long, value_enum)]
+    pub(crate) norm: Option<NormKind>,
+    /// Pooling in LeNet's conv blocks [default: avg].
+    #[arg(long, value_enum)]
+    pub(crate) pool: Option<PoolKind>,
+    /// Activation in LeNet's layers [default: sigmoid].
+    #[arg(long, value_enum)]
+    pub(crate) activation: Option<ActivationKind>,
+    /// Weight initialisation [default: xavier-uniform for LeNet, normal for lenet-gluon,
+    /// pytorch-default for resnet18 and densenet].
+    #[arg(long, value_enum)]
+    pub(crate) weight_init: Option<InitKind>,
+    /// Standard deviation of `--weight-init normal` [default: 0.01].
+    #[arg(long, value_name = "STD", value_parser = positive_float)]
+    pub(crate) init_std: Option<f64>,
+    /// Optimizer that updates the weights [default: sgd].
+    #[arg(long, value_enum)]
+    pub(crate) optimizer: Option<OptimizerKind>,
+    /// Learning rate of the optimizer, > 0 [default: 1].
+    #[arg(long, value_parser = positive_float, allow_negative_numbers = true)]
+    pub(crate) lr: Option<f64>,
+    /// Momentum of `--optimizer sgd-momentum`, in [0, 1] [default: 0.9].
+    #[arg(long, value_parser = unit_interval, allow_negative_numbers = true)]
+    pub(crate) momentum: Option<f64>,
+    /// StepLR: multiply the learning rate by --lr-gamma every N epochs [default: off].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) lr_step_size: Option<usize>,
+    /// The factor StepLR multiplies the learning rate by [default: 0.1].
+    #[arg(long, value_name = "GAMMA", value_parser = positive_float)]
+    pub(crate) lr_gamma: Option<f64>,
+    /// Examples per mini-batch, ≥ 1 (≥ 2 with batch norm) [default: 256].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) batch_size: Option<usize>,
+    /// Number of passes over the training set [default: 10].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) epochs: Option<usize>,
+    /// Resize the 28×28 images to N×N, bilinearly [default: no resize].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) resize: Option<usize>,
+    /// Batch norm's eps, added to the variance before the square root, > 0 [default: 1e-5].
+    #[arg(long, value_parser = positive_float)]
+    pub(crate) bn_eps: Option<f64>,
+    /// Batch norm's momentum, read by --bn-convention, or "cumulative" for a cumulative
+    /// average [default: 0.1 for pytorch, 0.9 for d2l].
+    #[arg(long, value_name = "M|cumulative", allow_negative_numbers = true)]
+    pub(crate) bn_momentum: Option<BnMomentum>,
+    /// How running statistics move: pytorch (momentum weighs the new batch, unbiased variance)
+    /// or d2l (momentum weighs the old value, biased variance) [default: pytorch].
+    #[arg(long, value_enum)]
+    pub(crate) bn_convention: Option<Convention>,
+    /// Seed for weight initialisation and shuffling [default: 0].
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Visit the training set in file order instead of shuffling it.
+    #[arg(long)]
+    pub(crate) no_shuffle: bool,
+    /// Stop each epoch after N training batches and N test batches (quick runs).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) limit_batches: Option<usize>,
+    /// Re-estimate BN statistics over the training set before each test pass (precise BN).
+    #[arg(long)]
+    pub(crate) recalibrate_bn: bool,
+    /// Start from the weights of a PyTorch state_dict saved as safetensors (see
+    /// `bnlab export`) instead of a seeded initialisation.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub(crate) init: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// `config` with every flag that was given written over it.
+    pub(crate) fn apply(&self, mut config: RunConfig) -> RunConfig {
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field { config.$field = v; })* };
+        }
+        macro_rules! set_option {
+            ($($field:ident),*) => { $(if self.$field.is_some() { config.$field = self.$field; })* };
+        }
+        set!(model, init_std, optimizer, lr, momentum, lr_gamma, batch_size, epochs, bn_eps);
+        set!(bn_convention, seed);
+        set_option!(
+            norm,
+            pool,
+            activation,
+            lr_step_size,
+            resize,
+            bn_momentum,
+            limit_batches
+        );
+        if self.weight_init.is_some() {
+            config.init = self.weight_init;
+        }
+        if self.init.is_some() {
+            config.init_weights = self.init.clone();
+        }
+        config.shuffle &= !self.no_shuffle;
+        config.recalibrate_bn |= self.recalibrate_bn;
+        config
+    }
+}
+
+/// The architecture of `eval --weights` when the file does not name it.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ArchArgs {
+    /// Network the weights belong to (with --weights) [default: the file's, or lenet-bn].
+    #[arg(long, value_enum)]
+    pub(crate) model: Option<ModelKind>,
+    /// Its batch norm (with --weights) [default: the file's, or fused].
+    #[arg(long, value_enum)]
+    pub(crate) norm: Option<NormKind>,
+    /// Its LeNet pooling (with --weights) [default: the file's, or avg].
+    #[arg(long, value_enum)]
+    pub(crate) pool: Option<PoolKind>,
+    /// Its LeNet activation (with --weights) [default: the file's, or sigmoid].
+    #[arg(long, value_enum)]
+    pub(crate) activation: Option<ActivationKind>,
+    /// The image side it expects (with --weights) [default: the file's, or 28].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) resize: Option<usize>,
+}
+
+/// `export --format`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ExportFormat {
+    /// A PyTorch state_dict of d2l's nn.Sequential definitions, as safetensors.
+    Torch,
+}
+
+/// Where data comes from and how much of the machine to use.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct EnvArgs {
+    /// Directory holding the Fashion-MNIST IDX files (.gz or plain).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub(crate) data: PathBuf,
+    /// Worker threads for the CPU backend [default: all cores].
+    #[arg(long, value_parser = at_least_one)]
+    pub(crate) threads: Option<usize>,
+    /// Backend that runs the tensors: flex (pure-Rust CPU), wgpu, cuda or libtorch[:N]; all
+    /// but flex need a build with the Cargo feature of that name.
+    #[arg(long, value_name = "DEVICE", default_value = "flex")]
+    pub(crate) device: bnlab::device::DeviceChoice,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct OutputArgs {
+    #[command(flatten)]
+    pub(crate) env: EnvArgs,
+    /// Print only JSON lines on stdout, one object per epoch.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Also write the per-epoch JSON lines to FILE (rewritten atomically after each epoch).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) metrics: Option<PathBuf>,
+    /// Run directory for config.json, metrics.jsonl and the model [default: runs/NAME-TIME].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Also save the model every N epochs (DIR/epoch-NNN.bpk).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) save_every: Option<usize>,
+}
+
+/// `train --resume DIR`: continue a stopped run exactly.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ResumeArgs {
+    /// Continue the run saved in DIR where it stopped (Ctrl-C, or a finished run with a
+    /// larger --epochs); its settings come from DIR/config.json.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) resume: Option<PathBuf>,
+}
+
+pub(crate) fn positive_float(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be > 0, got {s}"))
+    }
+}
+
+pub(crate) fn unit_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be within [0, 1], got {s}"))
+    }
+}
+
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if v >= 1 {
+        Ok(v)
+    } else {
+        Err(format!("must be at least 1, got {s}"))
+    }
+}

@@ -1,0 +1,151 @@
+//! `eval`, `export` and `inspect`: commands on a saved model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::module::Module;
+
+use bnlab::config::RunConfig;
+use bnlab::data::FashionMnist;
+use bnlab::models::{Model, ModelKind};
+use bnlab::report::write_atomically;
+use bnlab::train::checkpoint;
+use bnlab::train::{evaluate, recalibrate_bn};
+
+use super::args::*;
+use super::set_up;
+
+pub(crate) struct EvalOptions {
+    pub(crate) recalibrate: bool,
+    pub(crate) fold: bool,
+    pub(crate) limit: Option<usize>,
+    pub(crate) json: bool,
+    pub(crate) logits: Option<PathBuf>,
+}
+
+/// Where `eval` gets its model.
+pub(crate) enum Source {
+    Checkpoint(PathBuf),
+    Weights(PathBuf, ArchArgs),
+}
+
+/// A model from a PyTorch state_dict, its architecture from the file's metadata and flags.
+pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunConfig, Model)> {
+    use bnlab::interop::torch::{
+        self, META_ACTIVATION, META_EPS, META_IMAGE_SIZE, META_MODEL, META_NORM, META_POOL,
+    };
+    use clap::ValueEnum;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("--weights {}: cannot read", path.display()))?;
+    let meta = torch::metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    let named = |key: &str| meta.get(key).map(String::as_str);
+    fn parse<T: ValueEnum>(value: Option<&str>) -> Option<T> {
+        value.and_then(|v| T::from_str(v, false).ok())
+    }
+    let mut config = RunConfig::default();
+    config.model = arch
+        .model
+        .or(parse(named(META_MODEL)))
+        .unwrap_or(config.model);
+    config.norm = arch.norm.or(parse(named(META_NORM)));
+    let lenet = matches!(config.model, ModelKind::Lenet | ModelKind::LenetBn);
+    if lenet {
+        config.pool = arch.pool.or(parse(named(META_POOL)));
+        config.activation = arch.activation.or(parse(named(META_ACTIVATION)));
+    }
+    if let Some(eps) = named(META_EPS).and_then(|e| e.parse().ok()) {
+        config.bn_eps = eps;
+    }
+    let size = arch
+        .resize
+        .or(named(META_IMAGE_SIZE).and_then(|s| s.parse().ok()));
+    config.resize = size.filter(|&s| s != 28);
+    config.validate()?;
+    let model = torch::import(&bytes, &config.model_spec())
+        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    Ok((config, model))
+}
+
+pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
+    set_up(env)?;
+    let (config, mut model, path) = match source {
+        Source::Checkpoint(path) => {
+            let ckpt = checkpoint::load_checkpoint(&path)?;
+            (ckpt.config, ckpt.model, ckpt.path)
+        }
+        Source::Weights(path, arch) => {
+            let (config, model) = from_weights(&path, &arch)?;
+            (config, model, path)
+        }
+    };
+    let data = FashionMnist::load(&env.data)?;
+    let (size, limit) = (config.image_size(), options.limit);
+    if options.recalibrate {
+        model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
+    }
+    if options.fold {
+        model = bnlab::models::fold_bn(model);
+    }
+    let acc = evaluate(&model, &data.test, config.batch_size, size, limit);
+    let examples = limit.map_or(data.test.len(), |l| {
+        (l * config.batch_size).min(data.test.len())
+    });
+    if let Some(out) = &options.logits {
+        let p =
+            bnlab::interop::predict(&model, &data.test, size, config.batch_size, Some(examples));
+        bnlab::interop::npy::write(out, &p.logits, &[examples, 10])
+            .with_context(|| format!("--logits {}", out.display()))?;
+    }
+    if options.json {
+        let v = serde_json::json!({
+            "model": path, "test_acc": acc, "examples": examples,
+            "recalibrate_bn": options.recalibrate, "folded": options.fold,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{}: test accuracy {acc:.4} on {examples} images",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn export_torch(path: &Path, out: &Path) -> anyhow::Result<()> {
+    use bnlab::interop::torch::{export_with_metadata, META_IMAGE_SIZE};
+    let ckpt = checkpoint::load_checkpoint(path)?;
+    let size = ckpt.config.image_size().to_string();
+    let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), size)]);
+    let bytes = export_with_metadata(&ckpt.model, &ckpt.config.model_spec(), &extra)?;
+    write_atomically(out, &bytes)
+        .with_context(|| format!("--out {}: cannot write", out.display()))?;
+    eprintln!(
+        "bnlab: wrote {} (PyTorch state_dict of {})",
+        out.display(),
+        ckpt.config.model.name()
+    );
+    Ok(())
+}
+
+pub(crate) fn inspect(path: &Path, full: bool) -> anyhow::Result<()> {
+    let ckpt = checkpoint::load_checkpoint(path)?;
+    let mut model = ckpt.model;
+    let layers = bnlab::report::inspect::describe(&mut model);
+    if layers.is_empty() {
+        println!(
+            "{}: the model has no batch-norm layers",
+            ckpt.path.display()
+        );
+    }
+    for layer in layers {
+        println!("{} ({} channels)", layer.name, layer.channels);
+        for (what, values) in layer.vectors {
+            println!(
+                "  {what:<12} {}",
+                bnlab::report::inspect::format_values(&values, full)
+            );
+        }
+    }
+    Ok(())
+}

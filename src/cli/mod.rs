@@ -1,0 +1,275 @@
+//! The `bnlab` command line: the clap definitions and dispatch here, each command group in a
+//! file of its own.
+
+mod args;
+mod bench;
+mod eval;
+mod run;
+mod show;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use bnlab::config::RunConfig;
+use bnlab::models::ModelKind;
+use bnlab::norm::NormKind;
+use bnlab::recipes;
+
+use args::*;
+use bench::*;
+use eval::*;
+pub use run::Interrupted;
+use run::*;
+use show::*;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bnlab",
+    version,
+    about = "Batch normalization from scratch in Rust: the d2l chapter's networks on Fashion-MNIST",
+    long_about = "Batch normalization written from scratch on Burn (Flex CPU backend), with the \
+                  networks and training runs of the batch-norm chapter of Dive into Deep Learning, \
+                  on the real Fashion-MNIST (Debian package dataset-fashion-mnist)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model on Fashion-MNIST, reporting loss and accuracy per epoch.
+    Train {
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        resume: ResumeArgs,
+    },
+    /// Run one of the chapter's experiments by name; any setting can be overridden.
+    Run {
+        /// Recipe name (see `bnlab recipes`).
+        recipe: String,
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List the recipes with what each shows.
+    Recipes,
+    /// Run several recipes and write a comparison table and training-curve plots.
+    Compare {
+        /// Recipe names (see `bnlab recipes`).
+        #[arg(required = true, num_args = 1..)]
+        recipes: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Directory for the table, the plots and one run directory per recipe
+        /// [default: runs/compare-TIME].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Redraw training-curve plots (SVG and PNG) from metrics files.
+    Plot {
+        /// Metrics files (JSON lines, as `--metrics` and run directories hold).
+        #[arg(required = true, num_args = 1..)]
+        metrics: Vec<PathBuf>,
+        /// Output path without extension: writes STEM.svg and STEM.png.
+        #[arg(long, value_name = "STEM", default_value = "curves")]
+        out: PathBuf,
+    },
+    /// Print the output shape of each top-level block of a model for one input image.
+    Shapes {
+        /// Network whose blocks to show.
+        #[arg(value_enum)]
+        model: ModelKind,
+        /// Input side length [default: 28, or 96 for densenet].
+        #[arg(long, value_name = "N", value_parser = at_least_one)]
+        resize: Option<usize>,
+    },
+    /// Evaluate a saved model on the test set.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "weights"])))]
+    Eval {
+        /// A run directory (its final model) or a .bpk file inside one.
+        #[arg(long, value_name = "PATH")]
+        checkpoint: Option<PathBuf>,
+        /// A PyTorch state_dict saved as safetensors; the architecture comes from the file's
+        /// bnlab metadata, or from --model and the other flags below.
+        #[arg(long, value_name = "FILE.safetensors")]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        arch: ArchArgs,
+        /// Also write the test-set logits (N×10 float32) to FILE.npy.
+        #[arg(long, value_name = "FILE.npy")]
+        logits: Option<PathBuf>,
+        /// Re-estimate the BN statistics over the training set first (precise BN).
+        #[arg(long)]
+        recalibrate_bn: bool,
+        /// Keep BN layers as they are instead of folding them into the conv or linear layer
+        /// before them (folding changes no output beyond 1e-5 and is faster).
+        #[arg(long)]
+        no_fold: bool,
+        /// Evaluate only the first N test batches.
+        #[arg(long, value_name = "N", value_parser = at_least_one)]
+        limit_batches: Option<usize>,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Time the chapter's workloads (W1 LeNet-BN training, W4 ResNet-18 steps, W6 one BN
+    /// layer, W7 inference, peak memory), as ../shared/bench/torch_bench.py times PyTorch's.
+    Bench {
+        /// Print one JSON object per workload.
+        #[arg(long)]
+        json: bool,
+        /// Tiny sizes that only check the plumbing (the figures mean nothing).
+        #[arg(long)]
+        quick: bool,
+        /// Run only these workloads (comma-separated: W1,W4,W6,W7,RSS).
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        only: Vec<String>,
+        /// Time W1 and W6 only with these norms (comma-separated) [default: fused,scratch,burn].
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        norm: Vec<NormKind>,
+        #[command(flatten)]
+        env: EnvArgs,
+    },
+    /// Write a saved model as a PyTorch state_dict (safetensors), for load_state_dict.
+    Export {
+        /// A run directory (its final model) or a .bpk file inside one.
+        checkpoint: PathBuf,
+        /// The format to write; `torch` is the one there is.
+        #[arg(long, value_enum, default_value = "torch")]
+        format: ExportFormat,
+        /// The file to write.
+        #[arg(long, value_name = "FILE.safetensors")]
+        out: PathBuf,
+    },
+    /// Print gamma, beta and the running statistics of each BN layer of a saved model.
+    Inspect {
+        /// A run directory (its final model) or a .bpk file inside one.
+        path: PathBuf,
+        /// Print every value instead of a summary.
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+/// Parses the command line; a usage error becomes one line on stderr and exit code 2.
+pub fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help and --version
+        Err(e) => {
+            eprintln!("bnlab: {}", one_line(&e.render().to_string()));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Folds clap's multi-line message into one line, without the usage and "try --help" tail.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .filter(|l| !l.starts_with("Usage:"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: Some(dir) },
+        } => resume_run(&dir, &run, &output).map(|_| ()),
+        Command::Train {
+            run,
+            output,
+            resume: ResumeArgs { resume: None },
+        } => {
+            let config = run.apply(RunConfig::default());
+            let name = config.model.name();
+            train_and_save(config, &name, &output).map(|_| ())
+        }
+        Command::Run {
+            recipe,
+            run,
+            output,
+        } => {
+            let config = run.apply(recipes::load(&recipe)?);
+            train_and_save(config, &recipe, &output).map(|_| ())
+        }
+        Command::Recipes => list_recipes(),
+        Command::Compare {
+            recipes,
+            run,
+            out,
+            env,
+        } => {
+            let out = out.unwrap_or_else(|| default_run_dir("compare"));
+            compare(&recipes, &run, &out, &env)
+        }
+        Command::Plot { metrics, out } => plot_files(&metrics, &out),
+        Command::Shapes { model, resize } => shapes(model, resize),
+        Command::Eval {
+            checkpoint,
+            weights,
+            arch,
+            logits,
+            recalibrate_bn,
+            no_fold,
+            limit_batches,
+            json,
+            env,
+        } => {
+            let options = EvalOptions {
+                recalibrate: recalibrate_bn,
+                fold: !no_fold,
+                limit: limit_batches,
+                json,
+                logits,
+            };
+            let source = match (checkpoint, weights) {
+                (Some(path), _) => Source::Checkpoint(path),
+                (None, Some(path)) => Source::Weights(path, arch),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            eval(source, &options, &env)
+        }
+        Command::Export {
+            checkpoint,
+            format: ExportFormat::Torch,
+            out,
+        } => export_torch(&checkpoint, &out),
+        Command::Inspect { path, full } => inspect(&path, full),
+        Command::Bench {
+            json,
+            quick,
+            only,
+            norm,
+            env,
+        } => bench(json, quick, &only, &norm, &env),
+    }
+}
+
+/// Applies --threads and --device, before any tensor exists.
+pub(crate) fn set_up(env: &EnvArgs) -> anyhow::Result<()> {
+    bnlab::device::select(env.device).map_err(anyhow::Error::msg)?;
+    if let Some(n) = env.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads: cannot set up the thread pool")?;
+    }
+    Ok(())
+}

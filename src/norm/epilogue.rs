@@ -1,0 +1,99 @@
+//! What follows a BN layer in the chapter's networks, an [`Epilogue`]: an activation, then a
+//! `k × k` pool. The fast ops compute it in the same pass as BN ([`crate::ops`]);
+//! [`compose_epilogue`] is the reference they are held to, composed from Burn ops.
+
+use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::module::{avg_pool2d, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, MaxPoolOptions};
+use burn::tensor::Tensor;
+
+/// The activation an [`Epilogue`] applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    Sigmoid,
+    Relu,
+}
+
+/// The pooling an [`Epilogue`] applies: `k × k` windows with stride `k` and no padding over the
+/// last two axes; rows or columns left over when `k` does not divide the size are dropped, as
+/// PyTorch's default `floor` mode does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pool {
+    #[default]
+    None,
+    Avg(usize),
+    Max(usize),
+}
+
+impl Pool {
+    pub fn window(self) -> Option<usize> {
+        match self {
+            Self::None => None,
+            Self::Avg(k) | Self::Max(k) => Some(k),
+        }
+    }
+}
+
+/// What the layers right after a BN layer do, computed by the fused kernel in the same pass:
+/// `pool(activation(bn(x)))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Epilogue {
+    pub activation: Activation,
+    pub pool: Pool,
+}
+
+impl Epilogue {
+    /// Batch norm alone.
+    pub const NONE: Self = Self {
+        activation: Activation::Identity,
+        pool: Pool::None,
+    };
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
+
+    /// The output shape for an input of shape `shape`, or why the epilogue cannot apply.
+    pub fn output_shape(&self, shape: &[usize]) -> Result<Vec<usize>, String> {
+        let Some(k) = self.pool.window() else {
+            return Ok(shape.to_vec());
+        };
+        match shape {
+            &[n, c, h, w] if k > 0 && h >= k && w >= k => Ok(vec![n, c, h / k, w / k]),
+            _ => Err(format!(
+                "a {k}x{k} pool needs (N, C, H, W) input of at least {k}x{k}, got {shape:?}"
+            )),
+        }
+    }
+}
+
+/// `epilogue` from Burn ops: what the fused kernels compute in their own pass, and the
+/// reference the tests hold them to.
+///
+/// # Panics
+/// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
+pub fn compose_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
+    let a = match epilogue.activation {
+        Activation::Identity => x,
+        Activation::Sigmoid => sigmoid(x),
+        Activation::Relu => relu(x),
+    };
+    let Some(k) = epilogue.pool.window() else {
+        return a;
+    };
+    let dims = a.dims();
+    if let Err(e) = epilogue.output_shape(&dims) {
+        panic!("{e}");
+    }
+    let dims: &[usize] = &dims; // rank 4, checked above
+    let a: Tensor<4> = a.reshape([dims[0], dims[1], dims[2], dims[3]]);
+    let pooled = match epilogue.pool {
+        Pool::Avg(_) => avg_pool2d(a, AvgPoolOptions::new([k, k]).with_stride([k, k])),
+        _ => max_pool2d(a, MaxPoolOptions::new([k, k]).with_stride([k, k])),
+    };
+    let mut dims = [0; D];
+    dims.copy_from_slice(&pooled.dims());
+    pooled.reshape(dims)
+}

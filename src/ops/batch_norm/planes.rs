@@ -1,0 +1,329 @@
+//! The fused BN op's passes plane by plane (one `(n, c)` plane per call, planes spread over
+//! rayon's pool): the forward (with the epilogue), the backward's sums (through the epilogue)
+//! and the input gradient.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::rows::{self, RowsOut};
+use super::stats::ChannelStats;
+use crate::norm::epilogue::{Activation, Epilogue, Pool};
+use crate::ops::cpu::{assume_init, fill, lane_sums, planes_per_task, simd_fn, uninit, Dims, Real};
+use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane};
+
+/// The training-mode forward: `pool(activation(gamma · x̂ + beta))`.
+///
+/// Returns the activations (full size; the backward needs them unless the epilogue is
+/// [`Epilogue::NONE`], where they are the output) and, with a pool, the pooled output.
+/// `plane` is `(H, W)` for 4-d input; a pool needs it.
+pub fn forward<E: Real>(
+    x: &[E],
+    dims: Dims,
+    plane: (usize, usize),
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    beta: &[E],
+    epilogue: Epilogue,
+) -> (Vec<E>, Option<Vec<E>>) {
+    if dims.s == 1 {
+        // No pool fits one value per plane (`Epilogue::output_shape` says so).
+        debug_assert_eq!(epilogue.pool, Pool::None);
+        return (
+            rows::forward(x, dims, stats, gamma, beta, epilogue.activation),
+            None,
+        );
+    }
+    let mut activations = uninit::<E>(dims.len());
+    let (h, w) = plane;
+    let k = epilogue.pool.window().unwrap_or(1);
+    let pooled_plane = (h / k) * (w / k);
+    let mut pooled = epilogue
+        .pool
+        .window()
+        .map(|_| uninit::<E>(dims.n * dims.c * pooled_plane));
+    let per_plane =
+        |i: usize, out: &mut [MaybeUninit<E>], pooled: Option<&mut [MaybeUninit<E>]>| {
+            let c = i % dims.c;
+            let st = stats[c];
+            let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
+            let input = &x[i * dims.s..][..dims.s];
+            forward_plane(input, st, scale, beta[c], epilogue, plane, out, pooled);
+        };
+    let min_len = planes_per_task(dims);
+    match pooled.as_mut() {
+        None => activations
+            .par_chunks_mut(dims.s)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, out)| per_plane(i, out, None)),
+        Some(pooled) => activations
+            .par_chunks_mut(dims.s)
+            .zip(pooled.par_chunks_mut(pooled_plane))
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, (out, pooled))| per_plane(i, out, Some(pooled))),
+    }
+    // SAFETY: every plane of both buffers was filled above.
+    unsafe { (assume_init(activations), pooled.map(|p| assume_init(p))) }
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_plane<E: Real>(
+        input: &[E],
+        st: ChannelStats<E>,
+        scale: E,
+        shift: E,
+        epilogue: Epilogue,
+        plane: (usize, usize),
+        out: &mut [MaybeUninit<E>],
+        pooled: Option<&mut [MaybeUninit<E>]>,
+    ) {
+        let z = input
+            .iter()
+            .map(move |&v| st.centered(v).mul_add(scale, shift));
+        // One loop per activation, so that each one vectorises.
+        let a = match epilogue.activation {
+            Activation::Identity => fill(out, z),
+            Activation::Sigmoid => fill(out, z.map(Real::sigmoid)),
+            Activation::Relu => fill(out, z.map(|z| Activation::Relu.apply(z))),
+        };
+        if let Some(pooled) = pooled {
+            pool_plane(a, plane, epilogue.pool, pooled);
+        }
+    }
+}
+
+simd_fn! {
+    /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`.
+    pub(crate) fn dy_sums<E: Real>(x: &[E], dy: &[E], dims: Dims, c: usize, st: ChannelStats<E>) -> (f64, f64) {
+        let mut sums = (0.0, 0.0);
+        for n in 0..dims.n {
+            let start = (n * dims.c + c) * dims.s;
+            let (a, b) = lane_sums(
+                &x[start..][..dims.s],
+                &dy[start..][..dims.s],
+                |_, g| g.to_f64(),
+                |v, g| g.to_f64() * st.centered(v).to_f64(),
+            );
+            sums = (sums.0 + a, sums.1 + b);
+        }
+        sums
+    }
+}
+
+/// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass, for BN alone.
+pub fn grad_sums<E: Real>(
+    x: &[E],
+    dy: &[E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+) -> Vec<(f64, f64)> {
+    if dims.s == 1 {
+        return rows::grad_sums(x, dy, dims, stats, None);
+    }
+    (0..dims.c)
+        .into_par_iter()
+        .map(|c| {
+            let st = stats[c];
+            let (sum_dy, sum_dy_d) = dy_sums(x, dy, dims, c, st);
+            (sum_dy, sum_dy_d * st.inv_std.to_f64())
+        })
+        .collect()
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`epilogue_grad_sums`]: writes `dz`, returns its two sums.
+    pub(crate) fn epilogue_plane_sums<E: Real>(
+        xs: &[E],
+        a: &[E],
+        dout: &[E],
+        st: ChannelStats<E>,
+        plane: (usize, usize),
+        epilogue: Epilogue,
+        dz: &mut [MaybeUninit<E>],
+    ) -> (f64, f64) {
+        let dz = epilogue_grad_plane(a, dout, plane, epilogue, dz);
+        lane_sums(
+            xs,
+            dz,
+            |_, g| g.to_f64(),
+            |v, g| g.to_f64() * st.centered(v).to_f64(),
+        )
+    }
+}
+
+/// The backward through the epilogue: writes `dz`, the gradient at BN's output, and returns
+/// the per-channel `Σ dz` and `Σ dz · x̂` as [`grad_sums`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn epilogue_grad_sums<E: Real>(
+    x: &[E],
+    activations: &[E],
+    dout: &[E],
+    dims: Dims,
+    plane: (usize, usize),
+    stats: &[ChannelStats<E>],
+    epilogue: Epilogue,
+    dz: &mut [MaybeUninit<E>],
+) -> Vec<(f64, f64)> {
+    if dims.s == 1 {
+        debug_assert_eq!(epilogue.pool, Pool::None);
+        return rows::grad_sums(x, dout, dims, stats, Some((activations, epilogue, dz)));
+    }
+    let out_plane = dout.len() / (dims.n * dims.c);
+    let per_plane: Vec<(f64, f64)> = dz
+        .par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .map(|(i, dz)| {
+            let st = stats[i % dims.c];
+            let xs = &x[i * dims.s..][..dims.s];
+            let a = &activations[i * dims.s..][..dims.s];
+            let dout = &dout[i * out_plane..][..out_plane];
+            epilogue_plane_sums(xs, a, dout, st, plane, epilogue, dz)
+        })
+        .collect();
+    let mut sums = vec![(0.0, 0.0); dims.c];
+    for (i, (s0, s1)) in per_plane.into_iter().enumerate() {
+        sums[i % dims.c].0 += s0;
+        sums[i % dims.c].1 += s1;
+    }
+    sums.iter()
+        .zip(stats)
+        .map(|(&(s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+        .collect()
+}
+
+/// Per channel, `(a, b, k)` of `dx = a·dy + b·(x - mean) + k`, the input gradient
+/// `dx = gamma·inv_std · (dy - mean(dy) - x̂ · mean(dy·x̂))`.
+pub(crate) fn input_grad_coefficients<E: Real>(
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) -> Vec<(E, E, E)> {
+    (0..dims.c)
+        .map(|c| input_grad_coefficient(dims, stats[c], gamma[c], sums[c]))
+        .collect()
+}
+
+/// One channel's `(a, b, k)` of [`input_grad_coefficients`].
+pub(crate) fn input_grad_coefficient<E: Real>(
+    dims: Dims,
+    st: ChannelStats<E>,
+    gamma: E,
+    (sum_dy, sum_dy_xhat): (f64, f64),
+) -> (E, E, E) {
+    let m = dims.count() as f64;
+    let inv_std = st.inv_std.to_f64();
+    let a = gamma.to_f64() * inv_std;
+    (
+        E::from_f64(a),
+        E::from_f64(-a * inv_std * sum_dy_xhat / m),
+        E::from_f64(-a * sum_dy / m),
+    )
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`input_grad`].
+    pub(crate) fn input_grad_plane<E: Real>(
+        xs: &[E],
+        gs: &[E],
+        st: ChannelStats<E>,
+        coefficients: (E, E, E),
+        out: &mut [MaybeUninit<E>],
+    ) {
+        let (a, b, k) = coefficients;
+        let grads = gs.iter().zip(xs);
+        fill(out, grads.map(|(&g, &v)| g.mul_add(a, st.centered(v).mul_add(b, k))));
+    }
+}
+
+simd_fn! {
+    /// One `(n, c)` plane of [`input_grad_in_place`].
+    pub(crate) fn input_grad_plane_in_place<E: Real>(
+        xs: &[E],
+        st: ChannelStats<E>,
+        coefficients: (E, E, E),
+        run: &mut [E],
+    ) {
+        let (a, b, k) = coefficients;
+        for (g, &v) in run.iter_mut().zip(xs) {
+            *g = g.mul_add(a, st.centered(v).mul_add(b, k));
+        }
+    }
+}
+
+/// The input gradient, from `dy` into a new buffer.
+pub fn input_grad<E: Real>(
+    x: &[E],
+    dy: &[E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) -> Vec<E> {
+    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
+    let mut dx = uninit::<E>(dims.len());
+    if dims.s == 1 {
+        let out = RowsOut::Fresh { dy, dx: &mut dx };
+        rows::input_grad(x, dims, stats, &coefficients, out);
+        // SAFETY: every row was filled above.
+        return unsafe { assume_init(dx) };
+    }
+    dx.par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .for_each(|(i, out)| {
+            let st = stats[i % dims.c];
+            let xs = &x[i * dims.s..][..dims.s];
+            let gs = &dy[i * dims.s..][..dims.s];
+            input_grad_plane(xs, gs, st, coefficients[i % dims.c], out);
+        });
+    // SAFETY: every plane was filled above.
+    unsafe { assume_init(dx) }
+}
+
+/// The input gradient, overwriting `dz` (the gradient at BN's output) with it.
+pub fn input_grad_in_place<E: Real>(
+    x: &[E],
+    dz: &mut [E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) {
+    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
+    if dims.s == 1 {
+        rows::input_grad(x, dims, stats, &coefficients, RowsOut::InPlace(dz));
+        return;
+    }
+    dz.par_chunks_mut(dims.s)
+        .with_min_len(planes_per_task(dims))
+        .enumerate()
+        .for_each(|(i, run)| {
+            let xs = &x[i * dims.s..][..dims.s];
+            input_grad_plane_in_place(xs, stats[i % dims.c], coefficients[i % dims.c], run);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stats::channel_stats;
+    use super::*;
+
+    #[test]
+    fn input_gradient_is_zero_for_a_constant_upstream_gradient() {
+        // y's per-channel mean does not depend on x, so dy = const gives dx = 0.
+        let dims = Dims { n: 4, c: 3, s: 5 };
+        let x: Vec<f64> = (0..dims.len()).map(|i| (i as f64 * 0.37).sin()).collect();
+        let dy = vec![0.25; dims.len()];
+        let stats = channel_stats(&x, dims, 1e-5);
+        let gamma = vec![1.5, -0.5, 2.0];
+        let sums = grad_sums(&x, &dy, dims, &stats);
+        let dx = input_grad(&x, &dy, dims, &stats, &gamma, &sums);
+        assert!(dx.iter().all(|v| v.abs() < 1e-12), "{dx:?}");
+    }
+}

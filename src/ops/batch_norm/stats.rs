@@ -1,0 +1,115 @@
+//! Per-channel batch statistics in one pass, as the fused BN op computes them.
+//!
+//! Accuracy: each channel is shifted by its first value (the pivot) before anything is summed,
+//! and the sums are kept in float64. For data far from zero (the `conv2d_large_mean` case,
+//! 1000 ± 0.01) the shifted values are small and exact, so the one-pass `E[d²] - E[d]²` loses
+//! nothing to cancellation. Sums run over planes in a fixed order, so results do not depend on
+//! the number of threads.
+
+use rayon::prelude::*;
+
+use crate::ops::cpu::{lane_sums, simd_fn, Dims, Real};
+
+/// One channel's batch statistics, kept in the element type for the element-wise passes.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelStats<E> {
+    /// The channel's first value: subtracted before anything else.
+    pub pivot: E,
+    /// The mean of `x - pivot`.
+    pub shifted_mean: E,
+    /// `1 / sqrt(var + eps)`.
+    pub inv_std: E,
+    /// The batch mean and the biased batch variance, for the running statistics.
+    pub mean: f64,
+    pub var: f64,
+}
+
+impl<E: Real> ChannelStats<E> {
+    /// `x - mean`, computed as `(x - pivot) - shifted_mean` so that it stays exact far from 0.
+    #[inline(always)]
+    pub(crate) fn centered(&self, x: E) -> E {
+        x.sub(self.pivot).sub(self.shifted_mean)
+    }
+}
+
+simd_fn! {
+    /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`.
+    pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, c: usize, pivot: E) -> (f64, f64) {
+        if dims.s == 1 {
+            // (N, C) input: the channel's values are a column.
+            let column = x[c..].iter().step_by(dims.c).map(|&v| v.sub(pivot).to_f64());
+            return column.fold((0.0, 0.0), |(s, q), d| (s + d, q + d * d));
+        }
+        let mut sums = (0.0, 0.0);
+        for n in 0..dims.n {
+            let run = &x[(n * dims.c + c) * dims.s..][..dims.s];
+            let d = |v: E| v.sub(pivot).to_f64();
+            let (s, q) = lane_sums(run, run, |v, _| d(v), |v, _| d(v) * d(v));
+            sums = (sums.0 + s, sums.1 + q);
+        }
+        sums
+    }
+}
+
+/// Per-channel statistics of `x` in one pass.
+pub fn channel_stats<E: Real>(x: &[E], dims: Dims, eps: f64) -> Vec<ChannelStats<E>> {
+    debug_assert_eq!(x.len(), dims.len());
+    (0..dims.c)
+        .into_par_iter()
+        .map(|c| channel_stat(x, dims, c, eps))
+        .collect()
+}
+
+/// Channel `c`'s statistics.
+pub(crate) fn channel_stat<E: Real>(x: &[E], dims: Dims, c: usize, eps: f64) -> ChannelStats<E> {
+    let m = dims.count() as f64;
+    let pivot = x[c * dims.s];
+    let (sum, sq) = shifted_sums(x, dims, c, pivot);
+    let shifted_mean = sum / m;
+    let var = (sq / m - shifted_mean * shifted_mean).max(0.0);
+    ChannelStats {
+        pivot,
+        shifted_mean: E::from_f64(shifted_mean),
+        inv_std: E::from_f64(1.0 / (var + eps).sqrt()),
+        mean: pivot.to_f64() + shifted_mean,
+        var,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook two-pass formulas in float64, to check the one-pass kernels against.
+    fn reference(x: &[f64], dims: Dims) -> Vec<(f64, f64)> {
+        (0..dims.c)
+            .map(|c| {
+                let values: Vec<f64> = (0..dims.n)
+                    .flat_map(|n| {
+                        let start = (n * dims.c + c) * dims.s;
+                        x[start..start + dims.s].to_vec()
+                    })
+                    .collect();
+                let m = values.len() as f64;
+                let mean = values.iter().sum::<f64>() / m;
+                let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / m;
+                (mean, var)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_pass_statistics_match_two_pass_ones_far_from_zero() {
+        let dims = Dims { n: 3, c: 2, s: 37 };
+        // 1000 + small values: the case a naive float32 sum gets wrong.
+        let x64: Vec<f64> = (0..dims.len())
+            .map(|i| 1000.0 + ((i * 7919 % 101) as f64 - 50.0) * 1e-4)
+            .collect();
+        let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+        let exact = reference(&x32.iter().map(|&v| v as f64).collect::<Vec<_>>(), dims);
+        for (st, (mean, var)) in channel_stats(&x32, dims, 1e-5).iter().zip(exact) {
+            assert!((st.mean - mean).abs() < 1e-9, "{} vs {mean}", st.mean);
+            assert!((st.var - var).abs() < 1e-6 * var, "{} vs {var}", st.var);
+        }
+    }
+}

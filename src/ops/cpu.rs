@@ -1,0 +1,260 @@
+//! What every hand-written CPU kernel shares: the float types they run on ([`Real`]), a
+//! vectorisable `exp`, run-time AVX2 dispatch ([`simd_fn!`]), the `(N, C, S)` view of a tensor
+//! ([`Dims`]), uninitialised output buffers and float64 lane sums. No Burn types here: the ops
+//! take plain slices.
+
+use std::mem::MaybeUninit;
+
+/// The float types the kernels run on.
+pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(value: f64) -> Self;
+    fn add(self, other: Self) -> Self;
+    fn sub(self, other: Self) -> Self;
+    fn mul(self, other: Self) -> Self;
+    /// `self * a + b`, rounded twice (no FMA: results stay the same on CPUs without it).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    fn sigmoid(self) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+/// `Real` for a primitive float type, with its sigmoid (`$exp` is the `e^x` it uses).
+macro_rules! impl_real {
+    ($t:ty, $exp:expr) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                self + other
+            }
+            #[inline(always)]
+            fn sub(self, other: Self) -> Self {
+                self - other
+            }
+            #[inline(always)]
+            fn mul(self, other: Self) -> Self {
+                self * other
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                self * a + b
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+            #[inline(always)]
+            fn sigmoid(self) -> Self {
+                let exp: fn($t) -> $t = $exp;
+                1.0 / (1.0 + exp(-self))
+            }
+        }
+    };
+}
+// float32 takes the vectorisable exp below; float64 (tests, references) libm's.
+impl_real!(f32, exp_f32);
+impl_real!(f64, f64::exp);
+
+/// `e^x` in float32, written so that it vectorises (libm's `expf` is a call per value).
+///
+/// Cephes' `expf`: `e^x = 2^n · e^r` with `n = round(x · log2 e)` and `|r| ≤ ln 2 / 2`, and
+/// `e^r = 1 + r + r² p(r)` with a degree-5 `p`; within 2 ulp of the exact value on `[-87, 88]`,
+/// where the input is clamped (`e^-87` is already below float32's smallest normal number).
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' constants, digit for digit
+pub fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer in the low mantissa bits, without SSE4.1's `roundps`.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // 2^n, built in the exponent bits; n lies within [-126, 127] after the clamp.
+    let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e_r * f32::from_bits(((n_bits + 127) << 23) as u32)
+}
+
+/// Defines a kernel function that runs compiled for AVX2 when the CPU has it, and for
+/// baseline x86-64 (SSE2, what Rust targets unless told otherwise) when not: the loops then
+/// run in 256-bit lanes on any x86-64 machine that has them.
+///
+/// The body becomes an `#[inline(always)]` function called from an AVX2 twin and from the
+/// baseline path, so that it is compiled inside each. (A closure handed to an AVX2 wrapper
+/// is not reliably inlined, and then runs without AVX2.) Closures in the body should stay
+/// small, so that they are inlined where they are called.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<E: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name<E: Real>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic<E: Real>($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<E: Real>($($arg: $ty),*) $(-> $ret)? {
+                generic($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, the one feature `avx2` is compiled for.
+                return unsafe { avx2($($arg),*) };
+            }
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// The `(N, C, S)` view of an `(N, C, ...)` tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub s: usize,
+}
+
+impl Dims {
+    pub fn of(shape: &[usize]) -> Self {
+        Self {
+            n: shape[0],
+            c: shape[1],
+            s: shape[2..].iter().product(),
+        }
+    }
+
+    /// Values per channel: the `M` that the statistics average over.
+    pub fn count(&self) -> usize {
+        self.n * self.s
+    }
+
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.s
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A buffer of `len` values that the kernels write before anything reads them.
+pub fn uninit<E>(len: usize) -> Vec<MaybeUninit<E>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation; the capacity is `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// # Safety
+/// Every element of `v` has been written.
+pub unsafe fn assume_init<E>(v: Vec<MaybeUninit<E>>) -> Vec<E> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same layout; the caller vouches that every element is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut E, v.len(), v.capacity()) }
+}
+
+/// Writes `values` to every element of `out` and returns it as initialised.
+///
+/// # Panics
+/// If `values` runs out first.
+#[inline(always)]
+pub(crate) fn fill<E: Copy>(
+    out: &mut [MaybeUninit<E>],
+    values: impl Iterator<Item = E>,
+) -> &mut [E] {
+    let mut written = 0;
+    for (o, v) in out.iter_mut().zip(values) {
+        o.write(v);
+        written += 1;
+    }
+    assert_eq!(
+        written,
+        out.len(),
+        "a kernel left part of its output unwritten"
+    );
+    // SAFETY: every element was just written.
+    unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) }
+}
+
+/// Lanes of independent partial sums: they let the compiler vectorise the float64 sums, which
+/// it may not reorder on its own.
+pub(crate) const LANES: usize = 8;
+
+/// `(Σ f(a_i, b_i), Σ g(a_i, b_i))` over two equally long runs, in float64 lanes kept in
+/// registers.
+#[inline(always)]
+pub(crate) fn lane_sums<E: Real>(
+    a: &[E],
+    b: &[E],
+    f: impl Fn(E, E) -> f64,
+    g: impl Fn(E, E) -> f64,
+) -> (f64, f64) {
+    let (mut sf, mut sg) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (av, bv) in ac.zip(bc) {
+        for lane in 0..LANES {
+            sf[lane] += f(av[lane], bv[lane]);
+            sg[lane] += g(av[lane], bv[lane]);
+        }
+    }
+    for (lane, (&av, &bv)) in at.iter().zip(bt).enumerate() {
+        sf[lane] += f(av, bv);
+        sg[lane] += g(av, bv);
+    }
+    (sf.iter().sum(), sg.iter().sum())
+}
+
+/// Planes per rayon task, so that each task has a few thousand values to work on.
+pub(crate) fn planes_per_task(dims: Dims) -> usize {
+    (4096 / dims.s.max(1)).max(1)
+}
+
+/// A slice that was just written in full, as initialised.
+///
+/// # Safety
+/// Every element of `s` must have been written.
+pub(crate) unsafe fn assume_init_mut<E>(s: &mut [MaybeUninit<E>]) -> &mut [E] {
+    // SAFETY: the caller wrote every element; `MaybeUninit<E>` has `E`'s layout.
+    unsafe { &mut *(s as *mut [MaybeUninit<E>] as *mut [E]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).to_bits().abs_diff(exp_f32(x).to_bits());
+            worst = worst.max(ulp as f64);
+            x += 0.000_97;
+        }
+        assert!(worst <= 2.0, "{worst} ulp");
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(-1000.0), exp_f32(-87.0));
+    }
+}

@@ -1,0 +1,43 @@
+//! The hand-written backend ops, through Burn's backend extension: Burn tensors at the edge,
+//! plain slices inside.
+//!
+//! - [`batch_norm`]: training-mode batch norm as one op with a hand-derived backward (Flex,
+//!   and CubeCL for wgpu and CUDA), optionally with the [`epilogue`] in the same pass;
+//! - [`epilogue`]: an activation and a `k × k` pool as one op (Flex);
+//! - [`conv2d`]: the models' im2col convolution (Flex);
+//! - [`seeded_backward`]: a backward from a given upstream gradient (W6's benchmark);
+//! - [`cpu`] and [`flex`]: what the CPU kernels share.
+
+pub mod batch_norm;
+pub mod conv2d;
+pub mod cpu;
+pub mod epilogue;
+pub mod flex;
+pub mod seeded_backward;
+
+use burn::backend::DispatchDevice;
+use burn::tensor::Device;
+
+/// Which kernel family runs the fused op on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// The Flex CPU kernels: float32 and float64, with the epilogue in the same pass.
+    Flex,
+    /// The CubeCL kernels (wgpu, CUDA): float32, the epilogue composed after.
+    Cube,
+}
+
+/// The kernel family of the fused op on `device` (with or without autodiff), if it has one.
+pub fn family(device: &Device) -> Option<Family> {
+    fn of(device: &DispatchDevice) -> Option<Family> {
+        match device {
+            DispatchDevice::Flex(_) => Some(Family::Flex),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            DispatchDevice::Cube(_) => Some(Family::Cube),
+            DispatchDevice::Autodiff(inner) => of(inner),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+    of(device.as_dispatch())
+}
