@@ -17,10 +17,11 @@ use burn::tensor::{Distribution, Tensor};
 use serde::Serialize;
 
 use crate::config::{OptimizerKind, RunConfig};
+use crate::data::input_batch;
 use crate::data::FashionMnist;
 use crate::models::{Model, ModelKind, ModelSpec};
 use crate::norm::{NormConfig, NormKind, NormLayer};
-use crate::train::{self, eval_device, input_batch, train_device, Quiet};
+use crate::train::{self, eval_device, train_device, Quiet};
 
 /// One measured figure, as a JSON line.
 #[derive(Debug, Clone, Serialize)]

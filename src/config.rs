@@ -192,26 +192,6 @@ impl RunConfig {
         }
     }
 
-    /// The model training starts from, on `device`: seeded, or read from `init_weights`.
-    pub fn initial_model(
-        &self,
-        device: &burn::tensor::Device,
-    ) -> anyhow::Result<crate::models::Model> {
-        match &self.init_weights {
-            None => Ok(self.model_spec().init(self.seed, device)),
-            Some(path) => {
-                let model = crate::interop::torch::import_file(path, &self.model_spec())
-                    .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
-                // The import lands on the evaluation device; training wants autodiff.
-                let model = match device.is_autodiff() {
-                    true => burn::module::Module::train(model),
-                    false => model,
-                };
-                Ok(model)
-            }
-        }
-    }
-
     /// The side length of the images the model sees.
     pub fn image_size(&self) -> usize {
         self.resize.unwrap_or(28)

@@ -23,12 +23,12 @@
 
 use std::collections::BTreeMap;
 
+use bnlab::data::input_batch;
 use bnlab::data::FashionMnist;
 use bnlab::interop::torch::export;
 use bnlab::models::{ModelKind, ModelSpec};
 use bnlab::norm::{BatchNormConfig, NormKind};
 use bnlab::ops::{self, Family};
-use bnlab::train::input_batch;
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::loss::CrossEntropyLossConfig;

@@ -1,10 +1,11 @@
 //! BN folding: a folded model computes the same logits as the eval-mode model it came from.
 
 use bnlab::config::{OptimizerKind, RunConfig};
+use bnlab::data::input_batch;
 use bnlab::data::FashionMnist;
 use bnlab::models::{fold_bn, ModelKind};
 use bnlab::norm::NormKind;
-use bnlab::train::{eval_device, input_batch, train, Quiet};
+use bnlab::train::{eval_device, train, Quiet};
 use burn::module::Module;
 
 fn values(t: burn::tensor::Tensor<2>) -> Vec<f32> {

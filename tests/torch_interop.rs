@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use bnlab::data::input_batch;
 use bnlab::data::{FashionMnist, Split};
 use bnlab::interop::torch::{
     export, import, import_file, metadata, state_dict_keys, TorchError, META_MODEL,
 };
 use bnlab::models::{Model, ModelKind, ModelSpec};
 use bnlab::norm::{NormKind, NormLayer};
-use bnlab::train::{eval_device, input_batch, train_device};
+use bnlab::train::{eval_device, train_device};
 use burn::module::Module;
 use burn::tensor::Tensor;
 use proptest::prelude::*;

@@ -2,10 +2,11 @@
 //! trains like Burn's built-in one, and precise BN computes the exact average it promises.
 
 use bnlab::config::{OptimizerKind, RunConfig};
+use bnlab::data::input_batch;
 use bnlab::data::{batches, FashionMnist};
 use bnlab::models::{Model, ModelKind};
 use bnlab::norm::{NormKind, NormLayer};
-use bnlab::train::{input_batch, recalibrate_bn, train, train_device, Quiet};
+use bnlab::train::{recalibrate_bn, train, train_device, Quiet};
 use burn::module::Module;
 use burn::tensor::Tensor;
 

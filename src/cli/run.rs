@@ -39,7 +39,7 @@ pub(crate) fn train_and_save(
     check_metrics_path(output)?;
     let data = FashionMnist::load(&output.env.data)?;
     checkpoint::save_config(&dir, &config)?;
-    let model = config.initial_model(&train::train_device())?;
+    let model = train::initial_model(&config, &train::train_device())?;
     let optim = train::optim::optimizer(&config);
     let start = (model, optim, Progress::start());
     run_in_dir(&config, name, &data, &dir, output, start)
@@ -272,7 +272,7 @@ pub(crate) fn compare(
             out: Some(dir.clone()),
             save_every: None,
         };
-        let model = config.initial_model(&train::train_device())?;
+        let model = train::initial_model(&config, &train::train_device())?;
         let start = (model, train::optim::optimizer(&config), Progress::start());
         let metrics = run_in_dir(&config, name, &data, &dir, &output, start)?;
         runs.push((name.clone(), metrics));

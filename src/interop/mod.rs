@@ -4,9 +4,9 @@
 pub mod npy;
 pub mod torch;
 
-use crate::data::{batches, Split};
+use crate::data::{batches, input_batch, Split};
+use crate::device::inference_device;
 use crate::models::Model;
-use crate::train::{eval_device, input_batch};
 
 /// An eval-mode model's outputs on a split.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +47,7 @@ pub fn predict(
 ) -> Predictions {
     let n = limit.map_or(split.len(), |l| l.min(split.len()));
     let order: Vec<usize> = (0..n).collect();
-    let device = eval_device();
+    let device = inference_device();
     let mut logits = Vec::with_capacity(n * 10);
     for indices in batches(&order, batch_size, false) {
         let (images, _) = input_batch(split, indices, size, &device);

@@ -471,7 +471,7 @@ fn replace_param<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>)
 
 /// The state_dict keys of `spec`'s model and their PyTorch shapes, in PyTorch's order.
 pub fn state_dict_keys(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let mut model = spec.init(0, &crate::train::eval_device());
+    let mut model = spec.init(0, &crate::device::inference_device());
     slots(&mut model)
         .into_iter()
         .map(|(key, slot)| {
@@ -538,7 +538,7 @@ pub fn export_file(model: &Model, spec: &ModelSpec, path: &Path) -> anyhow::Resu
 /// form, on the evaluation device. Keys must match exactly, as `load_state_dict(strict=True)`.
 pub fn import(bytes: &[u8], spec: &ModelSpec) -> Result<Model, TorchError> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| TorchError::Corrupt(e.to_string()))?;
-    let mut model = spec.init(0, &crate::train::eval_device());
+    let mut model = spec.init(0, &crate::device::inference_device());
     let wanted = slots(&mut model);
 
     let file_keys: BTreeSet<&str> = file.names().into_iter().collect();

@@ -12,12 +12,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::RunConfig;
-use crate::data::{batches, epoch_order, FashionMnist, Split};
+use crate::data::{batches, epoch_order, input_batch, FashionMnist, Split};
 use crate::models::Model;
 use crate::report::EpochMetrics;
 
@@ -62,24 +60,21 @@ pub fn eval_device() -> Device {
     crate::device::inference_device()
 }
 
-/// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
-/// (half-pixel centres, as PyTorch's `align_corners=False`) when `size` is not 28.
-pub fn input_batch(
-    split: &Split,
-    indices: &[usize],
-    size: usize,
-    device: &Device,
-) -> (Tensor<4>, Tensor<1, Int>) {
-    if size == split.rows {
-        return split.batch(indices, device);
+/// The model training starts from, on `device`: seeded, or read from `config.init_weights`.
+pub fn initial_model(config: &RunConfig, device: &Device) -> anyhow::Result<Model> {
+    match &config.init_weights {
+        None => Ok(config.model_spec().init(config.seed, device)),
+        Some(path) => {
+            let model = crate::interop::torch::import_file(path, &config.model_spec())
+                .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
+            // The import lands on the evaluation device; training wants autodiff.
+            let model = match device.is_autodiff() {
+                true => model.train(),
+                false => model,
+            };
+            Ok(model)
+        }
     }
-    // Resize on the plain device: nothing of it needs a gradient.
-    let (images, labels) = split.batch(indices, &eval_device());
-    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
-        .with_align_corners(false)
-        .with_output_size([size, size]);
-    let images = interpolate(images, options);
-    (images.to_device(device), labels.to_device(device))
 }
 
 /// Where a run saves its resume points, and what stops it early.
@@ -107,7 +102,7 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainOutcome> {
     config.validate()?;
-    let model = config.initial_model(&train_device())?;
+    let model = initial_model(config, &train_device())?;
     let optim = optim::optimizer(config);
     run(
         config,

@@ -10,7 +10,8 @@
 use crate::data::{batches, Split};
 use crate::models::Model;
 
-use super::{input_batch, train_device};
+use super::train_device;
+use crate::data::input_batch;
 
 /// Returns `model` (on the training device) with recalibrated running statistics.
 pub fn recalibrate_bn(
