@@ -103,7 +103,7 @@ pub const NORMS: [NormKind; 3] = [NormKind::Fused, NormKind::Scratch, NormKind::
 
 /// `--norm`'s name, and what runs instead where the fused kernel has no kernel for the backend.
 fn norm_label(norm: NormKind) -> String {
-    let name = crate::value_name(norm);
+    let name = norm.to_string();
     match norm == NormKind::Fused && !crate::ops::batch_norm::supports(&train_device()) {
         true => format!("{name} (scratch: no fused kernel on this backend)"),
         false => name,
@@ -248,7 +248,7 @@ pub fn inference(data: &FashionMnist, kind: ModelKind, folded: bool, scale: Scal
     }
     let seconds = started.elapsed().as_secs_f64();
     let mut r = Record::new(
-        &format!("W7 inference_{}", kind.name()),
+        &format!("W7 inference_{}", kind),
         seconds,
         format!("{n} test images, batch {batch}, eval mode"),
     );

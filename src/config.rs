@@ -3,31 +3,32 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{ActivationKind, ModelKind, ModelSpec, PoolKind, WeightInit};
+use crate::models::{ModelKind, ModelSpec, WeightInit};
+use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{Convention, NormConfig, NormKind};
 
-/// `optimizer`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerKind {
-    /// Plain mini-batch SGD.
-    Sgd,
-    /// SGD with momentum (PyTorch's form: v = μv + g, no dampening).
-    SgdMomentum,
-    /// Adam (β = 0.9, 0.999; ε = 1e-8, as PyTorch).
-    Adam,
+crate::choice_enum! {
+    /// `optimizer`
+    pub enum OptimizerKind {
+        /// Plain mini-batch SGD.
+        Sgd = "sgd",
+        /// SGD with momentum (PyTorch's form: v = μv + g, no dampening).
+        SgdMomentum = "sgd-momentum",
+        /// Adam (β = 0.9, 0.999; ε = 1e-8, as PyTorch).
+        Adam = "adam",
+    }
 }
 
-/// `init`: how conv and linear weights start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum InitKind {
-    /// Xavier-uniform, as the d2l PyTorch notebooks.
-    XavierUniform,
-    /// N(0, init_std²), as the MXNet notebook.
-    Normal,
-    /// PyTorch's default, U(±1/√fan_in).
-    PytorchDefault,
+crate::choice_enum! {
+    /// `init`: how conv and linear weights start.
+    pub enum InitKind {
+        /// Xavier-uniform, as the d2l PyTorch notebooks.
+        XavierUniform = "xavier-uniform",
+        /// N(0, init_std²), as the MXNet notebook.
+        Normal = "normal",
+        /// PyTorch's default, U(±1/√fan_in).
+        PytorchDefault = "pytorch-default",
+    }
 }
 
 /// Batch norm's momentum: a weight in [0, 1] (read by the convention) or a cumulative average.
@@ -70,10 +71,10 @@ pub struct RunConfig {
     pub model: ModelKind,
     /// Default: `fused` for models with batch norm, `none` for `lenet`.
     pub norm: Option<NormKind>,
-    /// LeNet only. Default: avg.
-    pub pool: Option<PoolKind>,
+    /// LeNet only. Default: avg (2 × 2).
+    pub pool: Option<Pool>,
     /// LeNet only. Default: sigmoid.
-    pub activation: Option<ActivationKind>,
+    pub activation: Option<Activation>,
     /// Default: xavier-uniform for LeNet, normal for lenet-gluon, pytorch-default otherwise.
     pub init: Option<InitKind>,
     /// Standard deviation for `init = "normal"`.
@@ -169,26 +170,23 @@ impl RunConfig {
     }
 
     pub fn weight_init(&self) -> WeightInit {
-        let kind = self.init.unwrap_or(match self.model {
-            ModelKind::Lenet | ModelKind::LenetBn => InitKind::XavierUniform,
-            ModelKind::LenetGluon => InitKind::Normal,
-            ModelKind::Resnet18 | ModelKind::Densenet => InitKind::PytorchDefault,
-        });
-        match kind {
-            InitKind::XavierUniform => WeightInit::XavierUniform,
-            InitKind::Normal => WeightInit::Normal { std: self.init_std },
-            InitKind::PytorchDefault => WeightInit::PyTorchDefault,
+        match self.init {
+            None => self.model.default_init(),
+            Some(InitKind::XavierUniform) => WeightInit::XavierUniform,
+            Some(InitKind::Normal) => WeightInit::Normal { std: self.init_std },
+            Some(InitKind::PytorchDefault) => WeightInit::PyTorchDefault,
         }
     }
 
-    /// The architecture this run trains.
+    /// The architecture this run trains: the model's defaults, with what the run sets.
     pub fn model_spec(&self) -> ModelSpec {
+        let defaults = ModelSpec::of(self.model, self.norm_kind());
         ModelSpec {
-            kind: self.model,
             norm: self.norm_config(),
-            pool: self.pool.unwrap_or(PoolKind::Avg),
-            activation: self.activation.unwrap_or(ActivationKind::Sigmoid),
+            pool: self.pool.unwrap_or(defaults.pool),
+            activation: self.activation.unwrap_or(defaults.activation),
             init: self.weight_init(),
+            ..defaults
         }
     }
 
@@ -244,28 +242,33 @@ impl RunConfig {
         if self.image_size() < min_size {
             return err(format!(
                 "--model {} needs images of at least {min_size}x{min_size}, got {} (use --resize)",
-                self.model.name(),
+                self.model,
                 self.image_size()
             ));
         }
-        let lenet_only = !matches!(self.model, ModelKind::Lenet | ModelKind::LenetBn);
+        let lenet_only = !self.model.has_lenet_blocks();
         if lenet_only && self.pool.is_some() {
             return err(format!(
                 "--pool applies to lenet and lenet-bn, not {}",
-                self.model.name()
+                self.model
+            ));
+        }
+        if let Some(pool) = self.pool.filter(|p| p.window() != Some(Pool::LENET_WINDOW)) {
+            return err(format!(
+                "--pool {pool}: LeNet's conv blocks pool 2x2 windows (use avg or max)"
             ));
         }
         if lenet_only && self.activation.is_some() {
             return err(format!(
                 "--activation applies to lenet and lenet-bn, not {}",
-                self.model.name()
+                self.model
             ));
         }
         if !self.model.has_batch_norm() && self.norm.is_some_and(|n| n != NormKind::None) {
             return err(format!(
                 "--model {} has no batch norm: use --model lenet-bn for --norm {}",
-                self.model.name(),
-                crate::value_name(self.norm_kind())
+                self.model,
+                self.norm_kind()
             ));
         }
         if !positive(self.bn_eps) {

@@ -2,6 +2,7 @@
 //! runs of the batch-norm chapter of *Dive into Deep Learning*.
 
 pub mod bench;
+pub mod choice;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -12,10 +13,3 @@ pub mod ops;
 pub mod recipes;
 pub mod report;
 pub mod train;
-
-/// The name a value has on the command line and in recipes (`lenet-bn`, `scratch`, ...).
-pub fn value_name(v: impl clap::ValueEnum) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
-}

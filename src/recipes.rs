@@ -97,7 +97,8 @@ mod tests {
     #[test]
     fn recipes_hold_the_chapter_settings() {
         use crate::config::OptimizerKind::*;
-        use crate::models::{ModelKind, PoolKind};
+        use crate::models::ModelKind;
+        use crate::norm::epilogue::Pool;
         let r = |n| load(n).unwrap();
         let sgdm = r("lenet-bn-sgdm");
         assert_eq!(
@@ -108,7 +109,7 @@ mod tests {
             (sgdm.lr_step_size, sgdm.lr_gamma, sgdm.epochs),
             (Some(2), 0.9, 20)
         );
-        assert_eq!(sgdm.pool, Some(PoolKind::Max));
+        assert_eq!(sgdm.pool, Some(Pool::Max(2)));
         assert_eq!(r("lenet-adam").optimizer, Adam);
         assert_eq!(r("lenet-sgdm").model, ModelKind::Lenet);
         assert_eq!(r("lenet-bn-adam-128").batch_size, 128);

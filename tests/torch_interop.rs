@@ -69,7 +69,7 @@ fn every_models_keys_shapes_and_dtypes_are_pytorchs() {
             Some((kind, "none")) => (kind, NormKind::None),
             _ => (name.as_str(), NormKind::Scratch),
         };
-        let kind = <ModelKind as clap::ValueEnum>::from_str(kind, false).unwrap();
+        let kind: ModelKind = kind.parse().unwrap();
         let spec = spec(kind, norm);
         let got = state_dict_keys(&spec);
         let want_keys: Vec<(String, Vec<usize>)> = want
@@ -140,7 +140,7 @@ fn a_round_trip_keeps_every_weight_and_every_logit() {
     cases.push(spec(ModelKind::LenetBn, NormKind::Burn));
     cases.push(spec(ModelKind::LenetGluon, NormKind::None));
     for spec in cases {
-        let what = format!("{} --norm {:?}", spec.kind.name(), spec.norm.kind);
+        let what = format!("{} --norm {:?}", spec.kind, spec.norm.kind);
         let model = trained_a_little(&spec, 7, &data.train);
         let bytes = export(&model, &spec).unwrap();
         let back = import(&bytes, &spec).unwrap();
@@ -160,7 +160,7 @@ fn a_round_trip_keeps_every_weight_and_every_logit() {
         );
         assert_eq!(
             metadata(&bytes).unwrap().get(META_MODEL),
-            Some(&spec.kind.name())
+            Some(&spec.kind.to_string())
         );
     }
 }

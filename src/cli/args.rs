@@ -2,38 +2,41 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
+use bnlab::choice::Choice;
 use bnlab::config::{BnMomentum, InitKind, OptimizerKind, RunConfig};
 use bnlab::data::DEFAULT_DATA_DIR;
-use bnlab::models::{ActivationKind, ModelKind, PoolKind};
+use bnlab::models::ModelKind;
+use bnlab::norm::epilogue::{Activation, Pool};
 use bnlab::norm::{Convention, NormKind};
 
 /// Settings of a run. Unset ones come from the recipe, or for `train` from the defaults shown.
 #[derive(Args, Debug, Default, Clone)]
 pub(crate) struct RunArgs {
     /// Network to train [default: lenet-bn].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<ModelKind>())]
     pub(crate) model: Option<ModelKind>,
     /// Batch norm: this project's with its fused CPU kernel (fused), the same layer composed
     /// from tensor ops (scratch), Burn's built-in (burn), or none [default: fused].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<NormKind>())]
     pub(crate) norm: Option<NormKind>,
     /// Pooling in LeNet's conv blocks [default: avg].
-    #[arg(long, value_enum)]
-    pub(crate) pool: Option<PoolKind>,
+    #[arg(long, value_name = "avg|max", value_parser = parse_pool)]
+    pub(crate) pool: Option<Pool>,
     /// Activation in LeNet's layers [default: sigmoid].
-    #[arg(long, value_enum)]
-    pub(crate) activation: Option<ActivationKind>,
+    #[arg(long, value_parser = choice::<Activation>())]
+    pub(crate) activation: Option<Activation>,
     /// Weight initialisation [default: xavier-uniform for LeNet, normal for lenet-gluon,
     /// pytorch-default for resnet18 and densenet].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<InitKind>())]
     pub(crate) weight_init: Option<InitKind>,
     /// Standard deviation of `--weight-init normal` [default: 0.01].
     #[arg(long, value_name = "STD", value_parser = positive_float)]
     pub(crate) init_std: Option<f64>,
     /// Optimizer that updates the weights [default: sgd].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<OptimizerKind>())]
     pub(crate) optimizer: Option<OptimizerKind>,
     /// Learning rate of the optimizer, > 0 [default: 1].
     #[arg(long, value_parser = positive_float, allow_negative_numbers = true)]
@@ -65,7 +68,7 @@ pub(crate) struct RunArgs {
     pub(crate) bn_momentum: Option<BnMomentum>,
     /// How running statistics move: pytorch (momentum weighs the new batch, unbiased variance)
     /// or d2l (momentum weighs the old value, biased variance) [default: pytorch].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<Convention>())]
     pub(crate) bn_convention: Option<Convention>,
     /// Seed for weight initialisation and shuffling [default: 0].
     #[arg(long)]
@@ -121,17 +124,17 @@ impl RunArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct ArchArgs {
     /// Network the weights belong to (with --weights) [default: the file's, or lenet-bn].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<ModelKind>())]
     pub(crate) model: Option<ModelKind>,
     /// Its batch norm (with --weights) [default: the file's, or fused].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<NormKind>())]
     pub(crate) norm: Option<NormKind>,
     /// Its LeNet pooling (with --weights) [default: the file's, or avg].
-    #[arg(long, value_enum)]
-    pub(crate) pool: Option<PoolKind>,
+    #[arg(long, value_name = "avg|max", value_parser = parse_pool)]
+    pub(crate) pool: Option<Pool>,
     /// Its LeNet activation (with --weights) [default: the file's, or sigmoid].
-    #[arg(long, value_enum)]
-    pub(crate) activation: Option<ActivationKind>,
+    #[arg(long, value_parser = choice::<Activation>())]
+    pub(crate) activation: Option<Activation>,
     /// The image side it expects (with --weights) [default: the file's, or 28].
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub(crate) resize: Option<usize>,
@@ -213,4 +216,19 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     } else {
         Err(format!("must be at least 1, got {s}"))
     }
+}
+
+/// A parser for a library enum of named values: its names, each with its doc comment, are the
+/// flag's possible values.
+pub(crate) fn choice<T: Choice + Send + Sync>() -> impl TypedValueParser<Value = T> {
+    let values = T::ALL.iter().map(|v| {
+        let help: Vec<&str> = v.help().split_whitespace().collect();
+        PossibleValue::new(v.name()).help(help.join(" "))
+    });
+    PossibleValuesParser::new(values)
+        .map(|name| T::from_name(&name).expect("clap checked the name"))
+}
+
+fn parse_pool(s: &str) -> Result<Pool, String> {
+    s.parse()
 }

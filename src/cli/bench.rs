@@ -29,7 +29,7 @@ pub(crate) fn bench(
     if let Some(bad) = norms.iter().find(|n| !NORMS.contains(n)) {
         anyhow::bail!(
             "--norm {}: bench times only BN layers (choose from fused, scratch, burn)",
-            bnlab::value_name(*bad)
+            bad
         );
     }
     let norms = if norms.is_empty() { &NORMS[..] } else { norms };

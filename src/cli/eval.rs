@@ -34,14 +34,13 @@ pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunC
     use bnlab::interop::torch::{
         self, META_ACTIVATION, META_EPS, META_IMAGE_SIZE, META_MODEL, META_NORM, META_POOL,
     };
-    use clap::ValueEnum;
     let bytes = std::fs::read(path)
         .with_context(|| format!("--weights {}: cannot read", path.display()))?;
     let meta = torch::metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
     let named = |key: &str| meta.get(key).map(String::as_str);
-    fn parse<T: ValueEnum>(value: Option<&str>) -> Option<T> {
-        value.and_then(|v| T::from_str(v, false).ok())
+    fn parse<T: std::str::FromStr>(value: Option<&str>) -> Option<T> {
+        value.and_then(|v| v.parse().ok())
     }
     let mut config = RunConfig::default();
     config.model = arch
@@ -123,7 +122,7 @@ pub(crate) fn export_torch(path: &Path, out: &Path) -> anyhow::Result<()> {
     eprintln!(
         "bnlab: wrote {} (PyTorch state_dict of {})",
         out.display(),
-        ckpt.config.model.name()
+        ckpt.config.model
     );
     Ok(())
 }

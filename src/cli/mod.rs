@@ -86,7 +86,7 @@ enum Command {
     /// Print the output shape of each top-level block of a model for one input image.
     Shapes {
         /// Network whose blocks to show.
-        #[arg(value_enum)]
+        #[arg(value_parser = choice::<ModelKind>())]
         model: ModelKind,
         /// Input side length [default: 28, or 96 for densenet].
         #[arg(long, value_name = "N", value_parser = at_least_one)]
@@ -136,7 +136,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         only: Vec<String>,
         /// Time W1 and W6 only with these norms (comma-separated) [default: fused,scratch,burn].
-        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = choice::<NormKind>())]
         norm: Vec<NormKind>,
         #[command(flatten)]
         env: EnvArgs,
@@ -198,7 +198,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             resume: ResumeArgs { resume: None },
         } => {
             let config = run.apply(RunConfig::default());
-            let name = config.model.name();
+            let name = config.model.to_string();
             train_and_save(config, &name, &output).map(|_| ())
         }
         Command::Run {

@@ -14,7 +14,6 @@ use bnlab::recipes;
 use bnlab::report::{plot, table, write_atomically, write_jsonl, EpochMetrics};
 use bnlab::train::checkpoint::{self, METRICS_FILE, MODEL_FILE};
 use bnlab::train::{self, Observer, Progress, RunOptions};
-use bnlab::value_name;
 use burn::optim::ModuleOptimizer;
 
 use super::args::*;
@@ -113,10 +112,10 @@ pub(crate) fn run_in_dir(
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     eprintln!(
         "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
-        config.model.name(),
-        value_name(config.norm_kind()),
+        config.model,
+        config.norm_kind(),
         config.epochs,
-        value_name(config.optimizer),
+        config.optimizer,
         config.lr,
         config.batch_size,
         rayon::current_num_threads(),

@@ -54,7 +54,7 @@ pub(crate) fn shapes(model: ModelKind, resize: Option<usize>) -> anyhow::Result<
     let x = burn::tensor::Tensor::<4>::zeros([1, 1, size, size], &device);
     let mut trace = Trace::recording();
     net.forward_traced(x, &mut trace);
-    println!("{} on a 1x1x{size}x{size} input:", model.name());
+    println!("{} on a 1x1x{size}x{size} input:", model);
     let width = trace.blocks.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     for (name, dims) in trace.blocks {
         println!("  {name:width$}  output shape {dims:?}");

@@ -484,14 +484,11 @@ pub fn state_dict_keys(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
 /// The metadata bnlab writes: what a tool needs to rebuild the PyTorch model.
 fn spec_metadata(spec: &ModelSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (META_MODEL.to_string(), spec.kind.name()),
-        (META_NORM.to_string(), crate::value_name(spec.norm.kind)),
+        (META_MODEL.to_string(), spec.kind.to_string()),
+        (META_NORM.to_string(), spec.norm.kind.to_string()),
         (META_EPS.to_string(), spec.norm.eps.to_string()),
-        (META_POOL.to_string(), crate::value_name(spec.pool)),
-        (
-            META_ACTIVATION.to_string(),
-            crate::value_name(spec.activation),
-        ),
+        (META_POOL.to_string(), spec.pool.to_string()),
+        (META_ACTIVATION.to_string(), spec.activation.to_string()),
     ])
 }
 
@@ -554,7 +551,7 @@ pub fn import(bytes: &[u8], spec: &ModelSpec) -> Result<Model, TorchError> {
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(TorchError::Keys {
-            model: spec.kind.name(),
+            model: spec.kind.to_string(),
             missing,
             unexpected,
         });

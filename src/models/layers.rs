@@ -1,99 +1,22 @@
-//! Pieces the models share: pooling and activation choices, and seeded weight initialisation.
+//! Pieces the models share: seeded weight initialisation, the stem of ResNet and DenseNet,
+//! block tracing.
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu, Sigmoid};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::norm::epilogue::{self, Pool};
+use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue};
 use crate::ops::conv2d::conv2d;
 
-/// `--pool`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolKind {
-    Avg,
-    Max,
-}
-
-/// `--activation`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ActivationKind {
-    Sigmoid,
-    Relu,
-}
-
-#[derive(Module, Debug)]
-pub enum Pool2d {
-    Avg(AvgPool2d),
-    Max(MaxPool2d),
-}
-
-impl Pool2d {
-    /// A `size × size` pool with stride `size`, as LeNet uses.
-    pub fn new(kind: PoolKind, size: usize) -> Self {
-        match kind {
-            PoolKind::Avg => Self::Avg(AvgPool2dConfig::new([size, size]).init()),
-            PoolKind::Max => Self::Max(MaxPool2dConfig::new([size, size]).init()),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        match self {
-            Self::Avg(p) => p.forward(x),
-            Self::Max(p) => p.forward(x),
-        }
-    }
-
-    /// The same pool as the fused BN kernel computes it ([`Self::new`] makes `k × k` windows of
-    /// stride `k`, which it can).
-    pub fn epilogue(&self) -> Pool {
-        match self {
-            Self::Avg(p) => Pool::Avg(p.kernel_size[0]),
-            Self::Max(p) => Pool::Max(p.kernel_size[0]),
-        }
-    }
-}
-
-#[derive(Module, Debug)]
-pub enum Activation {
-    Sigmoid(Sigmoid),
-    Relu(Relu),
-}
-
-impl Activation {
-    pub fn new(kind: ActivationKind) -> Self {
-        match kind {
-            ActivationKind::Sigmoid => Self::Sigmoid(Sigmoid::new()),
-            ActivationKind::Relu => Self::Relu(Relu::new()),
-        }
-    }
-
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match self {
-            Self::Sigmoid(a) => a.forward(x),
-            Self::Relu(a) => a.forward(x),
-        }
-    }
-
-    /// The same activation as the fused BN kernel computes it.
-    pub fn epilogue(&self) -> epilogue::Activation {
-        match self {
-            Self::Sigmoid(_) => epilogue::Activation::Sigmoid,
-            Self::Relu(_) => epilogue::Activation::Relu,
-        }
-    }
-}
-
 /// BN (if any) followed by ReLU: one kernel under `--norm fused`.
 pub const BN_RELU: Epilogue = Epilogue {
-    activation: epilogue::Activation::Relu,
+    activation: Activation::Relu,
     pool: Pool::None,
 };
 

@@ -12,31 +12,11 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
-use super::layers::{Activation, ActivationKind, Initializer, Pool2d, PoolKind, Trace, WeightInit};
-use crate::norm::epilogue::Pool;
-use crate::norm::{norm_then, Epilogue, NormConfig, NormLayer};
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LeNetConfig {
-    pub norm: NormConfig,
-    pub pool: PoolKind,
-    pub activation: ActivationKind,
-    pub init: WeightInit,
-}
-
-impl Default for LeNetConfig {
-    /// The chapter's LeNet-BN: sigmoid, average pooling, Xavier-uniform weights.
-    fn default() -> Self {
-        Self {
-            norm: NormConfig::default(),
-            pool: PoolKind::Avg,
-            activation: ActivationKind::Sigmoid,
-            init: WeightInit::XavierUniform,
-        }
-    }
-}
+use super::layers::{Initializer, Trace};
+use super::ModelSpec;
+use crate::norm::epilogue::{Activation, Pool};
+use crate::norm::{norm_then, Epilogue, NormLayer};
 
 #[derive(Module, Debug)]
 pub struct LeNet {
@@ -49,15 +29,19 @@ pub struct LeNet {
     pub fc2: Linear,
     pub bn4: Option<NormLayer>,
     pub fc3: Linear,
-    pub pool: Pool2d,
+    /// After each conv block (2 × 2 windows).
+    #[module(skip)]
+    pub pool: Pool,
+    /// After every layer but the last.
+    #[module(skip)]
     pub activation: Activation,
 }
 
-impl LeNetConfig {
-    pub fn init(&self, seed: u64, device: &Device) -> LeNet {
-        let mut init = Initializer::new(seed, self.init, device);
-        let norm = |c| NormLayer::new(&self.norm, c, device);
-        LeNet {
+impl LeNet {
+    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+        let mut init = Initializer::new(seed, spec.init, device);
+        let norm = |c| NormLayer::new(&spec.norm, c, device);
+        Self {
             conv1: init.conv2d(1, 6, 5, 1, 0),
             bn1: norm(6),
             conv2: init.conv2d(6, 16, 5, 1, 0),
@@ -67,22 +51,20 @@ impl LeNetConfig {
             fc2: init.linear(120, 84),
             bn4: norm(84),
             fc3: init.linear(84, 10),
-            pool: Pool2d::new(self.pool, 2),
-            activation: Activation::new(self.activation),
+            pool: spec.pool,
+            activation: spec.activation,
         }
     }
-}
 
-impl LeNet {
     /// `(N, 1, 28, 28)` images to `(N, 10)` logits.
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         // BN → activation (→ pool): one kernel per block under `--norm fused`.
         let act = Epilogue {
-            activation: self.activation.epilogue(),
+            activation: self.activation,
             pool: Pool::None,
         };
         let act_pool = Epilogue {
-            pool: self.pool.epilogue(),
+            pool: self.pool,
             ..act
         };
         let x = norm_then(&self.bn1, conv2d(&self.conv1, x), act_pool);

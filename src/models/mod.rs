@@ -14,35 +14,48 @@ use serde::{Deserialize, Serialize};
 pub use densenet::DenseNet;
 pub use fold::fold_bn;
 pub use gluon::GluonLeNet;
-pub use layers::{ActivationKind, PoolKind, Trace, WeightInit};
-pub use lenet::{LeNet, LeNetConfig};
+pub use layers::{Trace, WeightInit};
+pub use lenet::LeNet;
 pub use resnet::ResNet18;
 
+use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{NormConfig, NormKind, NormLayer};
 
-/// `--model`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    /// d2l's LeNet without batch norm (the baseline of the comparison).
-    Lenet,
-    /// d2l's LeNet with batch norm after each conv and linear layer but the last.
-    LenetBn,
-    /// The MXNet notebook's LeNet: ReLU, 20 and 50 channels, max pooling, BN after the convs.
-    LenetGluon,
-    /// d2l's ResNet-18.
-    Resnet18,
-    /// d2l's DenseNet (4 dense blocks of 4 layers, growth rate 32).
-    Densenet,
+crate::choice_enum! {
+    /// `--model`
+    pub enum ModelKind {
+        /// d2l's LeNet without batch norm (the baseline of the comparison).
+        Lenet = "lenet",
+        /// d2l's LeNet with batch norm after each conv and linear layer but the last.
+        LenetBn = "lenet-bn",
+        /// The MXNet notebook's LeNet: ReLU, 20 and 50 channels, max pooling, BN after the convs.
+        LenetGluon = "lenet-gluon",
+        /// d2l's ResNet-18.
+        Resnet18 = "resnet18",
+        /// d2l's DenseNet (4 dense blocks of 4 layers, growth rate 32).
+        Densenet = "densenet",
+    }
 }
 
 impl ModelKind {
-    pub fn name(self) -> String {
-        crate::value_name(self)
-    }
-
     pub fn has_batch_norm(self) -> bool {
         self != Self::Lenet
+    }
+
+    /// How the model's conv and linear weights start unless told otherwise: Xavier-uniform for
+    /// the LeNets (d2l's PyTorch notebooks), N(0, 0.01²) for the MXNet notebook's, PyTorch's
+    /// default for ResNet and DenseNet.
+    pub fn default_init(self) -> WeightInit {
+        match self {
+            Self::Lenet | Self::LenetBn => WeightInit::XavierUniform,
+            Self::LenetGluon => WeightInit::Normal { std: 0.01 },
+            Self::Resnet18 | Self::Densenet => WeightInit::PyTorchDefault,
+        }
+    }
+
+    /// Whether `--pool` and `--activation` apply (the d2l LeNets).
+    pub fn has_lenet_blocks(self) -> bool {
+        matches!(self, Self::Lenet | Self::LenetBn)
     }
 
     /// The smallest input side the architecture accepts.
@@ -61,8 +74,9 @@ impl ModelKind {
 pub struct ModelSpec {
     pub kind: ModelKind,
     pub norm: NormConfig,
-    pub pool: PoolKind,
-    pub activation: ActivationKind,
+    /// The LeNets' pool and activation (the others have theirs fixed).
+    pub pool: Pool,
+    pub activation: Activation,
     pub init: WeightInit,
 }
 
@@ -76,27 +90,16 @@ impl ModelSpec {
             } else {
                 NormKind::None
             }),
-            pool: PoolKind::Avg,
-            activation: ActivationKind::Sigmoid,
-            init: match kind {
-                ModelKind::Lenet | ModelKind::LenetBn => WeightInit::XavierUniform,
-                ModelKind::LenetGluon => WeightInit::Normal { std: 0.01 },
-                _ => WeightInit::PyTorchDefault,
-            },
+            // The chapter's LeNet: sigmoid and 2 × 2 average pooling.
+            pool: Pool::Avg(Pool::LENET_WINDOW),
+            activation: Activation::Sigmoid,
+            init: kind.default_init(),
         }
     }
 
     pub fn init(&self, seed: u64, device: &Device) -> Model {
         match self.kind {
-            ModelKind::Lenet | ModelKind::LenetBn => Model::LeNet(
-                LeNetConfig {
-                    norm: self.norm,
-                    pool: self.pool,
-                    activation: self.activation,
-                    init: self.init,
-                }
-                .init(seed, device),
-            ),
+            ModelKind::Lenet | ModelKind::LenetBn => Model::LeNet(LeNet::new(self, seed, device)),
             ModelKind::LenetGluon => Model::Gluon(GluonLeNet::new(self, seed, device)),
             ModelKind::Resnet18 => Model::ResNet(ResNet18::new(self, seed, device)),
             ModelKind::Densenet => Model::DenseNet(DenseNet::new(self, seed, device)),

@@ -7,13 +7,22 @@ use burn::tensor::module::{avg_pool2d, max_pool2d};
 use burn::tensor::ops::{AvgPoolOptions, MaxPoolOptions};
 use burn::tensor::Tensor;
 
-/// The activation an [`Epilogue`] applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Activation {
-    #[default]
-    Identity,
-    Sigmoid,
-    Relu,
+crate::choice_enum! {
+    /// The activation an [`Epilogue`] applies (`--activation` of the LeNets).
+    pub enum Activation {
+        /// None: the identity.
+        Identity = "identity",
+        /// The logistic sigmoid, as the chapter's LeNet.
+        Sigmoid = "sigmoid",
+        /// max(0, x); NaN passes through, as in PyTorch.
+        Relu = "relu",
+    }
+}
+
+impl Default for Activation {
+    fn default() -> Self {
+        Self::Identity
+    }
 }
 
 /// The pooling an [`Epilogue`] applies: `k × k` windows with stride `k` and no padding over the
@@ -28,11 +37,62 @@ pub enum Pool {
 }
 
 impl Pool {
+    /// The chapter's LeNet pools: 2 × 2.
+    pub const LENET_WINDOW: usize = 2;
+
     pub fn window(self) -> Option<usize> {
         match self {
             Self::None => None,
             Self::Avg(k) | Self::Max(k) => Some(k),
         }
+    }
+}
+
+/// The names `--pool`, recipes and `config.json` use: `avg` and `max` for the chapter's 2 × 2
+/// windows, `avg:K` and `max:K` for others, `none`.
+impl std::fmt::Display for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, k) = match *self {
+            Self::None => return f.write_str("none"),
+            Self::Avg(k) => ("avg", k),
+            Self::Max(k) => ("max", k),
+        };
+        match k == Self::LENET_WINDOW {
+            true => f.write_str(kind),
+            false => write!(f, "{kind}:{k}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Pool {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, window) = s.split_once(':').unwrap_or((s, ""));
+        let k = match window {
+            "" => Self::LENET_WINDOW,
+            w => w.parse().ok().filter(|&k| k >= 1).ok_or_else(|| {
+                format!("'{s}': the window after ':' must be a whole number >= 1")
+            })?,
+        };
+        match (kind, window) {
+            ("avg", _) => Ok(Self::Avg(k)),
+            ("max", _) => Ok(Self::Max(k)),
+            ("none", "") => Ok(Self::None),
+            _ => Err(format!("'{s}' is not one of avg, max, avg:K, max:K, none")),
+        }
+    }
+}
+
+impl serde::Serialize for Pool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Pool {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -27,20 +27,24 @@ pub enum BnError {
     InvalidSetting(String),
 }
 
-/// Which convention moves the running statistics. The two differ in what `momentum` means and
-/// in which variance is averaged; both normalise with the biased batch variance in training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Convention {
-    /// PyTorch: `running = (1 - m) * running + m * batch`, so `m = 0.1` is the weight of the
-    /// new batch; the running variance averages the *unbiased* batch variance; momentum `None`
-    /// is a cumulative average (`m = 1 / num_batches_tracked`).
-    #[default]
-    #[value(name = "pytorch")]
-    PyTorch,
-    /// The d2l chapter's scratch layer: `moving = m * moving + (1 - m) * batch`, so `m = 0.9`
-    /// is the weight of the *old* value; the moving variance averages the *biased* variance.
-    D2l,
+crate::choice_enum! {
+    /// Which convention moves the running statistics. The two differ in what `momentum` means and
+    /// in which variance is averaged; both normalise with the biased batch variance in training.
+    pub enum Convention {
+        /// PyTorch: `running = (1 - m) * running + m * batch`, so `m = 0.1` is the weight of the
+        /// new batch; the running variance averages the *unbiased* batch variance; momentum `None`
+        /// is a cumulative average (`m = 1 / num_batches_tracked`).
+        PyTorch = "pytorch",
+        /// The d2l chapter's scratch layer: `moving = m * moving + (1 - m) * batch`, so `m = 0.9`
+        /// is the weight of the *old* value; the moving variance averages the *biased* variance.
+        D2l = "d2l",
+    }
+}
+
+impl Default for Convention {
+    fn default() -> Self {
+        Self::PyTorch
+    }
 }
 
 /// How the running statistics move after a training batch.

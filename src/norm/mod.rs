@@ -21,19 +21,19 @@ pub use epilogue::{compose_epilogue, Epilogue};
 pub use functional::{batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate};
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
-/// Which batch norm a model uses (`--norm`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum NormKind {
-    /// This project's layer with its hand-written kernels: Flex on the CPU, CubeCL on wgpu and
-    /// CUDA; the scratch layer on LibTorch.
-    Fused,
-    /// This project's layer, built from Burn tensor ops ([`BatchNorm`]).
-    Scratch,
-    /// Burn's built-in `nn::BatchNorm`: the chapter's "concise implementation".
-    Burn,
-    /// No normalisation.
-    None,
+crate::choice_enum! {
+    /// Which batch norm a model uses (`--norm`).
+    pub enum NormKind {
+        /// This project's layer with its hand-written kernels: Flex on the CPU, CubeCL on wgpu and
+        /// CUDA; the scratch layer on LibTorch.
+        Fused = "fused",
+        /// This project's layer, built from Burn tensor ops ([`BatchNorm`]).
+        Scratch = "scratch",
+        /// Burn's built-in `nn::BatchNorm`: the chapter's "concise implementation".
+        Burn = "burn",
+        /// No normalisation.
+        None = "none",
+    }
 }
 
 /// Which batch norm, and its settings (`--norm`, `--bn-eps`, `--bn-momentum`, `--bn-convention`).
