@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{ModelKind, ModelSpec, WeightInit};
 use crate::norm::epilogue::{Activation, Pool};
-use crate::norm::{Convention, NormConfig, NormKind};
+use crate::norm::{Convention, Momentum, NormConfig, NormKind};
 
 crate::choice_enum! {
     /// `optimizer`
@@ -28,37 +28,6 @@ crate::choice_enum! {
         Normal = "normal",
         /// PyTorch's default, U(±1/√fan_in).
         PytorchDefault = "pytorch-default",
-    }
-}
-
-/// Batch norm's momentum: a weight in [0, 1] (read by the convention) or a cumulative average.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum BnMomentum {
-    Weight(f64),
-    Cumulative(CumulativeWord),
-}
-
-/// The word `cumulative`, so that a recipe can write `bn_momentum = "cumulative"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CumulativeWord {
-    Cumulative,
-}
-
-impl std::str::FromStr for BnMomentum {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s == "cumulative" {
-            return Ok(Self::Cumulative(CumulativeWord::Cumulative));
-        }
-        let v: f64 = s
-            .parse()
-            .map_err(|_| format!("'{s}' is neither a number nor \"cumulative\""))?;
-        match (0.0..=1.0).contains(&v) {
-            true => Ok(Self::Weight(v)),
-            false => Err(format!("must be within [0, 1], got {s}")),
-        }
     }
 }
 
@@ -92,7 +61,7 @@ pub struct RunConfig {
     pub resize: Option<usize>,
     pub bn_eps: f64,
     /// Default: 0.1 under the pytorch convention, 0.9 under d2l.
-    pub bn_momentum: Option<BnMomentum>,
+    pub bn_momentum: Option<Momentum>,
     pub bn_convention: Convention,
     pub seed: u64,
     pub shuffle: bool,
@@ -155,12 +124,10 @@ impl RunConfig {
     }
 
     pub fn norm_config(&self) -> NormConfig {
-        let momentum = match (self.bn_momentum, self.bn_convention) {
-            (Some(BnMomentum::Weight(m)), _) => Some(m),
-            (Some(BnMomentum::Cumulative(_)), _) => None,
-            (None, Convention::PyTorch) => Some(0.1),
-            (None, Convention::D2l) => Some(0.9),
-        };
+        let momentum = self.bn_momentum.unwrap_or(match self.bn_convention {
+            Convention::PyTorch => Momentum::PYTORCH,
+            Convention::D2l => Momentum::D2L,
+        });
         NormConfig {
             kind: self.norm_kind(),
             eps: self.bn_eps,
@@ -273,11 +240,6 @@ impl RunConfig {
         }
         if !positive(self.bn_eps) {
             return err(format!("--bn-eps must be > 0, got {}", self.bn_eps));
-        }
-        if let Some(BnMomentum::Weight(m)) = self.bn_momentum {
-            if !(0.0..=1.0).contains(&m) {
-                return err(format!("--bn-momentum must be within [0, 1], got {m}"));
-            }
         }
         let norm = self.norm_config();
         norm.validate().map_err(|e| ConfigError(e.to_string()))?;

@@ -28,7 +28,8 @@
 use std::collections::HashMap;
 
 use bnlab::norm::{
-    batch_norm, BatchNorm, BatchNormConfig, Convention, Kernel, Mode, RunningStats, RunningUpdate,
+    batch_norm, BatchNorm, BatchNormConfig, Convention, Kernel, Mode, Momentum, RunningStats,
+    RunningUpdate,
 };
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -97,7 +98,10 @@ impl Case {
     fn update(&self) -> RunningUpdate {
         match self.is_d2l() {
             true => RunningUpdate::d2l(),
-            false => RunningUpdate::pytorch(self.momentum),
+            false => RunningUpdate::pytorch(match self.momentum {
+                Some(m) => Momentum::new(m).expect("the fixture's momentum is valid"),
+                None => Momentum::CUMULATIVE,
+            }),
         }
     }
 
@@ -480,7 +484,7 @@ fn convention_weights() {
     assert!((d2l.new_batch_weight(7) - 0.1).abs() < 1e-12);
     assert!(!d2l.unbiased_running_var());
     assert_eq!(d2l.convention, Convention::D2l);
-    let cumulative = RunningUpdate::pytorch(None);
+    let cumulative = RunningUpdate::pytorch(Momentum::CUMULATIVE);
     assert_eq!(cumulative.new_batch_weight(4), 0.25);
 }
 

@@ -14,7 +14,7 @@
 
 use bnlab::norm::epilogue::{Activation, Pool};
 use bnlab::norm::functional::normalize_train;
-use bnlab::norm::{compose_epilogue, BatchNormConfig, Epilogue, Kernel, RunningUpdate};
+use bnlab::norm::{compose_epilogue, BatchNormConfig, Epilogue, Kernel, Momentum};
 use bnlab::ops::epilogue::try_epilogue_only;
 use bnlab::ops::seeded_backward::backward_with;
 use burn::module::{Param, RunningState};
@@ -341,12 +341,11 @@ fn invalid_settings_are_errors() {
         .with_eps(0.0)
         .try_init(&device)
         .is_err());
-    assert!(BatchNormConfig::new(3)
-        .with_momentum(Some(1.5))
-        .try_init(&device)
-        .is_err());
     assert!(BatchNormConfig::new(0).try_init(&device).is_err());
-    assert!(RunningUpdate::pytorch(Some(-0.1)).validate().is_err());
+    // A momentum outside [0, 1] cannot be made, so no layer gets one.
+    assert!(Momentum::new(1.5).is_err());
+    assert!(Momentum::new(-0.1).is_err());
+    assert!(Momentum::new(f64::NAN).is_err());
     let bn = BatchNormConfig::new(3).init(&device);
     let err = bn
         .try_forward(Tensor::<2>::ones([4, 5], &device))

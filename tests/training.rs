@@ -165,5 +165,5 @@ fn recalibration_averages_batch_statistics_exactly() {
         );
     }
     // The momentum is restored afterwards.
-    assert_eq!(bn1.update.momentum, Some(0.1));
+    assert_eq!(bn1.update.momentum.weight(), Some(0.1));
 }

@@ -6,11 +6,11 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use bnlab::choice::Choice;
-use bnlab::config::{BnMomentum, InitKind, OptimizerKind, RunConfig};
+use bnlab::config::{InitKind, OptimizerKind, RunConfig};
 use bnlab::data::DEFAULT_DATA_DIR;
 use bnlab::models::ModelKind;
 use bnlab::norm::epilogue::{Activation, Pool};
-use bnlab::norm::{Convention, NormKind};
+use bnlab::norm::{Convention, Momentum, NormKind};
 
 /// Settings of a run. Unset ones come from the recipe, or for `train` from the defaults shown.
 #[derive(Args, Debug, Default, Clone)]
@@ -65,7 +65,7 @@ pub(crate) struct RunArgs {
     /// Batch norm's momentum, read by --bn-convention, or "cumulative" for a cumulative
     /// average [default: 0.1 for pytorch, 0.9 for d2l].
     #[arg(long, value_name = "M|cumulative", allow_negative_numbers = true)]
-    pub(crate) bn_momentum: Option<BnMomentum>,
+    pub(crate) bn_momentum: Option<Momentum>,
     /// How running statistics move: pytorch (momentum weighs the new batch, unbiased variance)
     /// or d2l (momentum weighs the old value, biased variance) [default: pytorch].
     #[arg(long, value_parser = choice::<Convention>())]

@@ -47,22 +47,107 @@ impl Default for Convention {
     }
 }
 
+/// Batch norm's momentum: a weight in `[0, 1]`, which [`Convention`] reads as the new batch's
+/// (PyTorch) or the old value's (d2l), or a cumulative average (`1 / num_batches_tracked`, as
+/// PyTorch's `momentum=None`). Checked where it is made, so every `Momentum` is a valid one.
+///
+/// In files it is a number or the word `"cumulative"`.
+///
+/// ```
+/// use bnlab::norm::Momentum;
+/// assert_eq!(Momentum::new(0.1).unwrap().weight(), Some(0.1));
+/// assert_eq!("cumulative".parse::<Momentum>().unwrap(), Momentum::CUMULATIVE);
+/// assert!(Momentum::new(1.5).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Momentum(Option<f64>);
+
+impl Momentum {
+    /// A cumulative average over every batch seen.
+    pub const CUMULATIVE: Self = Self(None);
+    /// PyTorch's default: the new batch weighs 0.1.
+    pub const PYTORCH: Self = Self(Some(0.1));
+    /// d2l's scratch layer: the old value weighs 0.9.
+    pub const D2L: Self = Self(Some(0.9));
+
+    /// A fixed weight `m`, which must lie in `[0, 1]`.
+    pub fn new(m: f64) -> Result<Self, BnError> {
+        match m.is_finite() && (0.0..=1.0).contains(&m) {
+            true => Ok(Self(Some(m))),
+            false => Err(BnError::InvalidSetting(format!(
+                "momentum must be within [0, 1] or \"cumulative\", got {m}"
+            ))),
+        }
+    }
+
+    /// The fixed weight, or `None` for a cumulative average.
+    pub fn weight(self) -> Option<f64> {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Momentum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(m) => write!(f, "{m}"),
+            None => f.write_str("cumulative"),
+        }
+    }
+}
+
+impl std::str::FromStr for Momentum {
+    type Err = BnError;
+    fn from_str(s: &str) -> Result<Self, BnError> {
+        match s {
+            "cumulative" => Ok(Self::CUMULATIVE),
+            _ => Self::new(s.parse().map_err(|_| {
+                BnError::InvalidSetting(format!("'{s}' is neither a number nor \"cumulative\""))
+            })?),
+        }
+    }
+}
+
+impl Serialize for Momentum {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(m) => s.serialize_f64(m),
+            None => s.serialize_str("cumulative"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Momentum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written<'a> {
+            Number(f64),
+            Word(std::borrow::Cow<'a, str>),
+        }
+        let parsed = match Written::deserialize(d)? {
+            Written::Number(m) => Self::new(m),
+            Written::Word(w) => w.parse(),
+        };
+        parsed.map_err(serde::de::Error::custom)
+    }
+}
+
 /// How the running statistics move after a training batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RunningUpdate {
-    /// Interpreted by `convention`; `None` is a cumulative average under either convention.
-    pub momentum: Option<f64>,
+    /// Read by `convention`.
+    pub momentum: Momentum,
     pub convention: Convention,
 }
 
 impl Default for RunningUpdate {
     fn default() -> Self {
-        Self::pytorch(Some(0.1))
+        Self::pytorch(Momentum::PYTORCH)
     }
 }
 
 impl RunningUpdate {
-    pub fn pytorch(momentum: Option<f64>) -> Self {
+    pub fn pytorch(momentum: Momentum) -> Self {
         Self {
             momentum,
             convention: Convention::PyTorch,
@@ -72,23 +157,14 @@ impl RunningUpdate {
     /// d2l's scratch layer: `moving = 0.9 * moving + 0.1 * batch`, biased variance.
     pub fn d2l() -> Self {
         Self {
-            momentum: Some(0.9),
+            momentum: Momentum::D2L,
             convention: Convention::D2l,
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), BnError> {
-        match self.momentum {
-            Some(m) if !(m.is_finite() && (0.0..=1.0).contains(&m)) => Err(
-                BnError::InvalidSetting(format!("momentum must be within [0, 1], got {m}")),
-            ),
-            _ => Ok(()),
         }
     }
 
     /// The weight the new batch's statistic gets, once `num_batches_tracked` counts this batch.
     pub fn new_batch_weight(&self, num_batches_tracked: u64) -> f64 {
-        match (self.momentum, self.convention) {
+        match (self.momentum.weight(), self.convention) {
             (None, _) => 1.0 / num_batches_tracked.max(1) as f64,
             (Some(m), Convention::PyTorch) => m,
             (Some(m), Convention::D2l) => 1.0 - m,
@@ -290,7 +366,6 @@ pub fn batch_norm<const D: usize>(
             "eps must be > 0, got {eps}"
         )));
     }
-    update.validate()?;
     match (mode, running) {
         (Mode::Eval, Some(running)) => {
             let y = normalize_eval(

@@ -10,7 +10,7 @@ use std::sync::Once;
 use super::epilogue::Epilogue;
 use super::functional::{
     channels_of, normalize_eval, normalize_train, update_running, BatchStats, BnError, Convention,
-    RunningUpdate,
+    Momentum, RunningUpdate,
 };
 use crate::ops::batch_norm as fused;
 use crate::ops::epilogue::apply_epilogue;
@@ -22,9 +22,9 @@ pub struct BatchNormConfig {
     #[config(default = 1e-5)]
     pub eps: f64,
     /// Weight of the new batch under [`Convention::PyTorch`], of the old value under
-    /// [`Convention::D2l`]; `None` is a cumulative average.
-    #[config(default = "Some(0.1)")]
-    pub momentum: Option<f64>,
+    /// [`Convention::D2l`], or a cumulative average.
+    #[config(default = "Momentum::PYTORCH")]
+    pub momentum: Momentum,
     #[config(default = "Convention::PyTorch")]
     pub convention: Convention,
     /// Learn a per-channel scale (gamma) and shift (beta).
@@ -54,7 +54,7 @@ impl BatchNormConfig {
     /// The d2l chapter's scratch layer: momentum 0.9 on the old value, biased variance.
     pub fn d2l(num_features: usize) -> Self {
         Self::new(num_features)
-            .with_momentum(Some(0.9))
+            .with_momentum(Momentum::D2L)
             .with_convention(Convention::D2l)
     }
 
@@ -75,7 +75,7 @@ impl BatchNormConfig {
                 self.eps
             )));
         }
-        self.running_update().validate()
+        Ok(())
     }
 
     pub fn try_init(&self, device: &Device) -> Result<BatchNorm, BnError> {
@@ -203,7 +203,7 @@ impl BatchNorm {
                 if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
                     let tracked_now = tracked.value_sync().to_device(&device).add_scalar(1.0);
                     // The count reaches the host only for a cumulative average.
-                    let count = match self.update.momentum {
+                    let count = match self.update.momentum.weight() {
                         None => tracked_now.clone().into_scalar::<f32>() as u64,
                         Some(_) => 0,
                     };

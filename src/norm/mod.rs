@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::ops::epilogue::apply_epilogue;
 
 pub use epilogue::{compose_epilogue, Epilogue};
-pub use functional::{batch_norm, BnError, Convention, Mode, RunningStats, RunningUpdate};
+pub use functional::{
+    batch_norm, BnError, Convention, Mode, Momentum, RunningStats, RunningUpdate,
+};
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
 crate::choice_enum! {
@@ -41,8 +43,8 @@ crate::choice_enum! {
 pub struct NormConfig {
     pub kind: NormKind,
     pub eps: f64,
-    /// Read by `convention`; `None` is a cumulative average.
-    pub momentum: Option<f64>,
+    /// Read by `convention`.
+    pub momentum: Momentum,
     pub convention: Convention,
 }
 
@@ -59,7 +61,7 @@ impl NormConfig {
         Self {
             kind,
             eps: 1e-5,
-            momentum: Some(0.1),
+            momentum: Momentum::PYTORCH,
             convention: Convention::PyTorch,
         }
     }
@@ -71,7 +73,7 @@ impl NormConfig {
             .with_convention(self.convention);
         layer.validate()?;
         if self.kind == NormKind::Burn
-            && (self.convention != Convention::PyTorch || self.momentum.is_none())
+            && (self.convention != Convention::PyTorch || self.momentum.weight().is_none())
         {
             return Err(BnError::InvalidSetting(
                 "--norm burn (Burn's built-in layer) supports only the pytorch convention with a \
@@ -112,7 +114,12 @@ impl NormLayer {
             NormKind::Burn => Some(Self::Burn(
                 burn::nn::BatchNormConfig::new(num_features)
                     .with_epsilon(config.eps)
-                    .with_momentum(config.momentum.expect("validated: a fixed momentum"))
+                    .with_momentum(
+                        config
+                            .momentum
+                            .weight()
+                            .expect("validated: a fixed momentum"),
+                    )
                     .init(device),
             )),
             NormKind::None => None,
@@ -123,7 +130,9 @@ impl NormLayer {
     pub fn running_update(&self) -> RunningUpdate {
         match self {
             Self::Scratch(bn) => bn.update,
-            Self::Burn(bn) => RunningUpdate::pytorch(Some(bn.momentum)),
+            Self::Burn(bn) => RunningUpdate::pytorch(
+                Momentum::new(bn.momentum).expect("Burn's layer keeps a momentum in [0, 1]"),
+            ),
         }
     }
 
@@ -132,7 +141,10 @@ impl NormLayer {
         match self {
             Self::Scratch(bn) => bn.update = update,
             Self::Burn(bn) => {
-                bn.momentum = update.momentum.expect("Burn's layer has a fixed momentum")
+                bn.momentum = update
+                    .momentum
+                    .weight()
+                    .expect("Burn's layer has a fixed momentum")
             }
         }
     }
@@ -142,10 +154,11 @@ impl NormLayer {
     pub fn set_new_batch_weight(&mut self, weight: f64) {
         match self {
             Self::Scratch(bn) => {
-                bn.update.momentum = Some(match bn.update.convention {
+                let m = match bn.update.convention {
                     Convention::PyTorch => weight,
                     Convention::D2l => 1.0 - weight,
-                })
+                };
+                bn.update.momentum = Momentum::new(m).expect("a batch weight lies in [0, 1]")
             }
             Self::Burn(bn) => bn.momentum = weight,
         }
