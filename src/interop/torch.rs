@@ -29,17 +29,11 @@ use std::path::Path;
 
 use anyhow::Context;
 use burn::module::{Module, Param, RunningState};
-use burn::nn::conv::Conv2d;
-use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::models::densenet::DenseNet;
-use crate::models::gluon::GluonLeNet;
-use crate::models::lenet::LeNet;
-use crate::models::resnet::ResNet18;
-use crate::models::{Model, ModelSpec};
+use crate::models::{LayerMut, Model, ModelSpec, NamedLayer};
 use crate::norm::NormLayer;
 use crate::report::write_atomically;
 
@@ -124,13 +118,6 @@ fn keys_message(model: &str, missing: &[String], unexpected: &[String]) -> Strin
     )
 }
 
-/// A layer with weights, as the PyTorch module at some key prefix sees it.
-enum Layer<'a> {
-    Conv(&'a mut Conv2d),
-    Linear(&'a mut Linear),
-    Norm(&'a mut NormLayer),
-}
-
 /// One tensor of the state_dict and where it lives in the Burn model.
 enum Slot<'a> {
     Conv(&'a mut Param<Tensor<4>>),
@@ -142,161 +129,25 @@ enum Slot<'a> {
     Count(Option<&'a mut RunningState<Tensor<1>>>),
 }
 
-/// Walks an `nn.Sequential`: each item takes the next index, parameterless ones too, and
-/// layers the model left out take none.
-struct Sequential {
-    prefix: String,
-    index: usize,
-}
-
-impl Sequential {
-    fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_string(),
-            index: 0,
-        }
-    }
-
-    /// The key prefix of the next item.
-    fn next(&mut self) -> String {
-        let name = format!("{}{}.", self.prefix, self.index);
-        self.index += 1;
-        name
-    }
-
-    /// Steps over parameterless items (activations, pools, flatten).
-    fn skip(&mut self, items: usize) {
-        self.index += items;
-    }
-
-    fn norm<'a>(&mut self, layers: &mut Vec<(String, Layer<'a>)>, bn: &'a mut Option<NormLayer>) {
-        if let Some(bn) = bn {
-            layers.push((self.next(), Layer::Norm(bn)));
-        }
-    }
-}
-
-fn lenet_layers(m: &mut LeNet) -> Vec<(String, Layer<'_>)> {
-    let (mut out, mut seq) = (Vec::new(), Sequential::new(""));
-    out.push((seq.next(), Layer::Conv(&mut m.conv1)));
-    seq.norm(&mut out, &mut m.bn1);
-    seq.skip(2); // activation, pool
-    out.push((seq.next(), Layer::Conv(&mut m.conv2)));
-    seq.norm(&mut out, &mut m.bn2);
-    seq.skip(3); // activation, pool, flatten
-    out.push((seq.next(), Layer::Linear(&mut m.fc1)));
-    seq.norm(&mut out, &mut m.bn3);
-    seq.skip(1);
-    out.push((seq.next(), Layer::Linear(&mut m.fc2)));
-    seq.norm(&mut out, &mut m.bn4);
-    seq.skip(1);
-    out.push((seq.next(), Layer::Linear(&mut m.fc3)));
-    out
-}
-
-fn gluon_layers(m: &mut GluonLeNet) -> Vec<(String, Layer<'_>)> {
-    let (mut out, mut seq) = (Vec::new(), Sequential::new(""));
-    out.push((seq.next(), Layer::Conv(&mut m.conv1)));
-    seq.norm(&mut out, &mut m.bn1);
-    seq.skip(2); // relu, pool
-    out.push((seq.next(), Layer::Conv(&mut m.conv2)));
-    seq.norm(&mut out, &mut m.bn2);
-    seq.skip(3); // relu, pool, flatten
-    out.push((seq.next(), Layer::Linear(&mut m.fc1)));
-    seq.skip(1); // relu
-    out.push((seq.next(), Layer::Linear(&mut m.fc2)));
-    out
-}
-
-/// The stem both ResNet and DenseNet begin with: `Sequential(conv, bn, relu, maxpool)` at `0`.
-fn stem_layers<'a>(stem: &'a mut crate::models::layers::Stem, out: &mut Vec<(String, Layer<'a>)>) {
-    let mut seq = Sequential::new("0.");
-    out.push((seq.next(), Layer::Conv(&mut stem.conv)));
-    seq.norm(out, &mut stem.bn);
-}
-
-fn resnet_layers(m: &mut ResNet18) -> Vec<(String, Layer<'_>)> {
-    let mut out = Vec::new();
-    stem_layers(&mut m.stem, &mut out);
-    // Stages are items 1..=4 of the top Sequential; each is a Sequential of Residual modules,
-    // whose layers are named attributes.
-    for (s, stage) in m.stages.iter_mut().enumerate() {
-        for (j, block) in stage.iter_mut().enumerate() {
-            let p = format!("{}.{j}.", s + 1);
-            out.push((format!("{p}conv1."), Layer::Conv(&mut block.conv1)));
-            out.push((format!("{p}conv2."), Layer::Conv(&mut block.conv2)));
-            if let Some(conv3) = &mut block.conv3 {
-                out.push((format!("{p}conv3."), Layer::Conv(conv3)));
-            }
-            for (name, bn) in [("bn1", &mut block.bn1), ("bn2", &mut block.bn2)] {
-                if let Some(bn) = bn {
-                    out.push((format!("{p}{name}."), Layer::Norm(bn)));
-                }
-            }
-        }
-    }
-    // 5: AdaptiveAvgPool2d, 6: Flatten.
-    out.push(("7.".into(), Layer::Linear(&mut m.fc)));
-    out
-}
-
-fn densenet_layers(m: &mut DenseNet) -> Vec<(String, Layer<'_>)> {
-    let mut out = Vec::new();
-    stem_layers(&mut m.stem, &mut out);
-    let mut top = Sequential::new("");
-    top.skip(1); // the stem
-    let mut transitions = m.transitions.iter_mut();
-    for block in m.blocks.iter_mut() {
-        // A DenseBlock keeps its layers in `net`, each `Sequential(bn, relu, conv)`.
-        let net = format!("{}net.", top.next());
-        for (i, layer) in block.iter_mut().enumerate() {
-            let mut seq = Sequential::new(&format!("{net}{i}."));
-            seq.norm(&mut out, &mut layer.bn);
-            seq.skip(1); // relu
-            out.push((seq.next(), Layer::Conv(&mut layer.conv)));
-        }
-        if let Some(transition) = transitions.next() {
-            // `Sequential(bn, relu, conv, avgpool)`.
-            let mut seq = Sequential::new(&top.next());
-            seq.norm(&mut out, &mut transition.bn);
-            seq.skip(1); // relu
-            out.push((seq.next(), Layer::Conv(&mut transition.conv)));
-        }
-    }
-    top.norm(&mut out, &mut m.bn);
-    top.skip(3); // relu, global pool, flatten
-    out.push((top.next(), Layer::Linear(&mut m.fc)));
-    out
-}
-
-fn layers(model: &mut Model) -> Vec<(String, Layer<'_>)> {
-    match model {
-        Model::LeNet(m) => lenet_layers(m),
-        Model::Gluon(m) => gluon_layers(m),
-        Model::ResNet(m) => resnet_layers(m),
-        Model::DenseNet(m) => densenet_layers(m),
-    }
-}
-
 /// Every tensor of the state_dict, keyed by its PyTorch name, in PyTorch's order.
 fn slots(model: &mut Model) -> Vec<(String, Slot<'_>)> {
     let mut out = Vec::new();
-    for (prefix, layer) in layers(model) {
-        let key = |name: &str| format!("{prefix}{name}");
+    for NamedLayer { torch, layer, .. } in model.layers().layers {
+        let key = |name: &str| format!("{torch}.{name}");
         match layer {
-            Layer::Conv(conv) => {
+            LayerMut::Conv(conv) => {
                 out.push((key("weight"), Slot::Conv(&mut conv.weight)));
                 if let Some(bias) = &mut conv.bias {
                     out.push((key("bias"), Slot::Vector(bias)));
                 }
             }
-            Layer::Linear(linear) => {
+            LayerMut::Linear(linear) => {
                 out.push((key("weight"), Slot::LinearWeight(&mut linear.weight)));
                 if let Some(bias) = &mut linear.bias {
                     out.push((key("bias"), Slot::Vector(bias)));
                 }
             }
-            Layer::Norm(NormLayer::Scratch(bn)) => {
+            LayerMut::Norm(Some(NormLayer::Scratch(bn))) => {
                 if let Some(gamma) = &mut bn.gamma {
                     out.push((key("weight"), Slot::Vector(gamma)));
                 }
@@ -313,13 +164,14 @@ fn slots(model: &mut Model) -> Vec<(String, Slot<'_>)> {
                     out.push((key("num_batches_tracked"), Slot::Count(Some(count))));
                 }
             }
-            Layer::Norm(NormLayer::Burn(bn)) => {
+            LayerMut::Norm(Some(NormLayer::Burn(bn))) => {
                 out.push((key("weight"), Slot::Vector(&mut bn.gamma)));
                 out.push((key("bias"), Slot::Vector(&mut bn.beta)));
                 out.push((key("running_mean"), Slot::Running(&mut bn.running_mean)));
                 out.push((key("running_var"), Slot::Running(&mut bn.running_var)));
                 out.push((key("num_batches_tracked"), Slot::Count(None)));
             }
+            LayerMut::Norm(None) => {}
         }
     }
     out

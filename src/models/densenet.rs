@@ -16,7 +16,7 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
-use super::layers::{Initializer, Stem, Trace};
+use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
 use super::ModelSpec;
 use crate::norm::{norm_then, NormLayer};
 use crate::ops::conv2d::conv2d;
@@ -124,23 +124,36 @@ impl DenseNet {
         x
     }
 
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
-        let mut all = super::named_norms([("stem.bn", &mut self.stem.bn)]);
+    /// The layers with weights: the stem at `0`; dense block `b` at 1, 3, 5, 7 keeps layer `i`
+    /// in `net.i` as `Sequential(bn, relu, conv)`; transitions at 2, 4, 6 are
+    /// `Sequential(bn, relu, conv, avgpool)`; the final BN at 8 and the linear layer at 12. BN
+    /// comes before its conv here: no partner to fold into.
+    pub fn layers(&mut self) -> LayerList<'_> {
+        let mut list = LayerList::default();
+        self.stem.layers_into(&mut list);
+        let mut top = Sequential::new("");
+        top.skip(1); // the stem
+        let mut transitions = self.transitions.iter_mut();
         for (b, block) in self.blocks.iter_mut().enumerate() {
+            let net = format!("{}.net", top.next());
             for (i, layer) in block.iter_mut().enumerate() {
-                all.extend(super::named_norms([(
-                    format!("dense{}.{i}.bn", b + 1).as_str(),
-                    &mut layer.bn,
-                )]));
+                let name = format!("dense{}.{i}", b + 1);
+                let mut seq = Sequential::new(&format!("{net}.{i}."));
+                list.norm_in(&mut seq, format!("{name}.bn"), &mut layer.bn, None);
+                seq.skip(1); // relu
+                list.conv(format!("{name}.conv"), seq.next(), &mut layer.conv);
+            }
+            if let Some(transition) = transitions.next() {
+                let name = format!("transition{}", b + 1);
+                let mut seq = Sequential::new(&format!("{}.", top.next()));
+                list.norm_in(&mut seq, format!("{name}.bn"), &mut transition.bn, None);
+                seq.skip(1); // relu
+                list.conv(format!("{name}.conv"), seq.next(), &mut transition.conv);
             }
         }
-        for (t, transition) in self.transitions.iter_mut().enumerate() {
-            all.extend(super::named_norms([(
-                format!("transition{}.bn", t + 1).as_str(),
-                &mut transition.bn,
-            )]));
-        }
-        all.extend(super::named_norms([("bn", &mut self.bn)]));
-        all
+        list.norm_in(&mut top, "bn", &mut self.bn, None);
+        top.skip(3); // relu, global pool, flatten
+        list.linear("fc", top.next(), &mut self.fc);
+        list
     }
 }

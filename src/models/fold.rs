@@ -2,40 +2,39 @@
 //! map per output channel, so it can be merged into that layer's weights and bias:
 //! `W' = W · s`, `b' = b · s + t` with `s = γ / √(σ² + ε)` and `t = β − μ · s`.
 //!
-//! Folded: every conv → BN and linear → BN pair (all of LeNet-BN's and lenet-gluon's, all of
-//! ResNet-18's, DenseNet's stem). DenseNet's other BN layers come *before* their conv
-//! (BN → ReLU → Conv), where there is nothing to fold into; they stay.
+//! Folded: every BN layer a model lists with a partner, the conv or linear layer right before
+//! it (all of LeNet-BN's and lenet-gluon's, all of ResNet-18's, DenseNet's stem). DenseNet's
+//! other BN layers come *before* their conv (BN → ReLU → Conv), where there is nothing to fold
+//! into; they stay.
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-use super::Model;
+use super::{LayerMut, Model};
 use crate::norm::NormLayer;
 
-/// `model` (in eval mode) with every foldable BN merged into the layer before it.
+/// `model` (in eval mode) with every BN that has a partner (see [`super::NamedLayer`])
+/// merged into it.
 pub fn fold_bn(mut model: Model) -> Model {
-    match &mut model {
-        Model::LeNet(m) => {
-            fold_conv(&mut m.conv1, &mut m.bn1);
-            fold_conv(&mut m.conv2, &mut m.bn2);
-            fold_linear(&mut m.fc1, &mut m.bn3);
-            fold_linear(&mut m.fc2, &mut m.bn4);
+    let mut layers = model.layers().layers;
+    for i in 0..layers.len() {
+        let Some(partner) = layers[i].partner else {
+            continue;
+        };
+        // Partners are listed before their BN layer.
+        let (before, from) = layers.split_at_mut(i);
+        let LayerMut::Norm(norm) = &mut from[0].layer else {
+            continue;
+        };
+        match &mut before[partner].layer {
+            LayerMut::Conv(conv) => fold_conv(conv, norm),
+            LayerMut::Linear(linear) => fold_linear(linear, norm),
+            LayerMut::Norm(_) => {}
         }
-        Model::Gluon(m) => {
-            fold_conv(&mut m.conv1, &mut m.bn1);
-            fold_conv(&mut m.conv2, &mut m.bn2);
-        }
-        Model::ResNet(m) => {
-            fold_conv(&mut m.stem.conv, &mut m.stem.bn);
-            for block in m.stages.iter_mut().flatten() {
-                fold_conv(&mut block.conv1, &mut block.bn1);
-                fold_conv(&mut block.conv2, &mut block.bn2);
-            }
-        }
-        Model::DenseNet(m) => fold_conv(&mut m.stem.conv, &mut m.stem.bn),
     }
+    drop(layers);
     model
 }
 

@@ -13,7 +13,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
-use super::layers::{Initializer, Trace};
+use super::layers::{Initializer, LayerList, Sequential, Trace};
 use super::ModelSpec;
 use crate::norm::epilogue::Pool;
 use crate::norm::{norm_then, Epilogue, NormLayer};
@@ -61,7 +61,20 @@ impl GluonLeNet {
         x
     }
 
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
-        super::named_norms([("bn1", &mut self.bn1), ("bn2", &mut self.bn2)])
+    /// The layers with weights, keyed as the notebook's `nn.Sequential` in PyTorch: conv `0`,
+    /// BN `1`, (relu, pool), conv `4`, BN `5`, (relu, pool, flatten), linear `9`, (relu),
+    /// linear `11`.
+    pub fn layers(&mut self) -> LayerList<'_> {
+        let (mut list, mut seq) = (LayerList::default(), Sequential::new(""));
+        let conv1 = list.conv("conv1", seq.next(), &mut self.conv1);
+        list.norm_in(&mut seq, "bn1", &mut self.bn1, Some(conv1));
+        seq.skip(2); // relu, pool
+        let conv2 = list.conv("conv2", seq.next(), &mut self.conv2);
+        list.norm_in(&mut seq, "bn2", &mut self.bn2, Some(conv2));
+        seq.skip(3); // relu, pool, flatten
+        list.linear("fc1", seq.next(), &mut self.fc1);
+        seq.skip(1); // relu
+        list.linear("fc2", seq.next(), &mut self.fc2);
+        list
     }
 }

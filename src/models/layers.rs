@@ -11,7 +11,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::norm::epilogue::{Activation, Pool};
-use crate::norm::{norm_then, Epilogue};
+use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
 
 /// BN (if any) followed by ReLU: one kernel under `--norm fused`.
@@ -164,9 +164,133 @@ impl Stem {
         }
     }
 
+    /// The stem's layers: d2l's `Sequential(conv, bn, relu, maxpool)` at key `0`.
+    pub fn layers_into<'a>(&'a mut self, list: &mut LayerList<'a>) {
+        let mut seq = Sequential::new("0.");
+        let conv = list.conv("stem.conv", seq.next(), &mut self.conv);
+        list.norm_in(&mut seq, "stem.bn", &mut self.bn, Some(conv));
+    }
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
         self.pool
             .forward(norm_then(&self.bn, conv2d(&self.conv, x), BN_RELU))
+    }
+}
+
+/// A layer with weights, borrowed from a model.
+pub enum LayerMut<'a> {
+    Conv(&'a mut Conv2d),
+    Linear(&'a mut Linear),
+    /// A BN layer the model has (entries are listed only for those present).
+    Norm(&'a mut Option<NormLayer>),
+}
+
+/// One layer of a model with weights: what bnlab and PyTorch call it, and for a BN layer
+/// that directly follows a conv or linear layer, which one (its partner, into which eval
+/// mode can fold it).
+pub struct NamedLayer<'a> {
+    /// bnlab's name for it (`bn1`, `b2.0.conv1`): what `inspect` prints.
+    pub name: String,
+    /// Its key prefix in d2l's PyTorch `state_dict`, without the final dot (`1`, `1.0.conv1`).
+    pub torch: String,
+    pub layer: LayerMut<'a>,
+    /// For a BN layer right after a conv or linear layer: that layer's index in the list.
+    pub partner: Option<usize>,
+}
+
+/// Each model lists its layers once, in PyTorch's `state_dict` order: interop, folding and
+/// `inspect` walk this list.
+#[derive(Default)]
+pub struct LayerList<'a> {
+    pub layers: Vec<NamedLayer<'a>>,
+}
+
+impl<'a> LayerList<'a> {
+    fn push(
+        &mut self,
+        name: String,
+        torch: String,
+        layer: LayerMut<'a>,
+        partner: Option<usize>,
+    ) -> usize {
+        self.layers.push(NamedLayer {
+            name,
+            torch,
+            layer,
+            partner,
+        });
+        self.layers.len() - 1
+    }
+
+    /// Adds a conv layer; returns its index (a BN layer's partner).
+    pub fn conv(&mut self, name: impl Into<String>, torch: String, conv: &'a mut Conv2d) -> usize {
+        self.push(name.into(), torch, LayerMut::Conv(conv), None)
+    }
+
+    /// Adds a linear layer; returns its index.
+    pub fn linear(
+        &mut self,
+        name: impl Into<String>,
+        torch: String,
+        linear: &'a mut Linear,
+    ) -> usize {
+        self.push(name.into(), torch, LayerMut::Linear(linear), None)
+    }
+
+    /// Adds a BN layer if the model has it; `partner` is the layer it directly follows.
+    pub fn norm(
+        &mut self,
+        name: impl Into<String>,
+        torch: String,
+        norm: &'a mut Option<NormLayer>,
+        partner: Option<usize>,
+    ) {
+        if norm.is_some() {
+            self.push(name.into(), torch, LayerMut::Norm(norm), partner);
+        }
+    }
+
+    /// A BN layer at the next index of `seq`, which it takes only if the model has it (d2l's
+    /// plain LeNet leaves its BN layers out of the `nn.Sequential`, so the indices shift).
+    pub fn norm_in(
+        &mut self,
+        seq: &mut Sequential,
+        name: impl Into<String>,
+        norm: &'a mut Option<NormLayer>,
+        partner: Option<usize>,
+    ) {
+        if norm.is_some() {
+            let torch = seq.next();
+            self.norm(name, torch, norm, partner);
+        }
+    }
+}
+
+/// Walks a PyTorch `nn.Sequential`: each item takes the next index, parameterless ones too.
+pub struct Sequential {
+    prefix: String,
+    index: usize,
+}
+
+impl Sequential {
+    /// The items of the `nn.Sequential` at key prefix `prefix` (`""` for the top level).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            index: 0,
+        }
+    }
+
+    /// The key of the next item.
+    pub fn next(&mut self) -> String {
+        let name = format!("{}{}", self.prefix, self.index);
+        self.index += 1;
+        name
+    }
+
+    /// Steps over parameterless items (activations, pools, flatten).
+    pub fn skip(&mut self, items: usize) {
+        self.index += items;
     }
 }

@@ -13,7 +13,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::{Initializer, Trace};
+use super::layers::{Initializer, LayerList, Sequential, Trace};
 use super::ModelSpec;
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
@@ -82,12 +82,24 @@ impl LeNet {
         x
     }
 
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
-        super::named_norms([
-            ("bn1", &mut self.bn1),
-            ("bn2", &mut self.bn2),
-            ("bn3", &mut self.bn3),
-            ("bn4", &mut self.bn4),
-        ])
+    /// The layers with weights, keyed as d2l's `nn.Sequential`: conv `0`, BN `1`, (act, pool),
+    /// conv `4`, BN `5`, (act, pool, flatten), linear `9`, BN `10`, (act), linear `12`, BN `13`,
+    /// (act), linear `15`; without BN the indices after each left-out layer shift.
+    pub fn layers(&mut self) -> LayerList<'_> {
+        let (mut list, mut seq) = (LayerList::default(), Sequential::new(""));
+        let conv1 = list.conv("conv1", seq.next(), &mut self.conv1);
+        list.norm_in(&mut seq, "bn1", &mut self.bn1, Some(conv1));
+        seq.skip(2); // activation, pool
+        let conv2 = list.conv("conv2", seq.next(), &mut self.conv2);
+        list.norm_in(&mut seq, "bn2", &mut self.bn2, Some(conv2));
+        seq.skip(3); // activation, pool, flatten
+        let fc1 = list.linear("fc1", seq.next(), &mut self.fc1);
+        list.norm_in(&mut seq, "bn3", &mut self.bn3, Some(fc1));
+        seq.skip(1); // activation
+        let fc2 = list.linear("fc2", seq.next(), &mut self.fc2);
+        list.norm_in(&mut seq, "bn4", &mut self.bn4, Some(fc2));
+        seq.skip(1); // activation
+        list.linear("fc3", seq.next(), &mut self.fc3);
+        list
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use densenet::DenseNet;
 pub use fold::fold_bn;
 pub use gluon::GluonLeNet;
-pub use layers::{Trace, WeightInit};
+pub use layers::{LayerList, LayerMut, NamedLayer, Trace, WeightInit};
 pub use lenet::LeNet;
 pub use resnet::ResNet18;
 
@@ -134,23 +134,26 @@ impl Model {
         }
     }
 
-    /// Every batch-norm layer, named by where it sits.
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+    /// Every layer with weights, in PyTorch's `state_dict` order, with its names and BN
+    /// partner: what interop, folding and `inspect` walk.
+    pub fn layers(&mut self) -> LayerList<'_> {
         match self {
-            Self::LeNet(m) => m.norms_mut(),
-            Self::Gluon(m) => m.norms_mut(),
-            Self::ResNet(m) => m.norms_mut(),
-            Self::DenseNet(m) => m.norms_mut(),
+            Self::LeNet(m) => m.layers(),
+            Self::Gluon(m) => m.layers(),
+            Self::ResNet(m) => m.layers(),
+            Self::DenseNet(m) => m.layers(),
         }
     }
-}
 
-/// The layers that exist among `(name, optional layer)` pairs.
-pub(crate) fn named_norms<'a, const N: usize>(
-    items: [(&str, &'a mut Option<NormLayer>); N],
-) -> Vec<(String, &'a mut NormLayer)> {
-    items
-        .into_iter()
-        .filter_map(|(name, layer)| layer.as_mut().map(|l| (name.to_string(), l)))
-        .collect()
+    /// Every batch-norm layer, with bnlab's name for it.
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
+        self.layers()
+            .layers
+            .into_iter()
+            .filter_map(|l| match l.layer {
+                LayerMut::Norm(norm) => norm.as_mut().map(|n| (l.name, n)),
+                _ => None,
+            })
+            .collect()
+    }
 }

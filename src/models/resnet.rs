@@ -16,7 +16,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
-use super::layers::{Initializer, Stem, Trace};
+use super::layers::{Initializer, LayerList, Stem, Trace};
 use super::ModelSpec;
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
@@ -111,17 +111,32 @@ impl ResNet18 {
         x
     }
 
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut NormLayer)> {
-        let mut all = super::named_norms([("stem.bn", &mut self.stem.bn)]);
-        for (i, stage) in self.stages.iter_mut().enumerate() {
+    /// The layers with weights: the stem at `0`; stages at items 1..=4 of the top
+    /// `nn.Sequential`, each a Sequential of Residual modules whose layers are attributes, in
+    /// the order d2l's `Residual` registers them (`conv1`, `conv2`, `conv3`, `bn1`, `bn2`); the
+    /// linear layer at `7` (after the pool at 5 and flatten at 6).
+    pub fn layers(&mut self) -> LayerList<'_> {
+        let mut list = LayerList::default();
+        self.stem.layers_into(&mut list);
+        for (s, stage) in self.stages.iter_mut().enumerate() {
             for (j, block) in stage.iter_mut().enumerate() {
-                let prefix = format!("b{}.{j}", i + 2);
-                all.extend(super::named_norms([
-                    (format!("{prefix}.bn1").as_str(), &mut block.bn1),
-                    (format!("{prefix}.bn2").as_str(), &mut block.bn2),
-                ]));
+                let (name, key) = (format!("b{}.{j}", s + 2), format!("{}.{j}", s + 1));
+                let at = |layer: &str| (format!("{name}.{layer}"), format!("{key}.{layer}"));
+                let (n, k) = at("conv1");
+                let conv1 = list.conv(n, k, &mut block.conv1);
+                let (n, k) = at("conv2");
+                let conv2 = list.conv(n, k, &mut block.conv2);
+                if let Some(conv3) = &mut block.conv3 {
+                    let (n, k) = at("conv3");
+                    list.conv(n, k, conv3);
+                }
+                let (n, k) = at("bn1");
+                list.norm(n, k, &mut block.bn1, Some(conv1));
+                let (n, k) = at("bn2");
+                list.norm(n, k, &mut block.bn2, Some(conv2));
             }
         }
-        all
+        list.linear("fc", "7".into(), &mut self.fc);
+        list
     }
 }
