@@ -1,9 +1,10 @@
 //! Per-epoch metrics and the JSON-lines files that hold them.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use super::write_atomically;
 
 /// One epoch of training, as printed and as written with `--json` / `--metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,35 +42,14 @@ impl EpochMetrics {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
-/// that `path` always holds either the old content or the new, never a part.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".bnlab-")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    // tempfile makes owner-only (0600) files; results are meant to be read like any other.
-    use std::os::unix::fs::PermissionsExt;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+/// Metrics as JSON lines, one object per epoch.
+pub fn jsonl(metrics: &[EpochMetrics]) -> String {
+    metrics.iter().map(|m| m.json() + "\n").collect()
 }
 
-/// Writes metrics as JSON lines, one object per epoch.
+/// Writes [`jsonl`] to `path`, a file of bnlab's own (see [`write_atomically`]).
 pub fn write_jsonl(path: &Path, metrics: &[EpochMetrics]) -> std::io::Result<()> {
-    let mut text = String::new();
-    for m in metrics {
-        text.push_str(&m.json());
-        text.push('\n');
-    }
-    write_atomically(path, text.as_bytes())
+    write_atomically(path, jsonl(metrics).as_bytes())
 }
 
 /// Reads a metrics file written by [`write_jsonl`]; an error names the file and the line.

@@ -2,7 +2,9 @@
 
 pub mod inspect;
 pub mod metrics;
+pub mod output;
 pub mod plot;
 pub mod table;
 
-pub use metrics::{read_jsonl, write_atomically, write_jsonl, EpochMetrics};
+pub use metrics::{read_jsonl, write_jsonl, EpochMetrics};
+pub use output::{check_output, write_atomically, write_file, write_output, Existing};

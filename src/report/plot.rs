@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use plotters::prelude::*;
 
-use super::{write_atomically, EpochMetrics};
+use super::{write_output, EpochMetrics};
 
 /// A panel: its title and the metric it draws.
 type Panel = (&'static str, fn(&EpochMetrics) -> f64);
@@ -31,6 +31,16 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
+/// The largest magnitude drawn. The axis is padded beyond the values, and plotters steps
+/// through the range to place ticks: a range reaching f64's limit (1.7e308) overflowed to
+/// infinity and the stepping never ended.
+const DRAWABLE: f64 = 1e300;
+
+/// A metric as drawn: non-finite values are left out (a gap in the line), huge ones clamped.
+fn drawable(v: f64) -> Option<f64> {
+    v.is_finite().then(|| v.clamp(-DRAWABLE, DRAWABLE))
+}
+
 /// Draws the three panels side by side as an SVG document.
 pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String> {
     let (width, height) = (1500u32, 480u32);
@@ -45,14 +55,22 @@ pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String
             .unwrap_or(1);
         for (panel, area) in PANELS.iter().zip(root.split_evenly((1, 3))) {
             let (title, value) = panel;
-            let values: Vec<f64> = runs.iter().flat_map(|(_, m)| m.iter().map(value)).collect();
+            let value = |m: &EpochMetrics| drawable(value(m));
+            let values: Vec<f64> = runs
+                .iter()
+                .flat_map(|(_, m)| m.iter().filter_map(value))
+                .collect();
             let (lo, hi) = values
                 .iter()
                 .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
                     (lo.min(v), hi.max(v))
                 });
             let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
-            let pad = ((hi - lo) * 0.08).max(0.01);
+            // Relative to the values too, so that the padded range stays wider than a rounding
+            // step when they are large and equal.
+            let pad = ((hi - lo) * 0.08)
+                .max(lo.abs().max(hi.abs()) * 1e-3)
+                .max(0.01);
             let mut chart = ChartBuilder::on(&area)
                 .caption(*title, ("sans-serif", 24))
                 .margin(12)
@@ -65,14 +83,19 @@ pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String
                 .y_desc(*title)
                 .x_labels(max_epoch.min(10))
                 .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y:.2}"))
+                .y_label_formatter(&|y| match y.abs() {
+                    a if a >= 1e5 => format!("{y:.1e}"),
+                    _ => format!("{y:.2}"),
+                })
                 .label_style(("sans-serif", 15))
                 .axis_desc_style(("sans-serif", 17))
                 .draw()?;
             for (i, (name, metrics)) in runs.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
-                let points: Vec<(f64, f64)> =
-                    metrics.iter().map(|m| (m.epoch as f64, value(m))).collect();
+                let points: Vec<(f64, f64)> = metrics
+                    .iter()
+                    .filter_map(|m| Some((m.epoch as f64, value(m)?)))
+                    .collect();
                 chart
                     .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
                     .label(name.as_str())
@@ -120,18 +143,55 @@ pub fn svg_to_png(svg: &str) -> anyhow::Result<Vec<u8>> {
     pixmap.encode_png().context("cannot encode the PNG")
 }
 
-/// Writes `stem.svg` and `stem.png`; returns both paths.
+/// Writes `stem.svg` and `stem.png`, user-named outputs of `flag` (replaced only with
+/// `force`); returns both paths.
 pub fn write_curves(
     runs: &[(String, Vec<EpochMetrics>)],
     stem: &Path,
+    flag: &str,
+    force: bool,
 ) -> anyhow::Result<[PathBuf; 2]> {
     let svg = curves_svg(runs)?;
     let png = svg_to_png(&svg)?;
     let svg_path = stem.with_extension("svg");
     let png_path = stem.with_extension("png");
-    write_atomically(&svg_path, svg.as_bytes())
-        .with_context(|| format!("{}: cannot write", svg_path.display()))?;
-    write_atomically(&png_path, &png)
-        .with_context(|| format!("{}: cannot write", png_path.display()))?;
+    write_output(flag, &svg_path, svg.as_bytes(), force)?;
+    write_output(flag, &png_path, &png, force)?;
     Ok([svg_path, png_path])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(losses: &[f64]) -> (String, Vec<EpochMetrics>) {
+        let metrics = losses
+            .iter()
+            .enumerate()
+            .map(|(i, &loss)| EpochMetrics {
+                epoch: i + 1,
+                train_loss: loss,
+                train_acc: 0.5,
+                test_acc: 0.5,
+                examples_per_sec: 1.0,
+                seconds: 1.0,
+            })
+            .collect();
+        ("run".to_string(), metrics)
+    }
+
+    /// Each of these once hung plotters or overflowed the axis.
+    #[test]
+    fn extreme_and_non_finite_values_are_drawn() {
+        for losses in [
+            &[0.0, 1.7e308][..],
+            &[-1.7e308, 1.7e308],
+            &[1e300, 1e300],
+            &[f64::NAN, f64::INFINITY, 2.0],
+            &[f64::NEG_INFINITY],
+        ] {
+            let svg = curves_svg(&[run(losses)]).unwrap();
+            assert!(svg.contains("train loss"), "{losses:?}");
+        }
+    }
 }
