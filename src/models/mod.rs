@@ -1,5 +1,6 @@
 //! The chapter's networks.
 
+pub mod check;
 pub mod densenet;
 pub mod fold;
 pub mod gluon;
@@ -11,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use check::check_weights;
 pub use densenet::DenseNet;
 pub use fold::fold_bn;
 pub use gluon::GluonLeNet;

@@ -5,7 +5,12 @@
 //! DIR/metrics.jsonl    one JSON object per epoch
 //! DIR/model.bpk        the final model (Burn's burnpack format)
 //! DIR/epoch-003.bpk    the model after epoch 3 (with --save-every)
+//! DIR/last-good.bpk    after divergence: the model of the last resume point
 //! ```
+//!
+//! Every `.bpk` bnlab writes (the optimizer state of a resume point too) ends in a 12-byte
+//! seal: the CRC-32 of what precedes it and the tag `bnlab\0ck`, so a damaged block is caught
+//! on load. A file without the seal (written before it existed) still loads, unverified.
 
 use std::path::{Path, PathBuf};
 
@@ -21,25 +26,10 @@ use crate::report::write_atomically;
 pub const CONFIG_FILE: &str = "config.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const MODEL_FILE: &str = "model.bpk";
+pub const LAST_GOOD_FILE: &str = "last-good.bpk";
 
 pub fn epoch_file(epoch: usize) -> String {
     format!("epoch-{epoch:03}.bpk")
-}
-
-/// Creates `dir` for a new run and checks that files can be written in it. A directory that
-/// already holds a run is refused, so that nothing of that run is overwritten.
-pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.join(CONFIG_FILE).exists() {
-        anyhow::bail!(
-            "--out {0}: already holds a run (continue it with bnlab train --resume {0}, or choose \
-             another --out)",
-            dir.display()
-        );
-    }
-    let fail = || format!("--out {}: cannot write there", dir.display());
-    std::fs::create_dir_all(dir).with_context(fail)?;
-    tempfile::tempfile_in(dir).with_context(fail)?;
-    Ok(())
 }
 
 pub fn save_config(dir: &Path, config: &RunConfig) -> anyhow::Result<()> {
@@ -57,7 +47,56 @@ pub fn save_model(model: &Model, path: &Path) -> anyhow::Result<()> {
         .into_record()
         .into_bytes()
         .map_err(|e| anyhow::anyhow!("{}: cannot encode the model: {e}", path.display()))?;
-    write_atomically(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
+    write_atomically(path, &seal(&bytes))
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+const SEAL_TAG: &[u8; 8] = b"bnlab\0ck";
+const SEAL_LEN: usize = 4 + SEAL_TAG.len();
+
+/// `bytes` followed by their CRC-32 (little-endian) and [`SEAL_TAG`].
+pub fn seal(bytes: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(bytes.len() + SEAL_LEN);
+    sealed.extend_from_slice(bytes);
+    sealed.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    sealed.extend_from_slice(SEAL_TAG);
+    sealed
+}
+
+/// What [`seal`] sealed, if the checksum matches; an unsealed file as it is.
+pub fn unseal(mut bytes: Vec<u8>, path: &Path) -> anyhow::Result<Vec<u8>> {
+    if bytes.len() < SEAL_LEN || !bytes.ends_with(SEAL_TAG) {
+        return Ok(bytes);
+    }
+    let body = bytes.len() - SEAL_LEN;
+    let stored = u32::from_le_bytes(bytes[body..body + 4].try_into().expect("4 bytes"));
+    if crc32fast::hash(&bytes[..body]) != stored {
+        anyhow::bail!(
+            "{}: corrupt checkpoint (its checksum does not match: the file was damaged after \
+             bnlab wrote it)",
+            path.display()
+        );
+    }
+    bytes.truncate(body);
+    Ok(bytes)
+}
+
+/// The `config.json` of run directory `dir`, validated.
+pub fn load_config(dir: &Path) -> anyhow::Result<RunConfig> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "{}: cannot read the run's config (is {} a bnlab run?)",
+            config_path.display(),
+            dir.display()
+        )
+    })?;
+    let config: RunConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a bnlab run config", config_path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("{}", config_path.display()))?;
+    Ok(config)
 }
 
 /// A saved model and the config that built it.
@@ -83,19 +122,13 @@ pub fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
             path.to_path_buf(),
         ),
     };
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!(
-            "{}: cannot read the run's config (is {} a bnlab run?)",
-            config_path.display(),
-            path.display()
-        )
-    })?;
-    let config: RunConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a bnlab run config", config_path.display()))?;
-    config
-        .validate()
-        .with_context(|| format!("{}", config_path.display()))?;
+    // A resume point's model (DIR/resume/model-E-S.bpk) belongs to the run in DIR.
+    let in_resume = dir.file_name() == Some(std::ffi::OsStr::new(super::resume::RESUME_DIR));
+    let dir = match in_resume && !dir.join(CONFIG_FILE).exists() {
+        true => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        false => dir,
+    };
+    let config = load_config(&dir)?;
     let model = load_weights(&config, &model_path)?;
     Ok(Checkpoint {
         config,
@@ -108,12 +141,25 @@ pub fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
 pub fn load_weights(config: &RunConfig, path: &Path) -> anyhow::Result<Model> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("{}: cannot read the checkpoint", path.display()))?;
-    let corrupt =
-        |e: String| anyhow::anyhow!("{}: truncated or corrupt checkpoint ({e})", path.display());
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
-        .map_err(|e| corrupt(e.to_string()))?;
+    let bytes = unseal(bytes, path)?;
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| {
+        anyhow::anyhow!("{}: truncated or corrupt checkpoint ({e})", path.display())
+    })?;
     let model = config.model_spec().init(config.seed, &super::eval_device());
-    model
-        .try_load_record(record)
-        .map_err(|e| corrupt(e.to_string()))
+    let model = model.try_load_record(record).map_err(|e| {
+        // Burn lists every tensor it could not place; the first line says enough.
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default();
+        let first: String = first.chars().take(160).collect();
+        anyhow::anyhow!(
+            "{}: does not fit the model its run config describes ({}, norm {}); it was saved \
+             by another run or another bnlab ({first})",
+            path.display(),
+            config.model.name(),
+            crate::value_name(config.norm_kind()),
+        )
+    })?;
+    crate::models::check_weights(&model)
+        .map_err(|e| anyhow::anyhow!("{}: unusable weights: {e}", path.display()))?;
+    Ok(model)
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod optim;
 pub mod recalibrate;
 pub mod resume;
+pub mod rundir;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -33,6 +34,11 @@ pub enum TrainError {
         loss: f64,
     },
 }
+
+/// A mean cross-entropy above this has diverged, finite or not: guessing among 10 classes
+/// costs ln 10 ≈ 2.3, and a loss of 1e4 puts the right class at probability e^-10000. Runs
+/// past it (BN with a huge --lr) used to go on to losses of 1e30 without a word.
+pub const MAX_SANE_LOSS: f64 = 1e4;
 
 /// Hooks for what a caller shows or saves while training runs.
 pub trait Observer {
@@ -67,6 +73,9 @@ pub fn initial_model(config: &RunConfig, device: &Device) -> anyhow::Result<Mode
         Some(path) => {
             let model = crate::interop::torch::import_file(path, &config.model_spec())
                 .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
+            crate::models::check_weights(&model).map_err(|e| {
+                anyhow::anyhow!("--init {}: unusable weights: {e}", path.display())
+            })?;
             // The import lands on the evaluation device; training wants autodiff.
             let model = match device.is_autodiff() {
                 true => model.train(),
@@ -266,7 +275,7 @@ fn run_steps(
         let logits = model.forward(images);
         let loss = loss_fn.forward(logits.clone(), labels.clone());
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
-        if !loss_value.is_finite() {
+        if !(loss_value <= MAX_SANE_LOSS) {
             let diverged = TrainError::Diverged {
                 epoch: steps.epoch,
                 step: step + 1,

@@ -83,7 +83,7 @@ pub fn save(
         .into_bytes()
         .map_err(|e| anyhow::anyhow!("cannot encode the optimizer state: {e}"))?;
     let optim_path = resume.join(&optim_name);
-    write_atomically(&optim_path, &optim_bytes)
+    write_atomically(&optim_path, &super::checkpoint::seal(&optim_bytes))
         .with_context(|| format!("{}: cannot write", optim_path.display()))?;
     let state = State {
         progress: progress.clone(),
@@ -127,15 +127,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Resumed> {
     })?;
     let state: State = serde_json::from_str(&text)
         .with_context(|| format!("{}: corrupt resume state", state_path.display()))?;
-    let config_path = dir.join(super::checkpoint::CONFIG_FILE);
-    let config: RunConfig = serde_json::from_str(
-        &std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{}: cannot read", config_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a bnlab run config", config_path.display()))?;
-    config
-        .validate()
-        .with_context(|| config_path.display().to_string())?;
+    let config = super::checkpoint::load_config(dir)?;
 
     let resume = dir.join(RESUME_DIR);
     // Loading keeps the saved parameter ids, which the optimizer state is keyed by.
@@ -143,6 +135,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Resumed> {
     let optim_path = resume.join(&state.optimizer);
     let bytes = std::fs::read(&optim_path)
         .with_context(|| format!("{}: cannot read", optim_path.display()))?;
+    let bytes = super::checkpoint::unseal(bytes, &optim_path)?;
     let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| {
         anyhow::anyhow!(
             "{}: truncated or corrupt optimizer state ({e})",
@@ -158,9 +151,23 @@ pub fn load(dir: &Path) -> anyhow::Result<Resumed> {
     })
 }
 
+fn saved_state(dir: &Path) -> Option<State> {
+    let text = std::fs::read_to_string(dir.join(RESUME_DIR).join(STATE_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 /// How many epochs the saved resume point in `dir` has finished, if there is one.
 pub fn saved_epochs(dir: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(dir.join(RESUME_DIR).join(STATE_FILE)).ok()?;
-    let state: State = serde_json::from_str(&text).ok()?;
-    Some(state.progress.metrics.len())
+    saved_state(dir).map(|state| state.progress.metrics.len())
+}
+
+/// `dir` has a resume point (a `state.json`, readable or not).
+pub fn has_resume_point(dir: &Path) -> bool {
+    dir.join(RESUME_DIR).join(STATE_FILE).exists()
+}
+
+/// The model file of the saved resume point in `dir`, and where it stands.
+pub fn saved_model(dir: &Path) -> Option<(PathBuf, Progress)> {
+    let state = saved_state(dir)?;
+    Some((dir.join(RESUME_DIR).join(state.model), state.progress))
 }
