@@ -4,7 +4,7 @@
 //! dimensions), one big-endian u32 per dimension, then the values. Fashion-MNIST uses unsigned
 //! bytes (type code 0x08): images have 3 dimensions (count, rows, columns), labels 1.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 /// What can be wrong with a data file. The message names the file and what is wrong; the
@@ -35,40 +35,104 @@ pub struct IdxArray {
 const UNSIGNED_BYTE: u8 = 0x08;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
+/// The most values an IDX file may promise: Fashion-MNIST's largest holds 47 million, and a
+/// header promising more than this is damaged (or hostile), not a data set.
+pub const MAX_VALUES: usize = 1 << 30;
+
 /// Reads an IDX file, decompressing it first if it starts with the gzip magic bytes.
 pub fn read_idx(path: &Path, expected_rank: usize) -> Result<IdxArray, IdxError> {
-    let raw = std::fs::read(path).map_err(|source| IdxError::Io {
+    let io = |source| IdxError::Io {
         path: path.into(),
         source,
-    })?;
-    decode_idx(&raw, expected_rank, path)
+    };
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let gzip = reader.fill_buf().map_err(io)?.starts_with(&GZIP_MAGIC);
+    read_stream(reader, gzip, expected_rank, path)
 }
 
 /// The contents of an IDX file, gzip-compressed or plain; `path` only names it in errors.
 pub fn decode_idx(raw: &[u8], expected_rank: usize, path: &Path) -> Result<IdxArray, IdxError> {
-    let decompressed;
-    let bytes = if raw.starts_with(&GZIP_MAGIC) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw)
-            .read_to_end(&mut out)
-            .map_err(|source| IdxError::Gzip {
-                path: path.into(),
-                source,
-            })?;
-        decompressed = out;
-        &decompressed
-    } else {
-        raw
+    read_stream(raw, raw.starts_with(&GZIP_MAGIC), expected_rank, path)
+}
+
+/// Reads the header first and then at most the values it promises plus one byte (to see that
+/// nothing follows), so that a small file which decompresses to gigabytes is refused after
+/// reading what the header promised. Gzip may come in several members (pigz, bgzip,
+/// `cat a.gz b.gz`).
+fn read_stream(
+    reader: impl Read,
+    gzip: bool,
+    expected_rank: usize,
+    path: &Path,
+) -> Result<IdxArray, IdxError> {
+    let mut reader: Box<dyn Read> = match gzip {
+        true => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        false => Box::new(reader),
     };
-    parse_idx(bytes, expected_rank).map_err(|what| IdxError::Format {
+    let failed = |source| match gzip {
+        true => IdxError::Gzip {
+            path: path.into(),
+            source,
+        },
+        false => IdxError::Io {
+            path: path.into(),
+            source,
+        },
+    };
+    let format = |what| IdxError::Format {
         path: path.into(),
         what,
-    })
+    };
+    let mut head = read_up_to(&mut reader, 4).map_err(failed)?;
+    if head.len() == 4 {
+        head.extend(read_up_to(&mut reader, 4 * expected_rank).map_err(failed)?);
+    }
+    let (dims, count) = match parse_header(&head, expected_rank) {
+        Ok(header) => header,
+        // In a gzip file a nonsensical header is more often damage to the compressed stream
+        // (a broken Huffman table garbles everything after it): read on, into nothing and at
+        // most 64 MiB, to tell the two apart.
+        Err(what) if gzip => {
+            let rest = std::io::copy(&mut reader.take(64 << 20), &mut std::io::sink());
+            return Err(rest.err().map_or_else(|| format(what), failed));
+        }
+        Err(what) => return Err(format(what)),
+    };
+    // Grown as the data arrives, so a header's promise alone allocates little.
+    let mut values = Vec::with_capacity(count.min(64 << 20));
+    reader
+        .take(count as u64 + 1)
+        .read_to_end(&mut values)
+        .map_err(failed)?;
+    match count_mismatch(&dims, count, values.len()) {
+        Some(what) => Err(format(what)),
+        None => Ok(IdxArray { dims, values }),
+    }
+}
+
+/// Reads until `n` bytes or the end of the stream.
+fn read_up_to(reader: &mut dyn Read, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    reader.take(n as u64).read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// Parses the bytes of an (uncompressed) IDX file of unsigned bytes with `expected_rank`
 /// dimensions. The value count must match the header exactly.
 pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> Result<IdxArray, String> {
+    let (dims, count) = parse_header(bytes, expected_rank)?;
+    let values = &bytes[4 + 4 * expected_rank..];
+    match count_mismatch(&dims, count, values.len()) {
+        Some(what) => Err(what),
+        None => Ok(IdxArray {
+            dims,
+            values: values.to_vec(),
+        }),
+    }
+}
+
+/// The dimensions and value count of the header at the start of `bytes`.
+fn parse_header(bytes: &[u8], expected_rank: usize) -> Result<(Vec<usize>, usize), String> {
     if bytes.len() < 4 {
         return Err(format!(
             "too short for an IDX header ({} bytes)",
@@ -109,21 +173,27 @@ pub fn parse_idx(bytes: &[u8], expected_rank: usize) -> Result<IdxArray, String>
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| format!("dimensions {dims:?} overflow"))?;
-    let body = bytes.len() - header_len;
-    if body != count {
-        let kind = if body < count {
-            "truncated"
-        } else {
-            "trailing bytes"
-        };
+    if count > MAX_VALUES {
         return Err(format!(
-            "{kind}: header {dims:?} promises {count} values, file holds {body}"
+            "header {dims:?} promises {count} values, more than any IDX data set bnlab reads \
+             ({MAX_VALUES})"
         ));
     }
-    Ok(IdxArray {
-        dims,
-        values: bytes[header_len..].to_vec(),
-    })
+    Ok((dims, count))
+}
+
+/// What is wrong when `held` values follow a header promising `count` (`held` is `count + 1`
+/// when the reader stopped one byte past the promise).
+fn count_mismatch(dims: &[usize], count: usize, held: usize) -> Option<String> {
+    match held.cmp(&count) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Less => Some(format!(
+            "truncated: header {dims:?} promises {count} values, file holds {held}"
+        )),
+        std::cmp::Ordering::Greater => Some(format!(
+            "trailing bytes: header {dims:?} promises {count} values, and more follow"
+        )),
+    }
 }
 
 #[cfg(test)]

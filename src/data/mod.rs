@@ -29,17 +29,38 @@ pub const CLASS_NAMES: [&str; 10] = [
     "ankle boot",
 ];
 
-const FIX: &str = "install dataset-fashion-mnist or pass --data DIR";
-
-/// A data problem, with the file it concerns and the fix.
+/// A data problem: the file it concerns, what is wrong, and the fix. (The message holds the
+/// file's own error, so none is chained after it.)
 #[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    #[error("{path}: not found ({FIX})", path = .0.display())]
+#[error("{problem} ({})", fix(.dir))]
+pub struct DataError {
+    pub problem: DataProblem,
+    /// The directory the files were looked for in, which decides the fix.
+    pub dir: PathBuf,
+}
+
+/// What is wrong with the data files.
+#[derive(Debug, thiserror::Error)]
+pub enum DataProblem {
+    #[error("{path}: not found", path = .0.display())]
     Missing(PathBuf),
-    #[error("{0} ({FIX})")]
-    Idx(#[from] IdxError),
-    #[error("{path}: {what} ({FIX})", path = .path.display())]
+    #[error("{0}")]
+    Idx(IdxError),
+    #[error("{path}: {what}", path = .path.display())]
     Invalid { path: PathBuf, what: String },
+}
+
+/// Installing the package helps only where it installs; files in a directory the user named
+/// are theirs to replace.
+fn fix(dir: &Path) -> String {
+    match dir == Path::new(DEFAULT_DATA_DIR) {
+        true => "install dataset-fashion-mnist or pass --data DIR".to_string(),
+        false => format!(
+            "put the Fashion-MNIST files in --data {}, or drop --data to read the ones \
+             dataset-fashion-mnist installs in {DEFAULT_DATA_DIR}",
+            dir.display()
+        ),
+    }
 }
 
 /// One split: `count` grayscale images of `rows × cols` bytes, and their labels.
@@ -61,9 +82,13 @@ pub struct FashionMnist {
 impl FashionMnist {
     /// Loads `train-*` and `t10k-*` from `dir`, each `.gz` or plain.
     pub fn load(dir: &Path) -> Result<Self, DataError> {
+        let with_fix = |problem| DataError {
+            problem,
+            dir: dir.into(),
+        };
         Ok(Self {
-            train: Split::load(dir, "train")?,
-            test: Split::load(dir, "t10k")?,
+            train: Split::load(dir, "train").map_err(with_fix)?,
+            test: Split::load(dir, "t10k").map_err(with_fix)?,
         })
     }
 
@@ -73,23 +98,23 @@ impl FashionMnist {
 }
 
 /// `dir/name.gz` if it exists, else `dir/name`; an error names the `.gz` path.
-fn find(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+fn find(dir: &Path, name: &str) -> Result<PathBuf, DataProblem> {
     let gz = dir.join(format!("{name}.gz"));
     let plain = dir.join(name);
     match (gz.is_file(), plain.is_file()) {
         (true, _) => Ok(gz),
         (false, true) => Ok(plain),
-        (false, false) => Err(DataError::Missing(gz)),
+        (false, false) => Err(DataProblem::Missing(gz)),
     }
 }
 
 impl Split {
-    pub fn load(dir: &Path, prefix: &str) -> Result<Self, DataError> {
+    pub fn load(dir: &Path, prefix: &str) -> Result<Self, DataProblem> {
         let image_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let label_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-        let images = read_idx(&image_path, 3)?;
-        let labels = read_idx(&label_path, 1)?;
-        let invalid = |path: &Path, what: String| DataError::Invalid {
+        let images = read_idx(&image_path, 3).map_err(DataProblem::Idx)?;
+        let labels = read_idx(&label_path, 1).map_err(DataProblem::Idx)?;
+        let invalid = |path: &Path, what: String| DataProblem::Invalid {
             path: path.into(),
             what,
         };
