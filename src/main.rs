@@ -8,7 +8,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<cli::Interrupted>() => {
             eprintln!("bnlab: {e}");
-            ExitCode::from(130)
+            let signal = e.downcast_ref::<cli::Interrupted>().map_or(2, |i| i.signal);
+            ExitCode::from(128 + signal.clamp(0, 127) as u8)
         }
         Err(e) => {
             // One line: the error and its causes, joined.

@@ -28,10 +28,22 @@ recipes!(
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("unknown recipe '{0}' (bnlab recipes lists them: {list})", list = names().join(", "))]
+    #[error("unknown recipe '{0}'{hint} (bnlab recipes lists them: {list})",
+        hint = closest(.0).map(|n| format!(": did you mean {n}?")).unwrap_or_default(),
+        list = names().join(", "))]
     Unknown(String),
     #[error("recipe {name}: {message}")]
     Invalid { name: String, message: String },
+}
+
+/// The recipe name a typo of `name` most likely meant, if one is close.
+fn closest(name: &str) -> Option<&'static str> {
+    names()
+        .into_iter()
+        .map(|n| (strsim::levenshtein(n, name), n))
+        .filter(|&(d, n)| n.starts_with(name) || (d <= 2 && d * 4 <= n.len()))
+        .min()
+        .map(|(_, n)| n)
 }
 
 pub fn names() -> Vec<&'static str> {

@@ -118,25 +118,37 @@ impl RunArgs {
         config.recalibrate_bn |= self.recalibrate_bn;
         config
     }
+
+    /// Refuses a flag that `config` (after [`Self::apply`]) would silently ignore.
+    pub(crate) fn check_against(&self, config: &RunConfig) -> anyhow::Result<()> {
+        if self.momentum.is_some() && config.optimizer != OptimizerKind::SgdMomentum {
+            anyhow::bail!(
+                "--momentum: only --optimizer sgd-momentum uses it (this run uses {}); add \
+                 --optimizer sgd-momentum or drop --momentum",
+                bnlab::value_name(config.optimizer)
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The architecture of `eval --weights` when the file does not name it.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct ArchArgs {
     /// Network the weights belong to (with --weights) [default: the file's, or lenet-bn].
-    #[arg(long, value_parser = choice::<ModelKind>())]
+    #[arg(long, conflicts_with = "checkpoint", value_parser = choice::<ModelKind>())]
     pub(crate) model: Option<ModelKind>,
     /// Its batch norm (with --weights) [default: the file's, or fused].
-    #[arg(long, value_parser = choice::<NormKind>())]
+    #[arg(long, conflicts_with = "checkpoint", value_parser = choice::<NormKind>())]
     pub(crate) norm: Option<NormKind>,
     /// Its LeNet pooling (with --weights) [default: the file's, or avg].
-    #[arg(long, value_name = "avg|max", value_parser = parse_pool)]
+    #[arg(long, conflicts_with = "checkpoint", value_name = "avg|max", value_parser = parse_pool)]
     pub(crate) pool: Option<Pool>,
     /// Its LeNet activation (with --weights) [default: the file's, or sigmoid].
-    #[arg(long, value_parser = choice::<Activation>())]
+    #[arg(long, conflicts_with = "checkpoint", value_parser = choice::<Activation>())]
     pub(crate) activation: Option<Activation>,
     /// The image side it expects (with --weights) [default: the file's, or 28].
-    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    #[arg(long, value_name = "N", value_parser = at_least_one, conflicts_with = "checkpoint")]
     pub(crate) resize: Option<usize>,
 }
 
@@ -178,6 +190,9 @@ pub(crate) struct OutputArgs {
     /// Also save the model every N epochs (DIR/epoch-NNN.bpk).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub(crate) save_every: Option<usize>,
+    /// Replace an existing --metrics file (never a directory, link, FIFO or device).
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 /// `train --resume DIR`: continue a stopped run exactly.
@@ -191,11 +206,17 @@ pub(crate) struct ResumeArgs {
 
 pub(crate) fn positive_float(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if v.is_finite() && v > 0.0 {
-        Ok(v)
-    } else {
-        Err(format!("must be > 0, got {s}"))
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("must be > 0, got {s}"));
     }
+    // The tensors are float32: a value beyond its range would become inf or 0 there.
+    let single = v as f32;
+    if single.is_infinite() || single == 0.0 {
+        return Err(format!(
+            "{s} is outside float32's range (about 1e-45 to 3.4e38), which the model computes in"
+        ));
+    }
+    Ok(v)
 }
 
 pub(crate) fn unit_interval(s: &str) -> Result<f64, String> {

@@ -8,7 +8,7 @@ use burn::module::Module;
 use bnlab::config::RunConfig;
 use bnlab::data::FashionMnist;
 use bnlab::models::{Model, ModelKind};
-use bnlab::report::write_atomically;
+use bnlab::report::{check_output, write_output};
 use bnlab::train::checkpoint;
 use bnlab::train::{evaluate, recalibrate_bn};
 
@@ -21,6 +21,7 @@ pub(crate) struct EvalOptions {
     pub(crate) limit: Option<usize>,
     pub(crate) json: bool,
     pub(crate) logits: Option<PathBuf>,
+    pub(crate) force: bool,
 }
 
 /// Where `eval` gets its model.
@@ -63,11 +64,16 @@ pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunC
     config.validate()?;
     let model = torch::import(&bytes, &config.model_spec())
         .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    bnlab::models::check_weights(&model)
+        .map_err(|e| anyhow::anyhow!("--weights {}: unusable weights: {e}", path.display()))?;
     Ok((config, model))
 }
 
 pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
     set_up(env)?;
+    if let Some(out) = &options.logits {
+        check_output("--logits", out, options.force)?;
+    }
     let (config, mut model, path) = match source {
         Source::Checkpoint(path) => {
             let ckpt = checkpoint::load_checkpoint(&path)?;
@@ -93,8 +99,8 @@ pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyh
     if let Some(out) = &options.logits {
         let p =
             bnlab::interop::predict(&model, &data.test, size, config.batch_size, Some(examples));
-        bnlab::interop::npy::write(out, &p.logits, &[examples, 10])
-            .with_context(|| format!("--logits {}", out.display()))?;
+        let npy = bnlab::interop::npy::encode(&p.logits, &[examples, 10]);
+        write_output("--logits", out, &npy, options.force)?;
     }
     if options.json {
         let v = serde_json::json!({
@@ -111,14 +117,14 @@ pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyh
     Ok(())
 }
 
-pub(crate) fn export_torch(path: &Path, out: &Path) -> anyhow::Result<()> {
+pub(crate) fn export_torch(path: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
+    check_output("--out", out, force)?;
     use bnlab::interop::torch::{export_with_metadata, META_IMAGE_SIZE};
     let ckpt = checkpoint::load_checkpoint(path)?;
     let size = ckpt.config.image_size().to_string();
     let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), size)]);
     let bytes = export_with_metadata(&ckpt.model, &ckpt.config.model_spec(), &extra)?;
-    write_atomically(out, &bytes)
-        .with_context(|| format!("--out {}: cannot write", out.display()))?;
+    write_output("--out", out, &bytes, force)?;
     eprintln!(
         "bnlab: wrote {} (PyTorch state_dict of {})",
         out.display(),

@@ -71,6 +71,9 @@ enum Command {
         /// [default: runs/compare-TIME].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Replace an existing table and plots in --out (never a link, FIFO or device).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         env: EnvArgs,
     },
@@ -82,6 +85,9 @@ enum Command {
         /// Output path without extension: writes STEM.svg and STEM.png.
         #[arg(long, value_name = "STEM", default_value = "curves")]
         out: PathBuf,
+        /// Replace existing STEM.svg and STEM.png (never a link, FIFO or device).
+        #[arg(long)]
+        force: bool,
     },
     /// Print the output shape of each top-level block of a model for one input image.
     Shapes {
@@ -107,6 +113,9 @@ enum Command {
         /// Also write the test-set logits (N×10 float32) to FILE.npy.
         #[arg(long, value_name = "FILE.npy")]
         logits: Option<PathBuf>,
+        /// Replace an existing --logits file (never a link, FIFO or device).
+        #[arg(long)]
+        force: bool,
         /// Re-estimate the BN statistics over the training set first (precise BN).
         #[arg(long)]
         recalibrate_bn: bool,
@@ -151,6 +160,9 @@ enum Command {
         /// The file to write.
         #[arg(long, value_name = "FILE.safetensors")]
         out: PathBuf,
+        /// Replace an existing --out file (never a link, FIFO or device).
+        #[arg(long)]
+        force: bool,
     },
     /// Print gamma, beta and the running statistics of each BN layer of a saved model.
     Inspect {
@@ -167,6 +179,10 @@ pub fn parse() -> Cli {
     match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help and --version
+        // `bnlab` alone: the help as clap lays it out, not folded into one line.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            e.exit()
+        }
         Err(e) => {
             eprintln!("bnlab: {}", one_line(&e.render().to_string()));
             std::process::exit(2);
@@ -198,6 +214,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             resume: ResumeArgs { resume: None },
         } => {
             let config = run.apply(RunConfig::default());
+            run.check_against(&config)?;
             let name = config.model.to_string();
             train_and_save(config, &name, &output).map(|_| ())
         }
@@ -207,6 +224,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => {
             let config = run.apply(recipes::load(&recipe)?);
+            run.check_against(&config)?;
             train_and_save(config, &recipe, &output).map(|_| ())
         }
         Command::Recipes => list_recipes(),
@@ -214,18 +232,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             recipes,
             run,
             out,
+            force,
             env,
-        } => {
-            let out = out.unwrap_or_else(|| default_run_dir("compare"));
-            compare(&recipes, &run, &out, &env)
-        }
-        Command::Plot { metrics, out } => plot_files(&metrics, &out),
+        } => compare(&recipes, &run, out.as_deref(), force, &env),
+        Command::Plot {
+            metrics,
+            out,
+            force,
+        } => plot_files(&metrics, &out, force),
         Command::Shapes { model, resize } => shapes(model, resize),
         Command::Eval {
             checkpoint,
             weights,
             arch,
             logits,
+            force,
             recalibrate_bn,
             no_fold,
             limit_batches,
@@ -238,6 +259,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 limit: limit_batches,
                 json,
                 logits,
+                force,
             };
             let source = match (checkpoint, weights) {
                 (Some(path), _) => Source::Checkpoint(path),
@@ -250,7 +272,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint,
             format: ExportFormat::Torch,
             out,
-        } => export_torch(&checkpoint, &out),
+            force,
+        } => export_torch(&checkpoint, &out, force),
         Command::Inspect { path, full } => inspect(&path, full),
         Command::Bench {
             json,
@@ -265,7 +288,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Applies --threads and --device, before any tensor exists.
 pub(crate) fn set_up(env: &EnvArgs) -> anyhow::Result<()> {
     bnlab::device::select(env.device).map_err(anyhow::Error::msg)?;
-    if let Some(n) = env.threads {
+    if let Some(asked) = env.threads {
+        // More threads than cores only slows the kernels down (and a huge count takes minutes
+        // to spawn), so the pool is capped at the cores there are.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = asked.min(cores);
+        if n < asked {
+            eprintln!("bnlab: --threads {asked}: this machine has {cores} cores; using {n}");
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

@@ -18,12 +18,15 @@ pub(crate) fn list_recipes() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn plot_files(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+pub(crate) fn plot_files(files: &[PathBuf], out: &Path, force: bool) -> anyhow::Result<()> {
+    for path in [out.with_extension("svg"), out.with_extension("png")] {
+        bnlab::report::check_output("--out", &path, force)?;
+    }
     let runs = files
         .iter()
         .map(|path| Ok((run_label(path), read_jsonl(path)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let [svg, png] = plot::write_curves(&runs, out)?;
+    let [svg, png] = plot::write_curves(&runs, out, "--out", force)?;
     eprintln!("bnlab: wrote {} and {}", svg.display(), png.display());
     Ok(())
 }

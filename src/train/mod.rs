@@ -73,9 +73,8 @@ pub fn initial_model(config: &RunConfig, device: &Device) -> anyhow::Result<Mode
         Some(path) => {
             let model = crate::interop::torch::import_file(path, &config.model_spec())
                 .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
-            crate::models::check_weights(&model).map_err(|e| {
-                anyhow::anyhow!("--init {}: unusable weights: {e}", path.display())
-            })?;
+            crate::models::check_weights(&model)
+                .map_err(|e| anyhow::anyhow!("--init {}: unusable weights: {e}", path.display()))?;
             // The import lands on the evaluation device; training wants autodiff.
             let model = match device.is_autodiff() {
                 true => model.train(),
