@@ -112,6 +112,17 @@ fn invalid_values_are_one_line_errors() {
         (&["train", "--model", "densenet"], "--resize"),
         (&["run", "alexnet"], "unknown recipe 'alexnet'"),
         (&["train", "--device", "tpu"], "--device"),
+        // > 0 but infinite in float32, which the model computes in.
+        (&["train", "--lr", "1e39"], "float32"),
+        (
+            &["train", "--momentum", "0.5"],
+            "--momentum: only --optimizer sgd-momentum",
+        ),
+        (&["run", "lenet", "--momentum", "0.5"], "--momentum"),
+        (
+            &["eval", "--checkpoint", "runs/x", "--model", "lenet"],
+            "--model",
+        ),
     ];
     for (args, flag) in cases {
         let line = one_line_error(args);
@@ -120,6 +131,8 @@ fn invalid_values_are_one_line_errors() {
             "{args:?}: the error names {flag}: {line}"
         );
     }
+    let line = one_line_error(&["run", "lenet-bn-scrach"]);
+    assert!(line.contains("did you mean lenet-bn-scratch?"), "{line}");
     let line = one_line_error(&["train", "--model", "alexnet"]);
     assert!(line.contains("lenet-bn"), "lists the models: {line}");
 }
@@ -129,14 +142,26 @@ fn missing_data_says_how_to_fix_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     let line = one_line_error(&["train", "--data", "/nonexistent/dir", "--out", out]);
+    // A failed start leaves no empty run directory behind (and keeps one that existed).
+    let new = dir.path().join("new");
+    one_line_error(&[
+        "train",
+        "--data",
+        "/nonexistent/dir",
+        "--out",
+        new.to_str().unwrap(),
+    ]);
+    assert!(!new.exists());
+    assert!(dir.path().is_dir());
     assert!(
         line.contains("/nonexistent/dir/train-images-idx3-ubyte.gz"),
         "{line}"
     );
     assert!(
-        line.contains("install dataset-fashion-mnist or pass --data DIR"),
+        line.contains("put the Fashion-MNIST files in --data /nonexistent/dir"),
         "{line}"
     );
+    assert_eq!(line.matches("train-images").count(), 1, "said once: {line}");
 }
 
 #[test]
@@ -280,4 +305,16 @@ fn written_files_are_readable_by_others() {
             & 0o777;
         assert_eq!(mode, 0o644, "{file}");
     }
+}
+
+#[test]
+fn no_arguments_prints_the_help_as_laid_out() {
+    let out = bnlab(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.lines().count() > 10, "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.trim_start().starts_with("train")),
+        "{stderr}"
+    );
 }

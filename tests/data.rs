@@ -87,8 +87,13 @@ fn load_error(dir: &Path) -> String {
     let err: DataError = FashionMnist::load(dir).expect_err("damaged data must not load");
     let msg = err.to_string();
     assert!(!msg.contains('\n'), "one line: {msg}");
+    // The files were looked for in a directory of the user's: the fix is theirs, not the
+    // package's.
     assert!(
-        msg.contains("install dataset-fashion-mnist or pass --data DIR"),
+        msg.contains(&format!(
+            "put the Fashion-MNIST files in --data {}",
+            dir.display()
+        )),
         "{msg}"
     );
     msg
@@ -217,4 +222,84 @@ fn images_must_be_28_by_28() {
     drop(f);
     let msg = load_error(dir.path());
     assert!(msg.contains("images are 14x28, expected 28x28"), "{msg}");
+}
+
+/// `bytes` gzip-compressed as one member.
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// pigz, bgzip and `cat a.gz b.gz` write several gzip members; together they are one file.
+#[test]
+fn multi_member_gzip_files_load() {
+    let dir = copy_of_real(false);
+    for name in ["t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte"] {
+        let path = gz(dir.path(), name);
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&std::fs::read(&path).unwrap()[..]),
+            &mut raw,
+        )
+        .unwrap();
+        // Three members, the first cut inside the header.
+        let cuts = [0, 6, raw.len() / 2, raw.len()];
+        let members: Vec<u8> = cuts
+            .windows(2)
+            .flat_map(|w| gzip(&raw[w[0]..w[1]]))
+            .collect();
+        std::fs::write(&path, members).unwrap();
+    }
+    let split = FashionMnist::load(dir.path()).unwrap();
+    let real = FashionMnist::load(real_dir()).unwrap();
+    assert_eq!(split.test.labels, real.test.labels);
+    assert_eq!(split.test.images, real.test.images);
+}
+
+/// A header promising one 28x28 image, then 200 MB of zeros that gzip shrinks to a few
+/// hundred kilobytes: bnlab stops reading one byte past the promise, so it fails at once with
+/// its memory bounded (the whole stream used to be decompressed into memory first).
+#[test]
+fn a_gzip_bomb_is_refused_with_memory_bounded() {
+    let dir = copy_of_real(false);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&[0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28])
+        .unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..200 {
+        gz.write_all(&zeros).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    std::fs::write(gz_path(dir.path()), bomb).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(["train", "--epochs", "1", "--limit-batches", "1", "--data"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(out.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(
+        stderr.contains("train-images-idx3-ubyte.gz: trailing bytes"),
+        "{stderr}"
+    );
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+    // The only child this test binary waits for: its peak resident memory, in kilobytes.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
+    let peak_mb = usage.ru_maxrss / 1024;
+    assert!(peak_mb < 100, "bnlab peaked at {peak_mb} MB");
+}
+
+fn gz_path(dir: &Path) -> PathBuf {
+    gz(dir, "train-images-idx3-ubyte")
 }

@@ -212,11 +212,12 @@ fn ctrl_c_saves_and_resume_finishes_the_run() {
     assert_eq!(read_metrics(&pieced.join("metrics.jsonl")).len(), 4);
     // Other settings cannot change on resume.
     let out = bnlab()
-        .args(["train", "--lr", "0.1", "--resume"])
+        .args(["train", "--batch-size", "32", "--resume"])
         .arg(&pieced)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("only --epochs may be given"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("only --epochs and a lower --lr may be given"));
 }
 
 #[test]
@@ -248,7 +249,13 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_last_good_state() {
         "{stderr}"
     );
     assert!(last.contains("try a lower --lr"), "{last}");
-    assert!(last.contains("after epoch 1, is kept in"), "{last}");
+    assert!(
+        last.contains(&format!(
+            "the last good model, after epoch 1, is saved as {}",
+            dir.join("last-good.bpk").display()
+        )),
+        "{last}"
+    );
     // Nothing but finite numbers reached the metrics, and the good state can be resumed from.
     let metrics = read_metrics(&dir.join("metrics.jsonl"));
     assert_eq!(metrics.len(), 1);
@@ -256,6 +263,152 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_last_good_state() {
     assert_eq!(resume::saved_epochs(&dir), Some(1));
     assert!(resume::load(&dir).is_ok());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
+    // The last good model is one that eval, export and inspect open.
+    let kept = dir.join("last-good.bpk");
+    let exported = tmp.path().join("kept.safetensors");
+    for args in [
+        vec![
+            "eval",
+            "--limit-batches",
+            "1",
+            "--checkpoint",
+            kept.to_str().unwrap(),
+        ],
+        vec![
+            "export",
+            kept.to_str().unwrap(),
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+        vec!["inspect", kept.to_str().unwrap()],
+    ] {
+        let out = bnlab().args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Resuming may lower the learning rate, never raise it.
+    let out = bnlab()
+        .args(["train", "--lr", "1", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("may only lower its learning rate"),
+        "{stderr}"
+    );
+}
+
+/// With BN the loss can grow without ever becoming NaN; past a sane bound it counts as
+/// divergence too, and a lower --lr on resume gets the run past the step that diverged.
+#[test]
+fn a_huge_finite_loss_stops_the_run_and_a_lower_lr_recovers_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    // Epoch 1 at lr 1, epoch 2 at lr 1e8.
+    let out = bnlab()
+        .args([
+            "train",
+            "--lr",
+            "1",
+            "--lr-step-size",
+            "1",
+            "--lr-gamma",
+            "1e8",
+        ])
+        .args([
+            "--epochs",
+            "2",
+            "--limit-batches",
+            "6",
+            "--batch-size",
+            "64",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("training diverged at epoch 2"), "{stderr}");
+    assert_eq!(resume::saved_epochs(&dir), Some(1));
+    // 1e-8 × 1e8: epoch 2 now trains at lr 1.
+    let out = bnlab()
+        .args(["train", "--lr", "1e-8", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("learning rate 1 -> 0.00000001"), "{stderr}");
+    let metrics = read_metrics(&dir.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    assert!(metrics[1].train_loss < 10.0, "{:?}", metrics[1]);
+    let config = bnlab::train::checkpoint::load_config(&dir).unwrap();
+    assert_eq!(config.lr, 1e-8);
+}
+
+/// A run stopped before its first resume point holds only its config: `--resume` starts it
+/// again in place, and removes the temporary files a killed process left.
+#[test]
+fn a_run_without_a_resume_point_restarts_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let ok = bnlab()
+        .args(["train", "--epochs", "1", "--limit-batches", "2", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.file_name() != "config.json" {
+            let path = entry.path();
+            match path.is_dir() {
+                true => std::fs::remove_dir_all(&path).unwrap(),
+                false => std::fs::remove_file(&path).unwrap(),
+            }
+        }
+    }
+    let leftover = dir.join(".bnlab-Xy12ab.tmp");
+    std::fs::write(&leftover, b"half a checkpoint").unwrap();
+    let out = bnlab()
+        .args(["train", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("has no resume point yet"), "{stderr}");
+    assert!(dir.join("model.bpk").is_file());
+    assert!(!leftover.exists(), "the leftover temporary file is removed");
+    // Fewer epochs than are done is an error, and config.json keeps its value.
+    let out = bnlab()
+        .args(["train", "--epochs", "1", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "as many as are done is fine");
+    let status = bnlab()
+        .args(["train", "--epochs", "2", "--resume"])
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = bnlab()
+        .args(["train", "--epochs", "1", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--epochs 1: ") && stderr.contains("already finished 2 epochs"));
+    let config = bnlab::train::checkpoint::load_config(&dir).unwrap();
+    assert_eq!(config.epochs, 2);
 }
 
 #[test]
@@ -295,4 +448,75 @@ fn a_damaged_resume_state_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("state.json: corrupt resume state"));
+}
+
+/// SIGTERM (`kill`, systemd, docker, Slurm) and two SIGINTs in the same instant (a terminal's
+/// process group, `timeout -s INT`) both finish the step, save a resume point and exit 143 or
+/// 130; the resumed run ends with an uninterrupted run's metrics.
+#[test]
+fn sigterm_and_a_double_sigint_leave_resumable_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "train",
+        "--epochs",
+        "3",
+        "--limit-batches",
+        "8",
+        "--batch-size",
+        "32",
+        "--json",
+    ];
+    let whole = tmp.path().join("whole");
+    let status = bnlab()
+        .args(args)
+        .arg("--out")
+        .arg(&whole)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let expected = learning_values(&read_metrics(&whole.join("metrics.jsonl")));
+
+    for (name, signals, code) in [
+        ("term", &[libc::SIGTERM][..], 143),
+        ("int-int", &[libc::SIGINT, libc::SIGINT], 130),
+    ] {
+        let dir = tmp.path().join(name);
+        let mut child = bnlab()
+            .args(args)
+            .arg("--out")
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("\"epoch\":1"), "{first}");
+        for &signal in signals {
+            assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{name}: {stderr}");
+        assert!(
+            stderr.contains("interrupted: progress saved in"),
+            "{stderr}"
+        );
+        assert!(resume::saved_epochs(&dir).is_some(), "{name}");
+
+        let status = bnlab()
+            .args(["train", "--resume"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name}");
+        let resumed = learning_values(&read_metrics(&dir.join("metrics.jsonl")));
+        assert_eq!(resumed, expected, "{name}");
+    }
 }
