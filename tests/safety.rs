@@ -418,3 +418,51 @@ fn threads_beyond_the_cores_are_capped() {
         "{stderr}"
     );
 }
+
+/// A resumed run takes the run directory's lock too: while another process holds it (here
+/// this test), `--resume` fails at once and writes nothing.
+#[test]
+fn a_resumed_run_takes_the_lock_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    quick_run(&run);
+    let before = std::fs::read(run.join("config.json")).unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(run.join(".lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let line = one_line_error(
+        bnlab()
+            .args(["train", "--epochs", "2", "--resume"])
+            .arg(&run),
+    );
+    assert!(line.contains("another bnlab process"), "{line}");
+    assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
+    drop(lock);
+    let status = bnlab()
+        .args(["train", "--epochs", "2", "--resume"])
+        .arg(&run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A checkpoint that does not fit its config says so in a line, not in Burn's 5 KB list.
+#[test]
+fn a_model_config_mismatch_is_a_short_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    quick_run(&run);
+    let config = run.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"lenet-bn\"", "\"resnet18\"")).unwrap();
+    let line = one_line_error(bnlab().arg("inspect").arg(&run));
+    assert!(
+        line.contains("does not fit the model its run config describes (resnet18"),
+        "{line}"
+    );
+    assert!(line.len() < 400, "{} bytes: {line}", line.len());
+}

@@ -150,7 +150,10 @@ pub fn load_weights(config: &RunConfig, path: &Path) -> anyhow::Result<Model> {
         // Burn lists every tensor it could not place; the first line says enough.
         let first = e.to_string();
         let first = first.lines().next().unwrap_or_default();
-        let first: String = first.chars().take(160).collect();
+        let first = match first.char_indices().nth(160) {
+            Some((cut, _)) => format!("{}…", &first[..cut]),
+            None => first.to_string(),
+        };
         anyhow::anyhow!(
             "{}: does not fit the model its run config describes ({}, norm {}); it was saved \
              by another run or another bnlab ({first})",
