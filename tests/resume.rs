@@ -372,6 +372,16 @@ fn a_run_without_a_resume_point_restarts_in_place() {
             }
         }
     }
+    // Starting over is refused while anything it would replace is there.
+    std::fs::write(dir.join("model.bpk"), b"a model from elsewhere").unwrap();
+    let out = bnlab()
+        .args(["train", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("would replace its model.bpk"), "{stderr}");
+    std::fs::remove_file(dir.join("model.bpk")).unwrap();
     let leftover = dir.join(".bnlab-Xy12ab.tmp");
     std::fs::write(&leftover, b"half a checkpoint").unwrap();
     let out = bnlab()

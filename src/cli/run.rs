@@ -91,7 +91,15 @@ pub(crate) fn resume_run(
         (r.config, r.model, r.optim, r.progress)
     } else {
         // Stopped before its first resume point: there is no progress to lose, so the run
-        // starts again in place from its config.json.
+        // starts again in place from its config.json, unless something there would be
+        // replaced (a run from before resume points existed, say).
+        if let Some(file) = bnlab::train::rundir::first_result(dir) {
+            anyhow::bail!(
+                "--resume {}: has no resume point to continue from, and starting over would \
+                 replace its {file}; train again with another --out",
+                dir.display()
+            );
+        }
         let config = checkpoint::load_config(dir)?;
         eprintln!(
             "bnlab: {} has no resume point yet (it stopped before its first step ended): \

@@ -152,6 +152,20 @@ impl RunDir {
     }
 }
 
+/// A file in `dir` that a started-over run would replace: a model, the metrics, anything but
+/// the config, the lock, temporary files and an empty or absent resume directory.
+pub fn first_result(dir: &Path) -> Option<String> {
+    let resume_empty = |p: &Path| std::fs::read_dir(p).is_ok_and(|mut e| e.next().is_none());
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let ours = name == CONFIG_FILE
+            || name == LOCK_FILE
+            || (name.starts_with(".bnlab-") && name.ends_with(".tmp"))
+            || (name == RESUME_DIR && resume_empty(&entry.path()));
+        (!ours).then_some(name)
+    })
+}
+
 /// `dir` holds (part of) a run: its config, or a resume point.
 pub fn holds_a_run(dir: &Path) -> bool {
     dir.join(CONFIG_FILE).exists() || dir.join(RESUME_DIR).exists()
