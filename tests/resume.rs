@@ -466,14 +466,17 @@ fn a_damaged_resume_state_is_a_clear_error() {
 #[test]
 fn sigterm_and_a_double_sigint_leave_resumable_runs() {
     let tmp = tempfile::tempdir().unwrap();
+    // Steps of 256 examples take about 25 ms here: the signals come 0.1 s into epoch 2's 20
+    // steps, and the second SIGINT lands while a step runs or the resume point is written,
+    // which is when quitting at once would lose them.
     let args = [
         "train",
         "--epochs",
-        "3",
+        "2",
         "--limit-batches",
-        "8",
+        "20",
         "--batch-size",
-        "32",
+        "256",
         "--json",
     ];
     let whole = tmp.path().join("whole");
@@ -502,21 +505,27 @@ fn sigterm_and_a_double_sigint_leave_resumable_runs() {
             .spawn()
             .unwrap();
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
+        // Kept open until the child ends, so that its writes to stdout keep working.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut first).unwrap();
         assert!(first.contains("\"epoch\":1"), "{first}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
         for &signal in signals {
             assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+            // Apart enough to arrive as two signals, well within one "instant".
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let out = child.wait_with_output().unwrap();
+        drop(stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{name}: {stderr}");
         assert!(
             stderr.contains("interrupted: progress saved in"),
             "{stderr}"
         );
-        assert!(resume::saved_epochs(&dir).is_some(), "{name}");
+        let stopped = resume::load(&dir).unwrap().progress;
+        assert_eq!(stopped.epoch, 2, "{name}");
+        assert!(stopped.steps_done > 0, "{name}: stopped mid-epoch");
 
         let status = bnlab()
             .args(["train", "--resume"])

@@ -198,8 +198,9 @@ pub(crate) struct OutputArgs {
 /// `train --resume DIR`: continue a stopped run exactly.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ResumeArgs {
-    /// Continue the run saved in DIR where it stopped (Ctrl-C, or a finished run with a
-    /// larger --epochs); its settings come from DIR/config.json.
+    /// Continue the run saved in DIR where it stopped (Ctrl-C, SIGTERM, divergence, or a
+    /// finished run with a larger --epochs); its settings come from DIR/config.json, but a
+    /// lower --lr may be given.
     #[arg(long, value_name = "DIR")]
     pub(crate) resume: Option<PathBuf>,
 }

@@ -268,8 +268,8 @@ pub(crate) fn stop_on_signals() -> &'static AtomicBool {
                         STOP_SIGNAL.store(signal, Ordering::SeqCst);
                         STOP.store(true, Ordering::SeqCst);
                         eprintln!(
-                            "\nbnlab: stopping after this step (send it again in a second to \
-                             quit at once)"
+                            "\nbnlab: stopping after this step (the same signal again, a \
+                             second or more from now, quits at once)"
                         );
                     }
                     Some(at) if at.elapsed() >= QUIT_AFTER => std::process::exit(128 + signal),

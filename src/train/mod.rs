@@ -26,7 +26,7 @@ pub use resume::{Partial, Progress};
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(
-        "training diverged at epoch {epoch}, step {step}: the loss is {loss} (try a lower --lr)"
+        "training diverged at epoch {epoch}, step {step}: the loss is {loss:e} (try a lower --lr)"
     )]
     Diverged {
         epoch: usize,
