@@ -274,7 +274,7 @@ fn run_steps(
         let logits = model.forward(images);
         let loss = loss_fn.forward(logits.clone(), labels.clone());
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
-        if !(loss_value <= MAX_SANE_LOSS) {
+        if loss_value.is_nan() || loss_value > MAX_SANE_LOSS {
             let diverged = TrainError::Diverged {
                 epoch: steps.epoch,
                 step: step + 1,
