@@ -263,7 +263,11 @@ fn divergence_stops_with_a_clear_message_and_keeps_the_last_good_state() {
     assert_eq!(resume::saved_epochs(&dir), Some(1));
     assert!(resume::load(&dir).is_ok());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
-    // The last good model is one that eval, export and inspect open.
+    // The last good model is one that eval, export and inspect open, and the run directory
+    // points to it.
+    let out = bnlab().arg("inspect").arg(&dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("its last good model is"), "{stderr}");
     let kept = dir.join("last-good.bpk");
     let exported = tmp.path().join("kept.safetensors");
     for args in [

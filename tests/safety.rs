@@ -354,6 +354,21 @@ fn damaged_and_non_finite_weights_are_refused() {
         let line = one_line_error(bnlab().arg("eval").arg("--weights").arg(&bad));
         assert!(line.contains(says), "{key}: {line}");
         assert!(line.contains("--weights"), "{line}");
+        // Training from such weights is refused the same way.
+        let line = one_line_error(
+            bnlab()
+                .arg("train")
+                .args(QUICK)
+                .arg("--init")
+                .arg(&bad)
+                .arg("--out")
+                .arg(tmp.path().join("from-bad")),
+        );
+        assert!(line.contains(says) && line.contains("--init"), "{line}");
+        assert!(
+            !tmp.path().join("from-bad").exists(),
+            "no run directory is left"
+        );
     }
 }
 

@@ -39,8 +39,9 @@ pub(crate) fn train_and_save(
     let trained = FashionMnist::load(&output.env.data)
         .map_err(anyhow::Error::from)
         .and_then(|data| {
-            checkpoint::save_config(dir, &config)?;
+            // The model first: weights --init refuses leave no config.json behind.
             let model = train::initial_model(&config, &train::train_device())?;
+            checkpoint::save_config(dir, &config)?;
             let optim = train::optim::optimizer(&config);
             let start = (model, optim, Progress::start());
             run_in_dir(&config, name, &data, dir, output, start)
@@ -397,6 +398,7 @@ pub(crate) fn compare(
     let mut runs = Vec::new();
     for ((label, config), held) in labels.iter().zip(configs).zip(&run_dirs) {
         let dir = held.path();
+        let model = train::initial_model(&config, &train::train_device())?;
         checkpoint::save_config(dir, &config)?;
         let output = OutputArgs {
             env: env.clone(),
@@ -406,7 +408,6 @@ pub(crate) fn compare(
             save_every: None,
             force: false,
         };
-        let model = train::initial_model(&config, &train::train_device())?;
         let start = (model, train::optim::optimizer(&config), Progress::start());
         let metrics = run_in_dir(&config, label, &data, dir, &output, start)?;
         runs.push((label.clone(), metrics));

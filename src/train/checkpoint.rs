@@ -115,6 +115,20 @@ pub fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
             path.display()
         );
     }
+    if path.is_dir() && !path.join(MODEL_FILE).exists() {
+        let last_good = path.join(LAST_GOOD_FILE);
+        let hint = match last_good.is_file() {
+            true => format!(
+                "it diverged; its last good model is {}",
+                last_good.display()
+            ),
+            false => format!("continue it with bnlab train --resume {}", path.display()),
+        };
+        anyhow::bail!(
+            "{}: the run has no final {MODEL_FILE} yet ({hint})",
+            path.display()
+        );
+    }
     let (dir, model_path) = match path.is_dir() {
         true => (path.to_path_buf(), path.join(MODEL_FILE)),
         false => (
