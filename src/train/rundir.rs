@@ -52,7 +52,12 @@ impl RunDir {
     /// processes never get the same one.
     pub fn create_unique(parent: &Path, name: &str) -> anyhow::Result<Self> {
         let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-        let fail = || format!("{}: cannot create a run directory there", parent.display());
+        let fail = || {
+            format!(
+                "{}: cannot create a run directory there (pass --out DIR)",
+                parent.display()
+            )
+        };
         std::fs::create_dir_all(parent).with_context(fail)?;
         for n in 1..=1000 {
             let suffix = if n == 1 {
