@@ -30,9 +30,12 @@ impl Default for Activation {
 /// PyTorch's default `floor` mode does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pool {
+    /// No pooling.
     #[default]
     None,
+    /// The mean of each `k × k` window.
     Avg(usize),
+    /// The largest value of each `k × k` window.
     Max(usize),
 }
 
@@ -40,6 +43,7 @@ impl Pool {
     /// The chapter's LeNet pools: 2 × 2.
     pub const LENET_WINDOW: usize = 2;
 
+    /// The window size `k`, or `None` for [`Pool::None`].
     pub fn window(self) -> Option<usize> {
         match self {
             Self::None => None,
@@ -97,10 +101,31 @@ impl<'de> serde::Deserialize<'de> for Pool {
 }
 
 /// What the layers right after a BN layer do, computed by the fused kernel in the same pass:
-/// `pool(activation(bn(x)))`.
+/// `pool(activation(bn(x)))`. [`BatchNorm::forward_then`](super::BatchNorm::forward_then) takes
+/// one; the default, [`Epilogue::NONE`], is batch norm alone.
+///
+/// ```
+/// use bnlab::norm::epilogue::{compose_epilogue, Activation, Epilogue, Pool};
+/// use bnlab::norm::{BatchNormConfig, Kernel};
+/// use burn::tensor::{Device, Distribution, Tensor};
+///
+/// let device = Device::flex().autodiff();
+/// let bn = BatchNormConfig::new(4).with_kernel(Kernel::Fused).init(&device);
+/// let x = Tensor::<4>::random([2, 4, 6, 6], Distribution::Default, &device);
+/// let relu_max = Epilogue { activation: Activation::Relu, pool: Pool::Max(2) };
+///
+/// // BN, ReLU and the 2 × 2 max pool: one op on Flex in training mode...
+/// let fused = bn.forward_then(x.clone(), relu_max);
+/// assert_eq!(fused.dims(), [2, 4, 3, 3]);
+/// // ...which gives what the three give one after the other.
+/// let composed = compose_epilogue(bn.forward(x), relu_max);
+/// assert!((fused - composed).abs().max().into_scalar::<f32>() < 1e-5);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Epilogue {
+    /// Applied first, to every value.
     pub activation: Activation,
+    /// Applied second, to the activations.
     pub pool: Pool,
 }
 
@@ -111,6 +136,7 @@ impl Epilogue {
         pool: Pool::None,
     };
 
+    /// Whether this is [`Epilogue::NONE`]: the identity.
     pub fn is_none(&self) -> bool {
         *self == Self::NONE
     }
@@ -130,10 +156,30 @@ impl Epilogue {
 }
 
 /// `epilogue` from Burn ops: what the fused kernels compute in their own pass, and the
-/// reference the tests hold them to.
+/// reference the tests hold them to. The output is `(N, C, H/k, W/k)` with a `k × k` pool (see
+/// [`Epilogue::output_shape`]), else the shape of `x`.
 ///
 /// # Panics
 /// If `epilogue` pools and `x` is not `(N, C, H, W)` of at least `k × k`.
+///
+/// # Example
+///
+/// ```
+/// use bnlab::norm::epilogue::{compose_epilogue, Activation, Epilogue, Pool};
+/// use burn::tensor::{Device, Tensor};
+///
+/// // One image of one channel, 2 × 4.
+/// let x = Tensor::<4>::from_floats([[[[-1.0, 2.0, -3.0, 0.5], [4.0, -5.0, 1.0, -2.0]]]], &Device::flex());
+/// let values = |t: Tensor<4>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+///
+/// let relu_max = Epilogue { activation: Activation::Relu, pool: Pool::Max(2) };
+/// assert_eq!(relu_max.output_shape(&[1, 1, 2, 4]), Ok(vec![1, 1, 1, 2]));
+/// assert_eq!(values(compose_epilogue(x.clone(), relu_max)), [4.0, 1.0]);
+/// // ReLU, then the mean of each 2 × 2 window: (0 + 2 + 4 + 0) / 4 and (0 + 0.5 + 1 + 0) / 4.
+/// let relu_avg = Epilogue { pool: Pool::Avg(2), ..relu_max };
+/// assert_eq!(values(compose_epilogue(x.clone(), relu_avg)), [1.5, 0.375]);
+/// assert_eq!(values(compose_epilogue(x.clone(), Epilogue::NONE)), values(x));
+/// ```
 pub fn compose_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tensor<D> {
     let a = match epilogue.activation {
         Activation::Identity => x,

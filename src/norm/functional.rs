@@ -7,6 +7,17 @@
 //!
 //! Shapes: `x` is `(N, C)`, `(N, C, L)`, `(N, C, H, W)` or `(N, C, D, H, W)`. Statistics are per
 //! channel (axis 1), over every other axis. `gamma`, `beta` and the statistics have length `C`.
+//!
+//! The formula, per channel `c`, over the `m` values `x_i` of that channel:
+//!
+//! ```text
+//! mean = (1/m) Σ x_i        var = (1/m) Σ (x_i - mean)²        (biased)
+//! y_i  = gamma_c · (x_i - mean) / sqrt(var + eps) + beta_c
+//! ```
+//!
+//! Training mode uses the batch's `mean` and `var`; eval mode uses the running statistics
+//! instead, which training moves towards each batch's ([`update_running`], [`Convention`]).
+//! Without `gamma` and `beta` (PyTorch's `affine=False`) the scale is 1 and the shift 0.
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -14,15 +25,30 @@ use serde::{Deserialize, Serialize};
 /// Everything that can be wrong with a batch-norm call or configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BnError {
+    /// Training mode on an input with one value per channel (`N` times the spatial size is 1):
+    /// its variance is 0, and the unbiased one that PyTorch's running variance averages is
+    /// undefined.
     #[error(
         "batch norm in training mode needs more than one value per channel, got input of shape \
          {shape:?} (as PyTorch: use a batch of at least 2 examples)"
     )]
-    SingleValuePerChannel { shape: Vec<usize> },
+    SingleValuePerChannel {
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+    /// An input that is not `(N, C, ...)` of rank 2 to 5 with `C > 0`, or whose `C` differs
+    /// from the layer's (or from the length of `gamma` or of the statistics).
     #[error(
         "batch norm expects input of shape (N, C, ...) with rank 2 to 5 and C = {channels}, got {shape:?}"
     )]
-    Shape { channels: usize, shape: Vec<usize> },
+    Shape {
+        /// The channel count expected, or 0 where nothing fixed it (no `gamma`, no layer).
+        channels: usize,
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+    /// A setting out of range (eps not > 0, momentum outside `[0, 1]`, no channels, an epilogue
+    /// that does not fit the input), with what is wrong.
     #[error("batch norm: {0}")]
     InvalidSetting(String),
 }
@@ -137,6 +163,7 @@ impl<'de> Deserialize<'de> for Momentum {
 pub struct RunningUpdate {
     /// Read by `convention`.
     pub momentum: Momentum,
+    /// Which weight `momentum` is, and which batch variance is averaged.
     pub convention: Convention,
 }
 
@@ -147,6 +174,8 @@ impl Default for RunningUpdate {
 }
 
 impl RunningUpdate {
+    /// PyTorch's convention with `momentum` the new batch's weight (the default:
+    /// [`Momentum::PYTORCH`], 0.1).
     pub fn pytorch(momentum: Momentum) -> Self {
         Self {
             momentum,
@@ -180,8 +209,9 @@ impl RunningUpdate {
 /// Statistics of one training batch, per channel.
 #[derive(Debug, Clone)]
 pub struct BatchStats {
+    /// The mean, shape `(C)`.
     pub mean: Tensor<1>,
-    /// The biased variance: the one training mode normalises with.
+    /// The biased variance, shape `(C)`: the one training mode normalises with.
     pub var: Tensor<1>,
     /// How many values each channel's statistics average (N, N·L, N·H·W, ...).
     pub count: usize,
@@ -190,8 +220,13 @@ pub struct BatchStats {
 /// Running statistics as the functional form carries them.
 #[derive(Debug, Clone)]
 pub struct RunningStats {
+    /// The running mean, shape `(C)`.
     pub mean: Tensor<1>,
+    /// The running variance, shape `(C)`: unbiased batch variances averaged under
+    /// [`Convention::PyTorch`], biased ones under [`Convention::D2l`].
     pub var: Tensor<1>,
+    /// How many training batches have updated the statistics (what a cumulative average
+    /// divides by).
     pub num_batches_tracked: u64,
 }
 
@@ -209,11 +244,17 @@ impl RunningStats {
 /// Training or evaluation behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Normalise with the batch's statistics and update the running ones.
     Train,
+    /// Normalise with the running statistics, which stay as they are.
     Eval,
 }
 
 /// Checks the input's rank and channel count and returns `C`.
+///
+/// # Errors
+/// [`BnError::Shape`] unless `dims` is `(N, C, ...)` of rank 2 to 5 with `C > 0` and, if
+/// `expected` is given, `C == expected`.
 pub fn channels_of(dims: &[usize], expected: Option<usize>) -> Result<usize, BnError> {
     let shape_error = || BnError::Shape {
         channels: expected.unwrap_or(0),
@@ -257,13 +298,18 @@ fn affine<const D: usize>(
 }
 
 /// Training-mode normalisation: `gamma * (x - mean) / sqrt(var + eps) + beta` with the batch
-/// mean and the biased batch variance. Returns the output and the (detached) batch statistics.
+/// mean and the biased batch variance. Returns the output (the shape of `x`) and the (detached)
+/// batch statistics. The running statistics are not touched: [`update_running`] does that.
 ///
 /// Accuracy: every value is first shifted by its channel's first value, a detached constant.
 /// For data far from zero (the `conv2d_large_mean` case: 1000 ± 0.01) the shift is exact in
 /// float32, and the sums that follow add small numbers, so neither the mean nor the variance
 /// suffers the cancellation of a naive float32 `E[x²] - E[x]²` or `sum(x) / n`. The gradient is
 /// unchanged, because batch norm's output does not depend on a constant shift.
+///
+/// # Errors
+/// [`BnError::Shape`] if `x` is not `(N, C, ...)` of rank 2 to 5 or `gamma` is not of length
+/// `C`; [`BnError::SingleValuePerChannel`] if each channel holds one value.
 pub fn normalize_train<const D: usize>(
     x: Tensor<D>,
     gamma: Option<Tensor<1>>,
@@ -307,7 +353,11 @@ pub fn normalize_train<const D: usize>(
     Ok((output, stats))
 }
 
-/// Eval-mode normalisation with given statistics (normally the running ones).
+/// Eval-mode normalisation with given statistics (normally the running ones):
+/// `gamma * (x - mean) / sqrt(var + eps) + beta`, a per-channel affine map of `x`.
+///
+/// # Errors
+/// [`BnError::Shape`] if `x` is not `(N, C, ...)` of rank 2 to 5 with `C` the length of `mean`.
 pub fn normalize_eval<const D: usize>(
     x: Tensor<D>,
     gamma: Option<Tensor<1>>,
@@ -328,6 +378,10 @@ pub fn normalize_eval<const D: usize>(
 /// One step of the exponential moving average:
 /// `running = (1 - w) * running + w * batch`, with `w` from [`RunningUpdate::new_batch_weight`].
 /// `num_batches_tracked` must already count this batch.
+///
+/// The batch variance averaged is `stats.var · m / (m - 1)` (unbiased, `m = stats.count`) under
+/// [`Convention::PyTorch`] and `stats.var` (biased) under [`Convention::D2l`]. Returns the new
+/// running mean and variance.
 pub fn update_running(
     running_mean: Tensor<1>,
     running_var: Tensor<1>,
@@ -349,9 +403,54 @@ pub fn update_running(
 
 /// The whole layer as one function, in the chapter's style.
 ///
-/// - `Mode::Train`: normalise with batch statistics; if `running` is given, return it updated.
+/// - `Mode::Train`: normalise with batch statistics; if `running` is given, return it updated
+///   (its `num_batches_tracked` one higher).
 /// - `Mode::Eval`: normalise with `running`; without running statistics (PyTorch's
 ///   `track_running_stats=False`) the batch statistics are used, as PyTorch does.
+///
+/// # Errors
+/// [`BnError::InvalidSetting`] if `eps` is not a finite number > 0, and the errors of
+/// [`normalize_train`] and [`normalize_eval`].
+///
+/// # Example
+///
+/// ```
+/// use bnlab::norm::functional::{batch_norm, Mode, RunningStats, RunningUpdate};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// // 4 examples of 2 channels; channel 0 has mean 2.5 and biased variance 1.25.
+/// let x = Tensor::<2>::from_floats([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]], &device);
+/// let per_channel = |t: Tensor<2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+/// let update = RunningUpdate::default(); // PyTorch's: momentum 0.1, unbiased running variance
+///
+/// // Training mode: every channel comes out with mean 0 and variance 1.
+/// let running = RunningStats::new(2, &device); // mean 0, variance 1
+/// let (y, running) = batch_norm(x.clone(), None, None, Some(running), Mode::Train, 1e-5, update)?;
+/// for (mean, var) in per_channel(y.clone().mean_dim(0)).iter().zip(per_channel(y.var_bias(0))) {
+///     assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+/// }
+/// // The running statistics moved a tenth of the way to the batch's: channel 0's mean to
+/// // 0.9 · 0 + 0.1 · 2.5, its variance to 0.9 · 1 + 0.1 · 5/3 (the unbiased 1.25 · 4/3).
+/// let running = running.unwrap();
+/// assert_eq!(running.num_batches_tracked, 1);
+/// let mean: Vec<f32> = running.mean.into_data().iter::<f32>().collect();
+/// let var: Vec<f32> = running.var.into_data().iter::<f32>().collect();
+/// assert!((mean[0] - 0.25).abs() < 1e-6 && (var[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6);
+///
+/// // Eval mode normalises with the statistics it is given: with the batch's own, it gives
+/// // what training mode gave.
+/// let batch = RunningStats {
+///     mean: Tensor::from_floats([2.5, 25.0], &device),
+///     var: Tensor::from_floats([1.25, 125.0], &device),
+///     num_batches_tracked: 1,
+/// };
+/// let (y, _) = batch_norm(x, None, None, Some(batch), Mode::Eval, 1e-5, update)?;
+/// for (mean, var) in per_channel(y.clone().mean_dim(0)).iter().zip(per_channel(y.var_bias(0))) {
+///     assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+/// }
+/// # Ok::<(), bnlab::norm::BnError>(())
+/// ```
 pub fn batch_norm<const D: usize>(
     x: Tensor<D>,
     gamma: Option<Tensor<1>>,

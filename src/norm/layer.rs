@@ -15,16 +15,33 @@ use super::functional::{
 use crate::ops::batch_norm as fused;
 use crate::ops::epilogue::apply_epilogue;
 
-/// Configuration of [`BatchNorm`]. The defaults are PyTorch's.
+/// Configuration of [`BatchNorm`]. The defaults are PyTorch's: eps 1e-5, momentum 0.1 on the
+/// new batch, unbiased running variance, affine, running statistics kept.
+///
+/// ```
+/// use bnlab::norm::{BatchNormConfig, Convention, Kernel, Momentum};
+///
+/// // PyTorch's `nn.BatchNorm2d(16)`, trained with the fused kernel where there is one.
+/// let pytorch = BatchNormConfig::new(16).with_kernel(Kernel::Fused);
+/// // The d2l chapter's scratch layer.
+/// let d2l = BatchNormConfig::d2l(16);
+/// assert_eq!((d2l.momentum, d2l.convention), (Momentum::D2L, Convention::D2l));
+/// assert!(BatchNormConfig::new(16).with_eps(0.0).validate().is_err());
+/// # let _ = pytorch;
+/// ```
 #[derive(Config, Debug)]
 pub struct BatchNormConfig {
+    /// `C`, the number of channels: the size of axis 1 of the input.
     pub num_features: usize,
+    /// Added to the variance before its square root; must be > 0.
     #[config(default = 1e-5)]
     pub eps: f64,
     /// Weight of the new batch under [`Convention::PyTorch`], of the old value under
     /// [`Convention::D2l`], or a cumulative average.
     #[config(default = "Momentum::PYTORCH")]
     pub momentum: Momentum,
+    /// How `momentum` is read, and whether the running variance averages unbiased (PyTorch) or
+    /// biased (d2l) batch variances.
     #[config(default = "Convention::PyTorch")]
     pub convention: Convention,
     /// Learn a per-channel scale (gamma) and shift (beta).
@@ -65,6 +82,11 @@ impl BatchNormConfig {
         }
     }
 
+    /// Checks the settings [`Self::try_init`] needs.
+    ///
+    /// # Errors
+    /// [`BnError::InvalidSetting`] if `num_features` is 0 or `eps` is not a finite number > 0.
+    /// (A [`Momentum`] is valid by construction.)
     pub fn validate(&self) -> Result<(), BnError> {
         if self.num_features == 0 {
             return Err(BnError::InvalidSetting("num_features must be > 0".into()));
@@ -78,6 +100,11 @@ impl BatchNormConfig {
         Ok(())
     }
 
+    /// The layer on `device`: gamma 1, beta 0, running mean 0, running variance 1, in training
+    /// mode. Give an autodiff device to train it (see [`BatchNorm`]).
+    ///
+    /// # Errors
+    /// As [`Self::validate`].
     pub fn try_init(&self, device: &Device) -> Result<BatchNorm, BnError> {
         self.validate()?;
         let c = self.num_features;
@@ -113,6 +140,8 @@ impl BatchNormConfig {
         })
     }
 
+    /// The layer on `device`, as [`Self::try_init`].
+    ///
     /// # Panics
     /// On an invalid configuration; [`Self::try_init`] returns the error instead.
     pub fn init(&self, device: &Device) -> BatchNorm {
@@ -120,24 +149,75 @@ impl BatchNormConfig {
     }
 }
 
-/// Batch normalization over axis 1 of `(N, C, ...)` input.
+/// Batch normalization over axis 1 of `(N, C, ...)` input (rank 2 to 5): PyTorch's
+/// `BatchNorm1d`, `2d` and `3d` in one layer, made with [`BatchNormConfig`].
 ///
 /// Trains (batch statistics, running-statistics update) when the input is on an autodiff device
 /// and the layer's `training` flag is on; `model.valid()` turns both off, which gives eval mode.
 /// This is the rule Burn's built-in layer follows, so the two can be swapped in a model.
+/// The formula and the conventions: [`super::functional`].
+///
+/// # Example
+///
+/// ```
+/// use bnlab::norm::BatchNormConfig;
+/// use burn::module::Module;
+/// use burn::tensor::{Device, Distribution, Tensor};
+///
+/// let device = Device::flex();
+/// let bn = BatchNormConfig::new(3).init(&device.clone().autodiff());
+/// // 8 images of 3 channels, 4 × 4, with values around 5.
+/// let x = Tensor::<4>::random([8, 3, 4, 4], Distribution::Normal(5.0, 2.0), &device);
+/// // Each channel's values as a row: (C, N·H·W).
+/// let rows = |t: Tensor<4>| -> Tensor<2> { t.swap_dims(0, 1).flatten(1, 3) };
+/// let values = |t: Tensor<2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+///
+/// // Training mode (an autodiff input, training flag on): each channel is normalised with the
+/// // batch's statistics, which also update the running ones. (`to_device` would keep `x`
+/// // plain: `autodiff()` is what makes it autodiff.)
+/// let y = rows(bn.forward(x.clone().autodiff()));
+/// for (mean, var) in values(y.clone().mean_dim(1)).iter().zip(values(y.var_bias(1))) {
+///     assert!(mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3);
+/// }
+///
+/// // Eval mode: `valid()` leaves autodiff and turns the training flag off. The running mean
+/// // has moved a tenth of the way from 0 to the batch's mean (PyTorch's momentum 0.1)...
+/// let bn = bn.valid();
+/// let (mean, var) = bn.running_stats().unwrap();
+/// let batch_mean = values(rows(x.clone()).mean_dim(1));
+/// let running_mean: Vec<f32> = mean.clone().into_data().iter::<f32>().collect();
+/// for (running, batch) in running_mean.iter().zip(&batch_mean) {
+///     assert!((running - 0.1 * batch).abs() < 1e-4);
+/// }
+/// // ...and eval mode normalises with the running statistics, leaving them as they are.
+/// let y = bn.forward(x.clone());
+/// let channel = [1, 3, 1, 1];
+/// let want = (x - mean.reshape(channel)) / var.add_scalar(1e-5).sqrt().reshape(channel);
+/// assert!((y - want).abs().max().into_scalar::<f32>() < 1e-5);
+/// ```
 #[derive(Module, Debug)]
 pub struct BatchNorm {
+    /// The learned per-channel scale, shape `(C)`; `None` without `affine`.
     pub gamma: Option<Param<Tensor<1>>>,
+    /// The learned per-channel shift, shape `(C)`; `None` without `affine`.
     pub beta: Option<Param<Tensor<1>>>,
+    /// The running mean, shape `(C)`; `None` without `track_running_stats`.
     pub running_mean: Option<RunningState<Tensor<1>>>,
+    /// The running variance, shape `(C)`; `None` without `track_running_stats`.
     pub running_var: Option<RunningState<Tensor<1>>>,
-    /// A float so that it lives in a `RunningState` with the other buffers.
+    /// How many training batches have updated the running statistics, shape `(1)`. A float so
+    /// that it lives in a `RunningState` with the other buffers.
     pub num_batches_tracked: Option<RunningState<Tensor<1>>>,
+    /// On at creation; `valid()` turns it off, `train()` back on.
     pub training: Param<Flag>,
+    /// `C`, the number of channels.
     pub num_features: usize,
+    /// Added to the variance before its square root.
     pub eps: f64,
+    /// How the running statistics move: momentum and convention.
     #[module(skip)]
     pub update: RunningUpdate,
+    /// How training mode is computed.
     #[module(skip)]
     pub kernel: Kernel,
 }
@@ -148,6 +228,9 @@ impl BatchNorm {
         x.device().is_autodiff() && self.training.is_enabled()
     }
 
+    /// The layer on `x` of shape `(N, C, ...)`: the output has the shape of `x`. In training mode
+    /// the running statistics are updated in place (they are `RunningState`s).
+    ///
     /// # Panics
     /// On a wrong input shape, or on one value per channel in training mode (PyTorch raises an
     /// error there too). [`Self::try_forward`] returns these as errors.
@@ -155,7 +238,8 @@ impl BatchNorm {
         self.forward_then(x, Epilogue::NONE)
     }
 
-    /// The layer, then `epilogue` (an activation and a pool).
+    /// The layer, then `epilogue` (an activation and a pool): `pool(activation(bn(x)))`, in one
+    /// pass where the fused kernel trains on Flex. A pool makes the output `(N, C, H/k, W/k)`.
     ///
     /// # Panics
     /// As [`Self::forward`], and on an epilogue that cannot apply to the input's shape.
@@ -164,12 +248,21 @@ impl BatchNorm {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// [`Self::forward`], with the errors returned.
+    ///
+    /// # Errors
+    /// [`BnError::Shape`] if `x` is not `(N, C, ...)` of rank 2 to 5 with `C = num_features`;
+    /// [`BnError::SingleValuePerChannel`] in training mode on one value per channel.
     pub fn try_forward<const D: usize>(&self, x: Tensor<D>) -> Result<Tensor<D>, BnError> {
         self.try_forward_then(x, Epilogue::NONE)
     }
 
     /// The layer, then `epilogue`. With the fused kernel, in training mode on Flex, one op
     /// computes both; otherwise the epilogue is composed from Burn ops after the layer.
+    ///
+    /// # Errors
+    /// As [`Self::try_forward`], and [`BnError::InvalidSetting`] if `epilogue` pools and `x` is
+    /// not `(N, C, H, W)` of at least `k × k`.
     pub fn try_forward_then<const D: usize>(
         &self,
         x: Tensor<D>,
@@ -255,7 +348,9 @@ impl BatchNorm {
         Ok((apply_epilogue(y, epilogue), stats))
     }
 
-    /// The running statistics, as stored (eval reads them).
+    /// The running mean and variance, as stored (eval reads them); `None` without
+    /// `track_running_stats`. Burn's `RunningState` can hold back a training step's update
+    /// until it is synchronised; `valid()` does that, so read them from the eval-mode layer.
     pub fn running_stats(&self) -> Option<(Tensor<1>, Tensor<1>)> {
         Some((
             self.running_mean.as_ref()?.value(),

@@ -1,11 +1,15 @@
 //! Batch normalization: the heart of bnlab.
 //!
 //! - [`functional`]: batch norm as functions of tensors, the chapter's `batch_norm`.
-//! - [`layer`]: [`BatchNorm`], the same as a Burn module with parameters and running state.
+//! - [`layer`]: [`BatchNorm`], the same as a Burn module with parameters and running state: the
+//!   layer to put in a model of your own, made with [`BatchNormConfig`] (`examples/own_model.rs`
+//!   trains one in a small CNN).
 //! - [`NormLayer`]: what a model puts after a conv or linear layer, chosen by [`NormKind`].
 //! - [`epilogue`]: what follows BN in the models ([`Epilogue`]: an activation and a pool).
 //! - The hand-written op of `--norm fused` (Flex, and CubeCL for wgpu and CUDA) is in
 //!   [`crate::ops::batch_norm`]; it can compute the epilogue in the same pass.
+
+#![warn(missing_docs)]
 
 pub mod epilogue;
 pub mod functional;
@@ -41,10 +45,13 @@ crate::choice_enum! {
 /// Which batch norm, and its settings (`--norm`, `--bn-eps`, `--bn-momentum`, `--bn-convention`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NormConfig {
+    /// Which layer, or none.
     pub kind: NormKind,
+    /// Added to the variance before its square root; must be > 0.
     pub eps: f64,
     /// Read by `convention`.
     pub momentum: Momentum,
+    /// How the running statistics move ([`Convention`]).
     pub convention: Convention,
 }
 
@@ -66,6 +73,11 @@ impl NormConfig {
         }
     }
 
+    /// Checks the settings before a model is built with them.
+    ///
+    /// # Errors
+    /// [`BnError::InvalidSetting`] if `eps` is not a finite number > 0, or if [`NormKind::Burn`]
+    /// is asked for the d2l convention or a cumulative average, which Burn's layer lacks.
     pub fn validate(&self) -> Result<(), BnError> {
         let layer = BatchNormConfig::new(1)
             .with_eps(self.eps)
@@ -88,7 +100,10 @@ impl NormConfig {
 /// A batch-norm layer of either implementation.
 #[derive(Module, Debug)]
 pub enum NormLayer {
+    /// This project's layer ([`NormKind::Fused`] and [`NormKind::Scratch`], which differ in its
+    /// [`Kernel`]).
     Scratch(BatchNorm),
+    /// Burn's built-in layer ([`NormKind::Burn`]).
     Burn(burn::nn::BatchNorm),
 }
 
@@ -164,6 +179,10 @@ impl NormLayer {
         }
     }
 
+    /// The layer on `(N, C, ...)` input; the output has the input's shape.
+    ///
+    /// # Panics
+    /// As [`BatchNorm::forward`] (and Burn's layer on a shape it does not take).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         self.forward_then(x, Epilogue::NONE)
     }

@@ -41,10 +41,14 @@ pub const MIN_COLUMNS: usize = 256;
 /// Stride and zero padding, the same along both axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
+    /// The step between windows, along each axis.
     pub stride: usize,
+    /// Zeros added on every side.
     pub padding: usize,
 }
 
+/// The im2col convolution as a backend op: Flex, and autodiff over Flex with its own backward.
+/// Reached through [`conv2d`].
 #[backend_extension(Flex, Autodiff)]
 pub trait Conv2dBackend: Backend {
     /// `y = conv2d(x, weight) + bias` for `x` `(N, C_in, H, W)` and `weight`

@@ -1,5 +1,5 @@
 //! What every hand-written CPU kernel shares: the float types they run on ([`Real`]), a
-//! vectorisable `exp`, run-time AVX2 dispatch ([`simd_fn!`]), the `(N, C, S)` view of a tensor
+//! vectorisable `exp`, run-time AVX2 dispatch (`simd_fn!`), the `(N, C, S)` view of a tensor
 //! ([`Dims`]), uninitialised output buffers and float64 lane sums. No Burn types here: the ops
 //! take plain slices.
 
@@ -7,16 +7,25 @@ use std::mem::MaybeUninit;
 
 /// The float types the kernels run on.
 pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
+    /// 0.
     const ZERO: Self;
+    /// 1.
     const ONE: Self;
+    /// The value as a float64 (exact).
     fn to_f64(self) -> f64;
+    /// The float64 rounded to this type.
     fn from_f64(value: f64) -> Self;
+    /// `self + other`.
     fn add(self, other: Self) -> Self;
+    /// `self - other`.
     fn sub(self, other: Self) -> Self;
+    /// `self * other`.
     fn mul(self, other: Self) -> Self;
     /// `self * a + b`, rounded twice (no FMA: results stay the same on CPUs without it).
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// `1 / (1 + e^-self)`.
     fn sigmoid(self) -> Self;
+    /// Whether the value is NaN.
     fn is_nan(self) -> bool;
 }
 
@@ -129,12 +138,16 @@ pub(crate) use simd_fn;
 /// The `(N, C, S)` view of an `(N, C, ...)` tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
+    /// The batch size, axis 0.
     pub n: usize,
+    /// The channels, axis 1.
     pub c: usize,
+    /// The product of the remaining axes (1 for `(N, C)` input).
     pub s: usize,
 }
 
 impl Dims {
+    /// The view of a tensor of shape `shape` (rank at least 2).
     pub fn of(shape: &[usize]) -> Self {
         Self {
             n: shape[0],
@@ -148,10 +161,12 @@ impl Dims {
         self.n * self.s
     }
 
+    /// All values: `N · C · S`.
     pub fn len(&self) -> usize {
         self.n * self.c * self.s
     }
 
+    /// Whether the tensor holds no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -46,6 +46,9 @@ use super::{family, Family};
 use crate::norm::epilogue::Epilogue;
 use crate::norm::functional::{channels_of, BatchStats, BnError};
 
+/// The fused training-mode batch norm as a backend op: implemented for Flex, for CubeCL (wgpu,
+/// CUDA) and for autodiff over either, whose backward is hand-derived. Reached through
+/// [`try_normalize_train`].
 #[backend_extension(Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")), Autodiff)]
 pub trait FusedBatchNormBackend: Backend {
     /// Training-mode batch norm over axis 1, then `epilogue`: the output, the batch mean and

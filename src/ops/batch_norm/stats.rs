@@ -19,8 +19,9 @@ pub struct ChannelStats<E> {
     pub shifted_mean: E,
     /// `1 / sqrt(var + eps)`.
     pub inv_std: E,
-    /// The batch mean and the biased batch variance, for the running statistics.
+    /// The batch mean, for the running statistics.
     pub mean: f64,
+    /// The biased batch variance, for the running statistics.
     pub var: f64,
 }
 

@@ -36,6 +36,7 @@ pub fn apply_epilogue<const D: usize>(x: Tensor<D>, epilogue: Epilogue) -> Tenso
 /// and backward, and compute the sigmoid with scalar `expf`.
 #[backend_extension(Flex, Autodiff)]
 pub trait EpilogueBackend: Backend {
+    /// `epilogue` on `x` (`(N, C, H, W)` when it pools).
     fn epilogue_only(x: FloatTensor<Self>, epilogue: Epilogue) -> FloatTensor<Self>;
 }
 
