@@ -9,6 +9,8 @@
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
 
+#![warn(missing_docs)]
+
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -26,31 +28,41 @@ use crate::train::{self, eval_device, train_device, Quiet};
 /// One measured figure, as a JSON line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
+    /// Its id and name (`W1 lenet_bn_train`, ...).
     pub workload: String,
     /// The backend (`--device`).
     pub device: String,
+    /// Rayon's worker threads.
     pub threads: usize,
+    /// The batch norm that ran, where the workload has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm: Option<String>,
+    /// Throughput of the training and inference workloads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub examples_per_sec: Option<f64>,
+    /// W6: the mean time of one forward and backward pass, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ms_per_fwd_bwd: Option<f64>,
+    /// W6: the median time of one forward and backward pass, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ms_per_fwd_bwd_median: Option<f64>,
+    /// RSS: the peak resident memory, in MB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mb: Option<f64>,
+    /// W1: the test accuracy after the epoch (a check that the run learned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_acc: Option<f64>,
     /// W7: whether eval-mode BN was folded into the layer before it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub folded: Option<bool>,
+    /// Wall time of the whole measurement.
     pub seconds: f64,
     /// What was run, in words (sizes shrink with --quick).
     pub detail: String,
 }
 
 impl Record {
+    /// A record of `workload` on the selected device, with only the time filled in.
     pub fn new(workload: &str, seconds: f64, detail: String) -> Self {
         Self {
             workload: workload.into(),
@@ -72,13 +84,18 @@ impl Record {
 /// Sizes of the workloads: the real ones, or small ones that only check the plumbing.
 #[derive(Debug, Clone, Copy)]
 pub struct Scale {
+    /// W1: training batches of the epoch (`None`: all of them).
     pub lenet_batches: Option<usize>,
+    /// W4: timed ResNet-18 training steps.
     pub resnet_steps: usize,
+    /// W6: timed forward and backward passes.
     pub bn_iters: usize,
+    /// W7: test batches (`None`: the whole test set).
     pub inference_batches: Option<usize>,
 }
 
 impl Scale {
+    /// The sizes the published figures use.
     pub fn full() -> Self {
         Self {
             lenet_batches: None,
@@ -88,6 +105,7 @@ impl Scale {
         }
     }
 
+    /// A few steps of each (`--quick`): checks that every workload runs, measures nothing.
     pub fn quick() -> Self {
         Self {
             lenet_batches: Some(3),

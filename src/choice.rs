@@ -2,7 +2,9 @@
 //! name is written once, where the enum is declared, and serves the command line, recipe and
 //! `config.json` files and error messages alike. The library needs no command-line crate for it.
 
-/// An enum whose values have names, as [`choice_enum!`] declares them.
+#![warn(missing_docs)]
+
+/// An enum whose values have names, as [`choice_enum!`](crate::choice_enum) declares them.
 pub trait Choice: Copy + Eq + 'static {
     /// Every value, in declaration order.
     const ALL: &'static [Self];
@@ -25,7 +27,9 @@ pub trait Choice: Copy + Eq + 'static {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{given}' is not one of {}{}", .names.join(", "), did_you_mean(.closest))]
 pub struct UnknownName {
+    /// The name given.
     pub given: String,
+    /// The names there are.
     pub names: Vec<&'static str>,
     /// The listed name nearest to `given`, if one is near.
     pub closest: Option<&'static str>,
@@ -36,6 +40,7 @@ fn did_you_mean(closest: &Option<&'static str>) -> String {
 }
 
 impl UnknownName {
+    /// `given` is none of `names`; finds the closest of them.
     pub fn new(given: &str, names: impl Iterator<Item = &'static str>) -> Self {
         let names: Vec<&'static str> = names.collect();
         Self {
@@ -46,32 +51,17 @@ impl UnknownName {
     }
 }
 
-/// The name among `names` within a third of its length in edits of `given`, if any.
+/// The name among `names` that `given` most likely meant: one it begins, or one within two
+/// edits (and a quarter of its length) of it.
 pub fn closest(given: &str, names: &[&'static str]) -> Option<&'static str> {
     names
         .iter()
-        .map(|n| (edit_distance(given, n), *n))
-        .filter(|(d, n)| *d <= n.len().max(3) / 3)
+        .map(|&n| (strsim::levenshtein(n, given), n))
+        .filter(|&(d, n)| {
+            (!given.is_empty() && n.starts_with(given)) || (d <= 2 && d * 4 <= n.len())
+        })
         .min()
         .map(|(_, n)| n)
-}
-
-/// Levenshtein distance over chars.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != cb));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
 }
 
 /// Declares an enum of named values: each variant's name (`Variant = "name"`) and doc comment

@@ -1,6 +1,8 @@
 //! A run, fully described: what `bnlab train` builds from flags, what a recipe file holds, and
 //! what a run directory records in `config.json`.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 use crate::models::{ModelKind, ModelSpec, WeightInit};
@@ -37,6 +39,7 @@ crate::choice_enum! {
 pub struct RunConfig {
     /// One line on what the run shows (recipes fill it in).
     pub description: String,
+    /// The network.
     pub model: ModelKind,
     /// Default: `fused` for models with batch norm, `none` for `lenet`.
     pub norm: Option<NormKind>,
@@ -48,22 +51,31 @@ pub struct RunConfig {
     pub init: Option<InitKind>,
     /// Standard deviation for `init = "normal"`.
     pub init_std: f64,
+    /// SGD, SGD with momentum or Adam.
     pub optimizer: OptimizerKind,
+    /// The (initial) learning rate.
     pub lr: f64,
     /// Momentum of `sgd-momentum`.
     pub momentum: f64,
     /// StepLR: multiply the learning rate by `lr_gamma` every `lr_step_size` epochs.
     pub lr_step_size: Option<usize>,
+    /// StepLR's factor.
     pub lr_gamma: f64,
+    /// Examples per training (and test) batch.
     pub batch_size: usize,
+    /// Passes over the training set.
     pub epochs: usize,
     /// Bilinear resize of the 28×28 images to N×N.
     pub resize: Option<usize>,
+    /// Batch norm's eps, added to the variance before its square root.
     pub bn_eps: f64,
     /// Default: 0.1 under the pytorch convention, 0.9 under d2l.
     pub bn_momentum: Option<Momentum>,
+    /// How the running statistics move ([`Convention`]).
     pub bn_convention: Convention,
+    /// Seeds the initial weights and the shuffles.
     pub seed: u64,
+    /// Visit the training set in a new seeded order each epoch (else file order).
     pub shuffle: bool,
     /// At most this many training and test batches per epoch (quick runs).
     pub limit_batches: Option<usize>,
@@ -75,7 +87,8 @@ pub struct RunConfig {
 }
 
 impl Default for RunConfig {
-    /// The chapter's LeNet-BN run: scratch BN, SGD lr 1.0, batch 256, 10 epochs.
+    /// The chapter's LeNet-BN run: this project's BN (`fused`), SGD lr 1.0, batch 256, 10
+    /// epochs.
     fn default() -> Self {
         Self {
             description: String::new(),
@@ -123,6 +136,7 @@ impl RunConfig {
         })
     }
 
+    /// The batch-norm settings after defaults (the momentum follows the convention).
     pub fn norm_config(&self) -> NormConfig {
         let momentum = self.bn_momentum.unwrap_or(match self.bn_convention {
             Convention::PyTorch => Momentum::PYTORCH,
@@ -136,6 +150,7 @@ impl RunConfig {
         }
     }
 
+    /// How the weights start, after the model's default.
     pub fn weight_init(&self) -> WeightInit {
         match self.init {
             None => self.model.default_init(),

@@ -4,23 +4,32 @@
 //! `libtorch`) because each pulls a large toolchain; asking for one that this binary was not
 //! built with is a one-line error that says how to get it.
 
+#![warn(missing_docs)]
+
 use std::str::FromStr;
 use std::sync::OnceLock;
 
 use burn::tensor::Device;
 
+/// A Burn backend bnlab can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// Burn's pure-Rust CPU backend: always built.
     Flex,
+    /// Vulkan, Metal or DX12 through wgpu (Cargo feature `wgpu`).
     Wgpu,
+    /// NVIDIA GPUs (Cargo feature `cuda`).
     Cuda,
+    /// PyTorch's C++ library (Cargo feature `libtorch`): the CPU, or a CUDA GPU.
     Libtorch,
 }
 
 /// A backend and, for GPUs, which one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceChoice {
+    /// Which backend.
     pub backend: Backend,
+    /// Which GPU of it (0 for Flex); for LibTorch 0 is the CPU and `N` the GPU `N - 1`.
     pub index: usize,
 }
 

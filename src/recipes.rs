@@ -1,6 +1,8 @@
 //! The chapter's experiments as data: the TOML files in `recipes/`, built into the binary so
 //! that `bnlab run NAME` works from any directory.
 
+#![warn(missing_docs)]
+
 use crate::config::RunConfig;
 
 macro_rules! recipes {
@@ -26,26 +28,25 @@ recipes!(
     "densenet",
 );
 
+/// A recipe that cannot be had.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
+    /// No shipped recipe has this name.
     #[error("unknown recipe '{0}'{hint} (bnlab recipes lists them: {list})",
-        hint = closest(.0).map(|n| format!(": did you mean {n}?")).unwrap_or_default(),
+        hint = crate::choice::closest(.0, &names()).map(|n| format!(": did you mean {n}?")).unwrap_or_default(),
         list = names().join(", "))]
     Unknown(String),
+    /// The recipe's TOML does not parse, or its settings do not validate.
     #[error("recipe {name}: {message}")]
-    Invalid { name: String, message: String },
+    Invalid {
+        /// The recipe.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
-/// The recipe name a typo of `name` most likely meant, if one is close.
-fn closest(name: &str) -> Option<&'static str> {
-    names()
-        .into_iter()
-        .map(|n| (strsim::levenshtein(n, name), n))
-        .filter(|&(d, n)| n.starts_with(name) || (d <= 2 && d * 4 <= n.len()))
-        .min()
-        .map(|(_, n)| n)
-}
-
+/// The names of the shipped recipes, in the order `bnlab recipes` lists them.
 pub fn names() -> Vec<&'static str> {
     RECIPES.iter().map(|(name, _)| *name).collect()
 }

@@ -11,24 +11,38 @@ use std::path::{Path, PathBuf};
 /// caller adds how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
+    /// The file cannot be read.
     #[error("{path}: cannot read: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The file starts as gzip but does not decompress.
     #[error("{path}: corrupt or truncated gzip data ({source})")]
     Gzip {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The (decompressed) bytes are not an IDX file of unsigned bytes of the expected rank.
     #[error("{path}: {what}")]
-    Format { path: PathBuf, what: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 /// A parsed IDX file of unsigned bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdxArray {
+    /// The size of each dimension, outermost first.
     pub dims: Vec<usize>,
+    /// The values in row-major order: the product of `dims` of them.
     pub values: Vec<u8>,
 }
 

@@ -1,5 +1,7 @@
 //! Fashion-MNIST: the IDX reader, validation, and batches as Burn tensors.
 
+#![warn(missing_docs)]
+
 pub mod idx;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ pub const CLASS_NAMES: [&str; 10] = [
 #[derive(Debug, thiserror::Error)]
 #[error("{problem} ({})", fix(.dir))]
 pub struct DataError {
+    /// What is wrong.
     pub problem: DataProblem,
     /// The directory the files were looked for in, which decides the fix.
     pub dir: PathBuf,
@@ -42,12 +45,21 @@ pub struct DataError {
 /// What is wrong with the data files.
 #[derive(Debug, thiserror::Error)]
 pub enum DataProblem {
+    /// A file is in neither of its forms (`.gz`, plain); the path named is the `.gz` one.
     #[error("{path}: not found", path = .0.display())]
     Missing(PathBuf),
+    /// A file cannot be read or parsed.
     #[error("{0}")]
     Idx(IdxError),
+    /// A file parses but is not Fashion-MNIST: not 28 × 28, empty, labels that do not match
+    /// the images in number or are not classes 0-9.
     #[error("{path}: {what}", path = .path.display())]
-    Invalid { path: PathBuf, what: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 /// Installing the package helps only where it installs; files in a directory the user named
@@ -66,21 +78,30 @@ fn fix(dir: &Path) -> String {
 /// One split: `count` grayscale images of `rows × cols` bytes, and their labels.
 #[derive(Debug, Clone)]
 pub struct Split {
+    /// The pixels, `count × rows × cols` bytes (0 black to 255 white), image after image.
     pub images: Vec<u8>,
+    /// One class per image, 0-9 (see [`CLASS_NAMES`]).
     pub labels: Vec<u8>,
+    /// The image height (28).
     pub rows: usize,
+    /// The image width (28).
     pub cols: usize,
 }
 
 /// The training and test splits.
 #[derive(Debug, Clone)]
 pub struct FashionMnist {
+    /// The 60,000 training images (`train-*`).
     pub train: Split,
+    /// The 10,000 test images (`t10k-*`).
     pub test: Split,
 }
 
 impl FashionMnist {
     /// Loads `train-*` and `t10k-*` from `dir`, each `.gz` or plain.
+    ///
+    /// # Errors
+    /// A [`DataError`] naming the file that is missing, unreadable or not Fashion-MNIST.
     pub fn load(dir: &Path) -> Result<Self, DataError> {
         let with_fix = |problem| DataError {
             problem,
@@ -92,6 +113,10 @@ impl FashionMnist {
         })
     }
 
+    /// Loads from [`DEFAULT_DATA_DIR`], where `dataset-fashion-mnist` installs the files.
+    ///
+    /// # Errors
+    /// As [`Self::load`].
     pub fn load_default() -> Result<Self, DataError> {
         Self::load(Path::new(DEFAULT_DATA_DIR))
     }
@@ -109,6 +134,11 @@ fn find(dir: &Path, name: &str) -> Result<PathBuf, DataProblem> {
 }
 
 impl Split {
+    /// Loads `prefix-images-idx3-ubyte` and `prefix-labels-idx1-ubyte` from `dir`, each `.gz`
+    /// or plain, and checks that they make a Fashion-MNIST split.
+    ///
+    /// # Errors
+    /// A [`DataProblem`] naming the file that is missing, unreadable or not Fashion-MNIST.
     pub fn load(dir: &Path, prefix: &str) -> Result<Self, DataProblem> {
         let image_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let label_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
@@ -160,10 +190,12 @@ impl Split {
         })
     }
 
+    /// The number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether the split holds no examples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }

@@ -3,8 +3,11 @@
 use crate::models::Model;
 use crate::norm::NormLayer;
 
+/// One BN layer's state, as `bnlab inspect` prints it.
 pub struct LayerReport {
+    /// The layer's name in the model (`bn1`, `b2.0.bn1`, ...).
     pub name: String,
+    /// Its number of channels.
     pub channels: usize,
     /// `(quantity, per-channel values)`: gamma, beta, running_mean, running_var.
     pub vectors: Vec<(&'static str, Vec<f32>)>,

@@ -9,6 +9,7 @@ use super::write_atomically;
 /// One epoch of training, as printed and as written with `--json` / `--metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
+    /// 1-based.
     pub epoch: usize,
     /// Mean cross-entropy over the epoch's training examples.
     pub train_loss: f64,
@@ -37,6 +38,7 @@ impl EpochMetrics {
         )
     }
 
+    /// The JSON object written per epoch (one line).
     pub fn json(&self) -> String {
         serde_json::to_string(self).expect("metrics serialize")
     }

@@ -8,16 +8,21 @@ pub const TARGET_ACC: f64 = 0.85;
 /// One row's figures.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
+    /// The last epoch's test accuracy.
     pub final_test_acc: f64,
+    /// The highest test accuracy of any epoch.
     pub best_test_acc: f64,
+    /// The epoch that reached it.
     pub best_epoch: usize,
     /// The first epoch whose test accuracy reached [`TARGET_ACC`].
     pub epoch_to_target: Option<usize>,
+    /// The epochs' wall time added up.
     pub wall_seconds: f64,
     /// Training examples per second over the whole run.
     pub examples_per_sec: f64,
 }
 
+/// The row of a run with these epochs' metrics, or `None` for no epochs.
 pub fn summarize(metrics: &[EpochMetrics]) -> Option<Summary> {
     let last = metrics.last()?;
     let best = metrics

@@ -23,15 +23,20 @@ use crate::config::RunConfig;
 use crate::models::Model;
 use crate::report::write_atomically;
 
+/// A run directory's settings file.
 pub const CONFIG_FILE: &str = "config.json";
+/// A run directory's metrics file, one JSON object per epoch.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// A run directory's final model.
 pub const MODEL_FILE: &str = "model.bpk";
 pub const LAST_GOOD_FILE: &str = "last-good.bpk";
 
+/// The name of the model file saved after `epoch` (`--save-every`).
 pub fn epoch_file(epoch: usize) -> String {
     format!("epoch-{epoch:03}.bpk")
 }
 
+/// Writes `config` to `dir/config.json`, atomically.
 pub fn save_config(dir: &Path, config: &RunConfig) -> anyhow::Result<()> {
     let path = dir.join(CONFIG_FILE);
     let json = serde_json::to_string_pretty(config).expect("config serializes");
@@ -39,6 +44,7 @@ pub fn save_config(dir: &Path, config: &RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// Writes `model` (its eval-mode record) to `path` in Burn's burnpack format, atomically.
 pub fn save_model(model: &Model, path: &Path) -> anyhow::Result<()> {
     // A running statistic's last update can still be pending (Burn's RunningState keeps it per
     // thread until read); `valid()` merges it, so the record holds the current values.
@@ -101,8 +107,11 @@ pub fn load_config(dir: &Path) -> anyhow::Result<RunConfig> {
 
 /// A saved model and the config that built it.
 pub struct Checkpoint {
+    /// The settings the model was built with.
     pub config: RunConfig,
+    /// The model.
     pub model: Model,
+    /// The `.bpk` file it was read from.
     pub path: PathBuf,
 }
 

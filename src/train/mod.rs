@@ -1,6 +1,8 @@
 //! The training loop: mini-batches, cross-entropy, SGD / momentum / Adam with StepLR, and one
 //! test pass in eval mode per epoch.
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod optim;
 pub mod recalibrate;
@@ -23,14 +25,19 @@ use crate::report::EpochMetrics;
 pub use recalibrate::recalibrate_bn;
 pub use resume::{Partial, Progress};
 
+/// Why training stopped with an error of its own.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// A batch's loss was not finite (NaN or infinite).
     #[error(
         "training diverged at epoch {epoch}, step {step}: the loss is {loss:e} (try a lower --lr)"
     )]
     Diverged {
+        /// The epoch, 1-based.
         epoch: usize,
+        /// The step within it, 1-based.
         step: usize,
+        /// The loss.
         loss: f64,
     },
 }
@@ -96,6 +103,7 @@ pub struct RunOptions<'a> {
 
 /// What a run ends with.
 pub struct TrainOutcome {
+    /// The trained model, on the training device.
     pub model: Model,
     /// Every finished epoch's metrics, those before a resume included.
     pub metrics: Vec<EpochMetrics>,

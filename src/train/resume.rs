@@ -23,30 +23,38 @@ use crate::config::RunConfig;
 use crate::models::Model;
 use crate::report::{write_atomically, EpochMetrics};
 
+/// The subdirectory of a run directory that holds its resume point.
 pub const RESUME_DIR: &str = "resume";
 const STATE_FILE: &str = "state.json";
 
 /// Sums of an epoch in progress.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Partial {
+    /// Cross-entropy summed over the examples seen.
     pub loss_sum: f64,
+    /// Examples classified right while training.
     pub correct: usize,
+    /// Training examples seen.
     pub seen: usize,
+    /// Time spent training so far.
     pub train_seconds: f64,
 }
 
 /// Where a run stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
-    /// The epoch in progress (1-based) and how many of its training steps are done.
+    /// The epoch in progress (1-based).
     pub epoch: usize,
+    /// How many of its training steps are done.
     pub steps_done: usize,
+    /// Its sums so far.
     pub partial: Partial,
     /// Metrics of the finished epochs.
     pub metrics: Vec<EpochMetrics>,
 }
 
 impl Progress {
+    /// The start of a run: epoch 1, nothing done.
     pub fn start() -> Self {
         Self {
             epoch: 1,
@@ -109,9 +117,13 @@ pub fn save(
 /// A run brought back: its config, where it stood, its model (on the training device) and
 /// its optimizer.
 pub struct Resumed {
+    /// The run's settings, from its `config.json`.
     pub config: RunConfig,
+    /// Where it stood.
     pub progress: Progress,
+    /// Its model, on the training device.
     pub model: Model,
+    /// Its optimizer, with its state (momentum, Adam's moments).
     pub optim: ModuleOptimizer,
 }
 
