@@ -62,8 +62,9 @@ pub enum Kernel {
     /// Composed from Burn tensor ops: runs on every backend (`--norm scratch`).
     #[default]
     Composed,
-    /// The hand-written Flex kernel of [`crate::ops::batch_norm`] (`--norm fused`); other backends fall
-    /// back to [`Kernel::Composed`], with a note on stderr the first time.
+    /// The hand-written kernels of [`crate::ops::batch_norm`] (`--norm fused`): Flex (float32
+    /// and float64) and CubeCL on wgpu and CUDA (float32). Other backends and dtypes fall back
+    /// to [`Kernel::Composed`], with a note on stderr the first time.
     Fused,
 }
 
