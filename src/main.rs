@@ -3,6 +3,10 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A closed pipe ends bnlab quietly, as it ends other Unix tools (`bnlab inspect | head`),
+    // instead of a panic in println!.
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = cli::parse();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
