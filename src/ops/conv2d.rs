@@ -3,7 +3,7 @@
 //!
 //! Burn's Flex convolution converts to channels-last and back around each call, and computes the
 //! weight gradient as a convolution with the batch as channels and the output as the kernel.
-//! Profiling LeNet-BN (README, Performance) put about half the training step there. Here:
+//! Profiling LeNet-BN put a large share of the training step there (docs/performance.md). Here:
 //!
 //! - forward: `cols = im2col(x)` (`K = C_in·k_h·k_w` rows, one column per output position), then
 //!   `y = W · cols + b`, written straight into NCHW;

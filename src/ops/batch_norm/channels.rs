@@ -22,11 +22,11 @@ fn by_channel<T>(buf: &mut [T], plane: usize, dims: Dims) -> Vec<Vec<&mut [T]>> 
 }
 
 /// Whether [`train_forward`] and [`train_backward`] go channel by channel. That keeps a
-/// channel's values in cache between its two passes, which pays where a channel is large
-/// (W6's BatchNorm2d(64), 100k values per channel: 13.5 → 11.9 ms), but leaves few tasks to
-/// balance over the threads: it cost 8–11% on LeNet-BN's 6- and 16-channel layers (criterion
-/// `lenet_bn_layers`). Small channels gain nothing from the cache, and `(N, C)` input has its
-/// own row passes.
+/// channel's values in cache between its two passes, which pays where a channel is large (W6's
+/// BatchNorm2d(64), 100k values per channel), but leaves few tasks to balance over the threads,
+/// which costs more than the cache saves on LeNet-BN's 6- and 16-channel layers (criterion
+/// `lenet_bn_layers_fwd_bwd`; figures in docs/performance.md). Small channels gain nothing from
+/// the cache, and `(N, C)` input has its own row passes.
 fn channel_major(dims: Dims) -> bool {
     dims.s > 1 && dims.c >= 32 && dims.count() >= 32 * 1024
 }

@@ -1,6 +1,7 @@
-//! The passes for `(N, C)` input (one value per plane: the linear layers' BN). The per-plane
-//! loops above would make one call per value there, 15× slower per value than on a conv
-//! layer's planes; these take blocks of rows (examples), each channel's parameters in arrays.
+//! The passes for `(N, C)` input (one value per plane: the linear layers' BN). The plane-major
+//! passes ([`super::planes`]) would make one call per value there, many times slower per value
+//! than on a conv layer's planes (docs/performance.md); these take blocks of rows (examples),
+//! each channel's parameters in arrays.
 
 use std::mem::MaybeUninit;
 
