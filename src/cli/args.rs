@@ -125,7 +125,7 @@ impl RunArgs {
             anyhow::bail!(
                 "--momentum: only --optimizer sgd-momentum uses it (this run uses {}); add \
                  --optimizer sgd-momentum or drop --momentum",
-                bnlab::value_name(config.optimizer)
+                config.optimizer
             );
         }
         Ok(())

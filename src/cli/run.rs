@@ -236,7 +236,7 @@ fn keep_last_good(dir: &Path) -> String {
         ),
         Err(e) => format!(
             "; the last good state, {point}, is kept in {} ({}: {e})",
-            dir.join(train::resume::RESUME_DIR).display(),
+            dir.join(checkpoint::RESUME_DIR).display(),
             kept.display()
         ),
     }

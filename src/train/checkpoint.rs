@@ -29,6 +29,9 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// A run directory's final model.
 pub const MODEL_FILE: &str = "model.bpk";
+/// The subdirectory of a run directory that holds its resume point.
+pub const RESUME_DIR: &str = "resume";
+/// The last model a run saved before it diverged: eval, export and inspect open it.
 pub const LAST_GOOD_FILE: &str = "last-good.bpk";
 
 /// The name of the model file saved after `epoch` (`--save-every`).
@@ -146,7 +149,7 @@ pub fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
         ),
     };
     // A resume point's model (DIR/resume/model-E-S.bpk) belongs to the run in DIR.
-    let in_resume = dir.file_name() == Some(std::ffi::OsStr::new(super::resume::RESUME_DIR));
+    let in_resume = dir.file_name() == Some(std::ffi::OsStr::new(RESUME_DIR));
     let dir = match in_resume && !dir.join(CONFIG_FILE).exists() {
         true => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
         false => dir,
@@ -181,8 +184,8 @@ pub fn load_weights(config: &RunConfig, path: &Path) -> anyhow::Result<Model> {
             "{}: does not fit the model its run config describes ({}, norm {}); it was saved \
              by another run or another bnlab ({first})",
             path.display(),
-            config.model.name(),
-            crate::value_name(config.norm_kind()),
+            config.model,
+            config.norm_kind(),
         )
     })?;
     crate::models::check_weights(&model)

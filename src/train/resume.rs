@@ -19,12 +19,11 @@ use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::RESUME_DIR;
 use crate::config::RunConfig;
 use crate::models::Model;
 use crate::report::{write_atomically, EpochMetrics};
 
-/// The subdirectory of a run directory that holds its resume point.
-pub const RESUME_DIR: &str = "resume";
 const STATE_FILE: &str = "state.json";
 
 /// Sums of an epoch in progress.

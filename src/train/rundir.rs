@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use super::checkpoint::CONFIG_FILE;
-use super::resume::RESUME_DIR;
+use super::checkpoint::RESUME_DIR;
 
 const LOCK_FILE: &str = ".lock";
 
@@ -26,6 +26,7 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
