@@ -455,3 +455,42 @@ proptest! {
         }
     }
 }
+
+/// `eval --weights` rebuilds the architecture from bnlab's metadata, and the flags win over it.
+#[test]
+fn the_architecture_comes_from_the_flags_then_the_metadata() {
+    use bnlab::interop::torch::{config_for, export_with_metadata, Architecture, META_IMAGE_SIZE};
+    use bnlab::norm::epilogue::{Activation, Pool};
+    let mut spec = spec(ModelKind::LenetBn, NormKind::Scratch);
+    spec.pool = Pool::Max(2);
+    spec.activation = Activation::Relu;
+    let model = spec.init(0, &eval_device());
+    let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), "32".into())]);
+    let bytes = export_with_metadata(&model, &spec, &extra).unwrap();
+    let meta = metadata(&bytes).unwrap();
+
+    let config = config_for(&meta, Architecture::default());
+    assert_eq!(config.model, ModelKind::LenetBn);
+    assert_eq!(config.norm, Some(NormKind::Scratch));
+    assert_eq!(
+        (config.pool, config.activation),
+        (Some(Pool::Max(2)), Some(Activation::Relu))
+    );
+    assert_eq!(config.resize, Some(32));
+    assert_eq!(config.model_spec().pool, spec.pool);
+
+    let given = Architecture {
+        activation: Some(Activation::Sigmoid),
+        resize: Some(28),
+        ..Default::default()
+    };
+    let config = config_for(&meta, given);
+    assert_eq!(config.activation, Some(Activation::Sigmoid));
+    assert_eq!(config.resize, None, "28 is the images' own size");
+    // A file from elsewhere says nothing: the defaults.
+    let config = config_for(&Default::default(), Architecture::default());
+    assert_eq!(
+        (config.model, config.norm, config.pool),
+        (ModelKind::LenetBn, None, None)
+    );
+}

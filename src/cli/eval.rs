@@ -7,7 +7,7 @@ use burn::module::Module;
 
 use bnlab::config::RunConfig;
 use bnlab::data::FashionMnist;
-use bnlab::models::{Model, ModelKind};
+use bnlab::models::Model;
 use bnlab::report::{check_output, write_output};
 use bnlab::train::checkpoint;
 use bnlab::train::{evaluate, recalibrate_bn};
@@ -30,37 +30,21 @@ pub(crate) enum Source {
     Weights(PathBuf, ArchArgs),
 }
 
-/// A model from a PyTorch state_dict, its architecture from the file's metadata and flags.
+/// A model from a PyTorch state_dict, its architecture from the flags and the file's metadata.
 pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunConfig, Model)> {
-    use bnlab::interop::torch::{
-        self, META_ACTIVATION, META_EPS, META_IMAGE_SIZE, META_MODEL, META_NORM, META_POOL,
-    };
+    use bnlab::interop::torch::{self, Architecture};
     let bytes = std::fs::read(path)
         .with_context(|| format!("--weights {}: cannot read", path.display()))?;
     let meta = torch::metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
-    let named = |key: &str| meta.get(key).map(String::as_str);
-    fn parse<T: std::str::FromStr>(value: Option<&str>) -> Option<T> {
-        value.and_then(|v| v.parse().ok())
-    }
-    let mut config = RunConfig::default();
-    config.model = arch
-        .model
-        .or(parse(named(META_MODEL)))
-        .unwrap_or(config.model);
-    config.norm = arch.norm.or(parse(named(META_NORM)));
-    let lenet = matches!(config.model, ModelKind::Lenet | ModelKind::LenetBn);
-    if lenet {
-        config.pool = arch.pool.or(parse(named(META_POOL)));
-        config.activation = arch.activation.or(parse(named(META_ACTIVATION)));
-    }
-    if let Some(eps) = named(META_EPS).and_then(|e| e.parse().ok()) {
-        config.bn_eps = eps;
-    }
-    let size = arch
-        .resize
-        .or(named(META_IMAGE_SIZE).and_then(|s| s.parse().ok()));
-    config.resize = size.filter(|&s| s != 28);
+    let given = Architecture {
+        model: arch.model,
+        norm: arch.norm,
+        pool: arch.pool,
+        activation: arch.activation,
+        resize: arch.resize,
+    };
+    let config = torch::config_for(&meta, given);
     config.validate()?;
     let model = torch::import(&bytes, &config.model_spec())
         .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;

@@ -1,7 +1,8 @@
-//! `train`, `run` and `compare`: training in a run directory, resuming, Ctrl-C, the console.
+//! `train`, `run` and `compare` on the terminal: the library's [`Session`] does the work; here
+//! are the flags it takes, the signals that stop it and the console that shows it.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -9,14 +10,11 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use bnlab::config::RunConfig;
-use bnlab::data::FashionMnist;
 use bnlab::models::Model;
 use bnlab::recipes;
-use bnlab::report::{check_output, metrics, plot, table, write_jsonl, write_output, EpochMetrics};
-use bnlab::train::checkpoint::{self, METRICS_FILE, MODEL_FILE};
-use bnlab::train::rundir::RunDir;
-use bnlab::train::{self, Observer, Progress, RunOptions};
-use burn::optim::ModuleOptimizer;
+use bnlab::report::EpochMetrics;
+use bnlab::train::session::{Finished, Outputs, Session};
+use bnlab::train::Observer;
 
 use super::args::*;
 use super::set_up;
@@ -28,35 +26,13 @@ pub(crate) fn train_and_save(
     output: &OutputArgs,
 ) -> anyhow::Result<Vec<EpochMetrics>> {
     set_up(&output.env)?;
-    config.validate()?;
-    // Fail on unwritable places before training, not after the first epoch.
-    check_metrics_path(output)?;
-    let run = match &output.out {
-        Some(dir) => RunDir::create(dir)?,
-        None => RunDir::create_unique(Path::new("runs"), name)?,
-    };
-    let dir = run.path();
-    let trained = FashionMnist::load(&output.env.data)
-        .map_err(anyhow::Error::from)
-        .and_then(|data| {
-            // The model first: weights --init refuses leave no config.json behind.
-            let model = train::initial_model(&config, &train::train_device())?;
-            checkpoint::save_config(dir, &config)?;
-            let optim = train::optim::optimizer(&config);
-            let start = (model, optim, Progress::start());
-            run_in_dir(&config, name, &data, dir, output, start)
-        });
-    if trained.is_err() {
-        run.remove_if_unused();
-    }
-    trained
-}
-
-pub(crate) fn check_metrics_path(output: &OutputArgs) -> anyhow::Result<()> {
-    match &output.metrics {
-        Some(path) => check_output("--metrics", path, output.force),
-        None => Ok(()),
-    }
+    let mut console = Console::new(output.json);
+    let finished = session(&output.env, outputs(output), &mut console).start(
+        &config,
+        name,
+        output.out.as_deref(),
+    )?;
+    interrupted_is_an_error(finished)
 }
 
 /// `train --resume DIR`: `--epochs` may extend the run and `--lr` lower its learning rate.
@@ -84,73 +60,77 @@ pub(crate) fn resume_run(
         );
     }
     set_up(&output.env)?;
-    check_metrics_path(output)?;
-    let held = RunDir::open(dir)?;
-    let dir = held.path();
-    let (mut config, model, optim, progress) = if train::resume::has_resume_point(dir) {
-        let r = train::resume::load(dir)?;
-        (r.config, r.model, r.optim, r.progress)
-    } else {
-        // Stopped before its first resume point: there is no progress to lose, so the run
-        // starts again in place from its config.json, unless something there would be
-        // replaced (a run from before resume points existed, say).
-        if let Some(file) = bnlab::train::rundir::first_result(dir) {
-            anyhow::bail!(
-                "--resume {}: has no resume point to continue from, and starting over would \
-                 replace its {file}; train again with another --out",
-                dir.display()
-            );
-        }
-        let config = checkpoint::load_config(dir)?;
-        eprintln!(
-            "bnlab: {} has no resume point yet (it stopped before its first step ended): \
-             starting it again from the beginning",
-            dir.display()
-        );
-        let model = train::initial_model(&config, &train::train_device())?;
-        let optim = train::optim::optimizer(&config);
-        (config, model, optim, Progress::start())
-    };
-    let done = progress.metrics.len();
-    if let Some(epochs) = run.epochs {
-        if epochs < done {
-            anyhow::bail!(
-                "--epochs {epochs}: {} has already finished {done} epochs; give --epochs {done} \
-                 or more",
-                dir.display()
-            );
-        }
-        config.epochs = epochs;
+    let mut console = Console::new(output.json);
+    let finished =
+        session(&output.env, outputs(output), &mut console).resume(dir, run.epochs, run.lr)?;
+    interrupted_is_an_error(finished)
+}
+
+/// `compare`: every recipe must exist and validate before the first one trains.
+pub(crate) fn compare(
+    names: &[String],
+    run: &RunArgs,
+    out: Option<&Path>,
+    force: bool,
+    env: &EnvArgs,
+) -> anyhow::Result<()> {
+    set_up(env)?;
+    let configs: Vec<(String, RunConfig)> = names
+        .iter()
+        .map(|name| {
+            let config = run.apply(recipes::load(name)?);
+            config
+                .validate()
+                .with_context(|| format!("recipe {name}"))?;
+            run.check_against(&config)?;
+            Ok((name.clone(), config))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut console = Console::new(false);
+    let (dir, markdown) =
+        session(env, Outputs::default(), &mut console).compare(&configs, out, force)?;
+    if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+        return interrupted_is_an_error(Finished {
+            dir,
+            metrics: Vec::new(),
+            interrupted: true,
+        })
+        .map(|_| ());
     }
-    if let Some(lr) = run.lr {
-        if lr > config.lr {
-            anyhow::bail!(
-                "--lr {lr}: a resumed run may only lower its learning rate (it is {})",
-                config.lr
-            );
-        }
-        eprintln!(
-            "bnlab: learning rate {} -> {lr} from epoch {}, step {} on",
-            config.lr, progress.epoch, progress.steps_done
-        );
-        config.lr = lr;
-    }
-    if run.epochs.is_some() || run.lr.is_some() {
-        checkpoint::save_config(dir, &config)?;
-    }
-    let data = FashionMnist::load(&output.env.data)?;
+    println!("{markdown}");
     eprintln!(
-        "bnlab: resuming {} at epoch {}, step {}",
-        dir.display(),
-        progress.epoch,
-        progress.steps_done
+        "bnlab: wrote {}, {}.svg and .png",
+        dir.join("comparison.md").display(),
+        dir.join("curves").display()
     );
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    // The learning rate is not part of the optimizer: train::run schedules it from config.
-    run_in_dir(&config, &name, &data, dir, output, (model, optim, progress))
+    Ok(())
+}
+
+fn outputs(output: &OutputArgs) -> Outputs {
+    Outputs {
+        metrics: output.metrics.clone(),
+        force: output.force,
+        save_every: output.save_every,
+    }
+}
+
+fn session<'a>(env: &'a EnvArgs, outputs: Outputs, console: &'a mut Console) -> Session<'a> {
+    Session {
+        data_dir: &env.data,
+        outputs,
+        observer: console,
+        stop: Some(stop_on_signals()),
+    }
+}
+
+/// A run a signal stopped is an [`Interrupted`] error, which exits 128 + the signal.
+fn interrupted_is_an_error(finished: Finished) -> anyhow::Result<Vec<EpochMetrics>> {
+    if finished.interrupted {
+        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+        let dir = finished.dir.display().to_string();
+        return Err(Interrupted { dir, signal }.into());
+    }
+    Ok(finished.metrics)
 }
 
 /// The run stopped at the user's request (a signal) after saving its resume point.
@@ -160,86 +140,6 @@ pub struct Interrupted {
     pub dir: String,
     /// The signal that asked for it; the exit code is 128 + it, as a shell reports.
     pub signal: i32,
-}
-
-pub(crate) fn run_in_dir(
-    config: &RunConfig,
-    name: &str,
-    data: &FashionMnist,
-    dir: &Path,
-    output: &OutputArgs,
-    (model, optim, progress): (Model, ModuleOptimizer, Progress),
-) -> anyhow::Result<Vec<EpochMetrics>> {
-    eprintln!(
-        "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
-        config.model,
-        config.norm_kind(),
-        config.epochs,
-        config.optimizer,
-        config.lr,
-        config.batch_size,
-        rayon::current_num_threads(),
-        dir.display(),
-    );
-    let mut console = Console {
-        json: output.json,
-        run_metrics: dir.join(METRICS_FILE),
-        // The user's file may be replaced once this run has written it, or with --force.
-        user_metrics: output.metrics.clone().map(|path| (path, output.force)),
-        dir: dir.to_path_buf(),
-        save_every: output.save_every,
-        epochs: config.epochs,
-        bar: None,
-        history: progress.metrics.clone(),
-    };
-    let stop = stop_on_signals();
-    let options = RunOptions {
-        dir: Some(dir),
-        stop: Some(stop),
-    };
-    let outcome = train::run(config, data, model, optim, progress, &options, &mut console)
-        .map_err(|e| match e.is::<train::TrainError>() {
-            true => anyhow::anyhow!("{e}{}", keep_last_good(dir)),
-            false => e,
-        })?;
-    if outcome.interrupted {
-        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-        let dir = dir.display().to_string();
-        return Err(Interrupted { dir, signal }.into());
-    }
-    let model_path = dir.join(MODEL_FILE);
-    checkpoint::save_model(&outcome.model, &model_path)?;
-    eprintln!("bnlab: saved {}", model_path.display());
-    Ok(outcome.metrics)
-}
-
-/// After divergence: copies the model of the last resume point to `DIR/last-good.bpk`, where
-/// `eval`, `export` and `inspect` open it, and says how to continue.
-fn keep_last_good(dir: &Path) -> String {
-    let Some((saved, at)) = train::resume::saved_model(dir) else {
-        return String::new();
-    };
-    let kept = dir.join(checkpoint::LAST_GOOD_FILE);
-    let copied = std::fs::read(&saved)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| Ok(bnlab::report::write_atomically(&kept, &bytes)?));
-    let point = match at.steps_done {
-        0 => format!("after epoch {}", at.metrics.len()),
-        s => format!("at epoch {}, step {s}", at.epoch),
-    };
-    match copied {
-        Ok(()) => format!(
-            "; the last good model, {point}, is saved as {} (continue with bnlab train \
-             --resume {} --lr LOWER)",
-            kept.display(),
-            dir.display()
-        ),
-        Err(e) => format!(
-            "; the last good state, {point}, is kept in {} ({}: {e})",
-            dir.join(checkpoint::RESUME_DIR).display(),
-            kept.display()
-        ),
-    }
 }
 
 /// The signal that asked the run to stop (0 before one came).
@@ -282,21 +182,40 @@ pub(crate) fn stop_on_signals() -> &'static AtomicBool {
     &STOP
 }
 
-/// Shows training on the terminal: a progress bar on stderr, one line (or JSON object) per
-/// epoch on stdout; writes the metrics files and the per-epoch checkpoints.
+/// Shows training on the terminal: which run starts, a progress bar on stderr, and one line
+/// (or JSON object) per epoch on stdout.
 pub(crate) struct Console {
     json: bool,
-    run_metrics: PathBuf,
-    /// `--metrics FILE`, and whether a regular file there may be replaced.
-    user_metrics: Option<(PathBuf, bool)>,
-    dir: PathBuf,
-    save_every: Option<usize>,
     epochs: usize,
     bar: Option<ProgressBar>,
-    history: Vec<EpochMetrics>,
+}
+
+impl Console {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            epochs: 0,
+            bar: None,
+        }
+    }
 }
 
 impl Observer for Console {
+    fn run_started(&mut self, name: &str, config: &RunConfig, dir: &Path) {
+        self.epochs = config.epochs;
+        eprintln!(
+            "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
+            config.model,
+            config.norm_kind(),
+            config.epochs,
+            config.optimizer,
+            config.lr,
+            config.batch_size,
+            rayon::current_num_threads(),
+            dir.display(),
+        );
+    }
+
     fn epoch_started(&mut self, epoch: usize, steps: usize) {
         // indicatif draws nothing when stderr is not a terminal.
         let bar = ProgressBar::new(steps as u64);
@@ -315,7 +234,7 @@ impl Observer for Console {
         }
     }
 
-    fn epoch_done(&mut self, m: &EpochMetrics, model: &Model) -> anyhow::Result<()> {
+    fn epoch_done(&mut self, m: &EpochMetrics, _model: &Model) -> anyhow::Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
@@ -327,100 +246,6 @@ impl Observer for Console {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}")
             .and_then(|_| out.flush())
-            .context("cannot write to stdout")?;
-        self.history.push(m.clone());
-        write_jsonl(&self.run_metrics, &self.history)
-            .with_context(|| format!("{}: cannot write the metrics", self.run_metrics.display()))?;
-        if let Some((path, replace)) = &mut self.user_metrics {
-            let text = metrics::jsonl(&self.history);
-            write_output("--metrics", path, text.as_bytes(), *replace)?;
-            *replace = true;
-        }
-        if self.save_every.is_some_and(|n| m.epoch.is_multiple_of(n)) {
-            checkpoint::save_model(model, &self.dir.join(checkpoint::epoch_file(m.epoch)))?;
-        }
-        Ok(())
+            .context("cannot write to stdout")
     }
-}
-
-pub(crate) fn compare(
-    names: &[String],
-    run: &RunArgs,
-    out: Option<&Path>,
-    force: bool,
-    env: &EnvArgs,
-) -> anyhow::Result<()> {
-    set_up(env)?;
-    // Every recipe must exist and validate before the first one trains.
-    let configs: Vec<RunConfig> = names
-        .iter()
-        .map(|name| {
-            let config = run.apply(recipes::load(name)?);
-            config
-                .validate()
-                .with_context(|| format!("recipe {name}"))?;
-            run.check_against(&config)?;
-            Ok(config)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    // The comparison directory is held like a run directory, so that two comparisons do not
-    // share one; a recipe named twice gets a second directory (lenet, lenet-2).
-    let held = match out {
-        Some(dir) => RunDir::create(dir)?,
-        None => RunDir::create_unique(Path::new("runs"), "compare")?,
-    };
-    let out = held.path();
-    let table_path = out.join("comparison.md");
-    let stem = out.join("curves");
-    for path in [
-        &table_path,
-        &stem.with_extension("svg"),
-        &stem.with_extension("png"),
-    ] {
-        check_output("--out", path, force)?;
-    }
-    let mut labels: Vec<String> = Vec::new();
-    for name in names {
-        let label = (1..)
-            .map(|n| match n {
-                1 => name.clone(),
-                n => format!("{name}-{n}"),
-            })
-            .find(|l| !labels.contains(l))
-            .expect("an unused label");
-        labels.push(label);
-    }
-    let run_dirs = labels
-        .iter()
-        .map(|label| RunDir::create(&out.join(label)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let data = FashionMnist::load(&env.data)?;
-    let mut runs = Vec::new();
-    for ((label, config), held) in labels.iter().zip(configs).zip(&run_dirs) {
-        let dir = held.path();
-        let model = train::initial_model(&config, &train::train_device())?;
-        checkpoint::save_config(dir, &config)?;
-        let output = OutputArgs {
-            env: env.clone(),
-            json: false,
-            metrics: None,
-            out: Some(dir.to_path_buf()),
-            save_every: None,
-            force: false,
-        };
-        let start = (model, train::optim::optimizer(&config), Progress::start());
-        let metrics = run_in_dir(&config, label, &data, dir, &output, start)?;
-        runs.push((label.clone(), metrics));
-    }
-    let markdown = table::markdown(&runs);
-    write_output("--out", &table_path, markdown.as_bytes(), force)?;
-    let [svg, png] = plot::write_curves(&runs, &stem, "--out", force)?;
-    println!("{markdown}");
-    eprintln!(
-        "bnlab: wrote {}, {} and {}",
-        table_path.display(),
-        svg.display(),
-        png.display()
-    );
-    Ok(())
 }

@@ -33,7 +33,10 @@ use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::models::{LayerMut, Model, ModelSpec, NamedLayer};
+use crate::config::RunConfig;
+use crate::models::{LayerMut, Model, ModelKind, ModelSpec, NamedLayer};
+use crate::norm::epilogue::{Activation, Pool};
+use crate::norm::NormKind;
 use crate::norm::NormLayer;
 use crate::report::write_atomically;
 
@@ -439,4 +442,45 @@ pub fn metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, TorchError> {
     Ok(json
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default())
+}
+
+/// What a state_dict alone does not say about its architecture, as the command line gives it
+/// (`eval --weights FILE --model ...`); `None` leaves it to the file's metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Architecture {
+    /// The network.
+    pub model: Option<ModelKind>,
+    /// Its batch norm.
+    pub norm: Option<NormKind>,
+    /// The LeNets' pool.
+    pub pool: Option<Pool>,
+    /// The LeNets' activation.
+    pub activation: Option<Activation>,
+    /// The image side it expects.
+    pub resize: Option<usize>,
+}
+
+/// The run config that rebuilds a state_dict's model: what `given` says, then what bnlab wrote
+/// in the file's metadata ([`metadata`]), then the defaults. Unreadable metadata values count
+/// as absent; the config is not validated here.
+pub fn config_for(meta: &BTreeMap<String, String>, given: Architecture) -> RunConfig {
+    fn parse<T: std::str::FromStr>(meta: &BTreeMap<String, String>, key: &str) -> Option<T> {
+        meta.get(key).and_then(|v| v.parse().ok())
+    }
+    let mut config = RunConfig::default();
+    config.model = given
+        .model
+        .or(parse(meta, META_MODEL))
+        .unwrap_or(config.model);
+    config.norm = given.norm.or(parse(meta, META_NORM));
+    if config.model.has_lenet_blocks() {
+        config.pool = given.pool.or(parse(meta, META_POOL));
+        config.activation = given.activation.or(parse(meta, META_ACTIVATION));
+    }
+    if let Some(eps) = parse(meta, META_EPS) {
+        config.bn_eps = eps;
+    }
+    let size = given.resize.or(parse(meta, META_IMAGE_SIZE));
+    config.resize = size.filter(|&s| s != 28);
+    config
 }

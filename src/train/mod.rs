@@ -8,6 +8,7 @@ pub mod optim;
 pub mod recalibrate;
 pub mod resume;
 pub mod rundir;
+pub mod session;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -49,6 +50,8 @@ pub const MAX_SANE_LOSS: f64 = 1e4;
 
 /// Hooks for what a caller shows or saves while training runs.
 pub trait Observer {
+    /// A run called `name` starts (or resumes) in `dir`.
+    fn run_started(&mut self, _name: &str, _config: &RunConfig, _dir: &std::path::Path) {}
     /// An epoch of `steps` training batches begins.
     fn epoch_started(&mut self, _epoch: usize, _steps: usize) {}
     /// One training step finished.
