@@ -88,6 +88,8 @@ pub struct Scale {
     pub lenet_batches: Option<usize>,
     /// W4: timed ResNet-18 training steps.
     pub resnet_steps: usize,
+    /// W5: timed DenseNet training steps.
+    pub densenet_steps: usize,
     /// W6: timed forward and backward passes.
     pub bn_iters: usize,
     /// W7: test batches (`None`: the whole test set).
@@ -100,6 +102,7 @@ impl Scale {
         Self {
             lenet_batches: None,
             resnet_steps: 30,
+            densenet_steps: 10,
             bn_iters: 50,
             inference_batches: None,
         }
@@ -110,6 +113,7 @@ impl Scale {
         Self {
             lenet_batches: Some(3),
             resnet_steps: 2,
+            densenet_steps: 1,
             bn_iters: 3,
             inference_batches: Some(2),
         }
@@ -153,53 +157,123 @@ pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyh
     Ok(r)
 }
 
+/// A training workload on fixed in-memory batches, timed after warm-up, as torch_bench.py's
+/// `run_steps`: W4 and W5.
+struct StepsWorkload {
+    name: &'static str,
+    model: ModelKind,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+}
+
+/// W4: ResNet-18 on 28 × 28 images, batch 128, 30 steps after 3.
+const W4: StepsWorkload = StepsWorkload {
+    name: "W4 resnet18_28px",
+    model: ModelKind::Resnet18,
+    batch: 128,
+    size: 28,
+    warmup: 3,
+};
+
+/// W5: DenseNet on images resized to 96 × 96, batch 64, 10 steps after 2.
+const W5: StepsWorkload = StepsWorkload {
+    name: "W5 densenet_96px",
+    model: ModelKind::Densenet,
+    batch: 64,
+    size: 96,
+    warmup: 2,
+};
+
 /// W4: ResNet-18 training steps on fixed in-memory batches, after warm-up.
 pub fn resnet_training(
     data: &FashionMnist,
     norm: NormKind,
     scale: Scale,
 ) -> anyhow::Result<Record> {
+    steps_training(data, &W4, norm, scale.resnet_steps)
+}
+
+/// W5: DenseNet training steps at 96 × 96, after warm-up, with the peak RSS they reach.
+pub fn densenet_training(
+    data: &FashionMnist,
+    norm: NormKind,
+    scale: Scale,
+) -> anyhow::Result<Record> {
+    reset_peak_rss();
+    let mut r = steps_training(data, &W5, norm, scale.densenet_steps)?;
+    r.peak_rss_mb = peak_rss_mb();
+    Ok(r)
+}
+
+/// Adam 1e-3 steps of `w`'s model, the images resized once before the clock starts.
+fn steps_training(
+    data: &FashionMnist,
+    w: &StepsWorkload,
+    norm: NormKind,
+    steps: usize,
+) -> anyhow::Result<Record> {
     let config = RunConfig {
-        model: ModelKind::Resnet18,
+        model: w.model,
         norm: Some(norm),
         optimizer: OptimizerKind::Adam,
         lr: 1e-3,
-        batch_size: 128,
+        batch_size: w.batch,
+        resize: (w.size != 28).then_some(w.size),
         ..Default::default()
     };
+    config.validate()?;
     let device = train_device();
     let mut model = config.model_spec().init(0, &device);
     let mut optim = train::optim::optimizer(&config);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let warmup = 3;
-    let batches: Vec<Vec<usize>> = (0..warmup + scale.resnet_steps)
-        .map(|b| (b * 128..(b + 1) * 128).collect())
+    let batches: Vec<_> = (0..w.warmup + steps)
+        .map(|b| {
+            let indices: Vec<usize> = (b * w.batch..(b + 1) * w.batch).collect();
+            input_batch(&data.train, &indices, w.size, &device)
+        })
         .collect();
-    let mut step = |model: Model, indices: &[usize]| {
-        let (x, y) = input_batch(&data.train, indices, 28, &device);
-        let loss = loss_fn.forward(model.forward(x), y);
+    let mut step = |model: Model, (x, y): &(Tensor<4>, Tensor<1, burn::tensor::Int>)| {
+        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         optim.step(1e-3, model, grads)
     };
-    for indices in &batches[..warmup] {
-        model = step(model, indices);
+    for batch in &batches[..w.warmup] {
+        model = step(model, batch);
     }
     let started = Instant::now();
-    for indices in &batches[warmup..] {
-        model = step(model, indices);
+    for batch in &batches[w.warmup..] {
+        model = step(model, batch);
     }
     let seconds = started.elapsed().as_secs_f64();
     let mut r = Record::new(
-        "W4 resnet18_28px",
+        w.name,
         seconds,
         format!(
-            "ResNet-18, 1x28x28, batch 128, Adam 1e-3, {} steps after {warmup}",
-            scale.resnet_steps
+            "{}, 1x{size}x{size}, batch {}, Adam 1e-3, {steps} steps after {}",
+            w.model,
+            w.batch,
+            w.warmup,
+            size = w.size
         ),
     );
     r.norm = Some(norm_label(norm));
-    r.examples_per_sec = Some((128 * scale.resnet_steps) as f64 / seconds);
+    r.examples_per_sec = Some((w.batch * steps) as f64 / seconds);
     Ok(r)
+}
+
+/// Starts this process's peak-RSS count afresh (Linux: `clear_refs` 5), so that a workload's
+/// peak is its own; elsewhere the peak stays the process's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak RSS since [`reset_peak_rss`] (`VmHWM`), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// W6: one BatchNorm2d(64) layer, forward and backward, on (128, 64, 28, 28).

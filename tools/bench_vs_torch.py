@@ -59,7 +59,7 @@ def main():
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     torch = {}
     for threads in (1, 2):
-        only = "lenet_bn_builtin,resnet18_28px,bn2d_layer"
+        only = "lenet_bn_builtin,resnet18_28px,densenet_96px,bn2d_layer"
         for rec in json_lines([args.python, args.torch_bench, "--only", only, "--threads", str(threads)], env):
             torch[(rec["workload"], threads)] = rec
     bnlab_cmd = [args.bnlab, "bench", "--json", "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
@@ -79,6 +79,15 @@ def main():
     for r in (r for r in ours if r["workload"].startswith("W4")):
         rows.append((f"W4 ResNet-18 28px, --norm {r['norm']}", f"{r['examples_per_sec']:.0f} ex/s",
                      f"{t_w4:.0f} ex/s ({t_w4_threads}t)", r["examples_per_sec"] / t_w4, "≥ 0.5"))
+    t_w5, t_w5_threads = best_torch("densenet_96px", "examples_per_sec")
+    for r in (r for r in ours if r["workload"].startswith("W5")):
+        rows.append((f"W5 DenseNet 96px, --norm {r['norm']}", f"{r['examples_per_sec']:.0f} ex/s",
+                     f"{t_w5:.0f} ex/s ({t_w5_threads}t)", r["examples_per_sec"] / t_w5, "≥ 1.5"))
+        if r.get("peak_rss_mb"):
+            theirs = torch[("densenet_96px", t_w5_threads)].get("peak_rss_mb")
+            ratio = r["peak_rss_mb"] / theirs if theirs else None
+            rows.append(("W5 DenseNet 96px, peak RSS", f"{r['peak_rss_mb']:.0f} MB",
+                         f"{theirs:.0f} MB" if theirs else "–", ratio, ""))
     t_w6, t_w6_threads = best_torch("bn2d_layer", "ms_per_fwd_bwd", smaller_is_better=True)
     for r in (r for r in ours if r["workload"].startswith("W6")):
         rows.append((f"W6 BatchNorm2d(64) fwd+bwd, --norm {r['norm']}", f"{r['ms_per_fwd_bwd']:.1f} ms",

@@ -17,7 +17,7 @@ pub(crate) fn bench(
     env: &EnvArgs,
 ) -> anyhow::Result<()> {
     use bnlab::bench::{self, Scale, NORMS};
-    const ALL: [&str; 5] = ["W1", "W4", "W6", "W7", "RSS"];
+    const ALL: [&str; 6] = ["W1", "W4", "W5", "W6", "W7", "RSS"];
     let only: Vec<String> = only.iter().map(|w| w.trim().to_uppercase()).collect();
     if let Some(bad) = only.iter().find(|w| !ALL.contains(&w.as_str())) {
         anyhow::bail!(
@@ -41,6 +41,7 @@ pub(crate) fn bench(
             println!("{}", serde_json::to_string(&r).expect("record serializes"));
         } else {
             let figure = match (r.examples_per_sec, r.ms_per_fwd_bwd, r.peak_rss_mb) {
+                (Some(x), _, Some(mb)) => format!("{x:>9.1} examples/s, {mb:.0} MB peak RSS"),
                 (Some(x), _, _) => format!("{x:>9.1} examples/s"),
                 (_, Some(ms), _) => format!("{ms:>9.2} ms per fwd+bwd"),
                 (_, _, Some(mb)) => format!("{mb:>9.0} MB peak RSS"),
@@ -67,6 +68,9 @@ pub(crate) fn bench(
     }
     if wanted("W4") {
         emit(bench::resnet_training(&data, NormKind::Fused, scale)?);
+    }
+    if wanted("W5") {
+        emit(bench::densenet_training(&data, NormKind::Fused, scale)?);
     }
     if wanted("W6") {
         for &norm in norms {
