@@ -355,8 +355,11 @@ fn bench_reports_every_workload() {
         ["fused", "scratch", "burn"],
         "W6 per norm: {stdout}"
     );
+    assert_eq!(named("W5").count(), 1, "W5: {stdout}");
+    assert!(named("W5").all(|r| r["peak_rss_mb"].as_f64().unwrap() > 0.0));
     assert!(named("W1")
         .chain(named("W4"))
+        .chain(named("W5"))
         .chain(named("W7"))
         .all(|r| r["examples_per_sec"].as_f64().unwrap() > 0.0));
     assert!(named("W6").all(|r| r["ms_per_fwd_bwd"].as_f64().unwrap() > 0.0));
