@@ -9,8 +9,6 @@
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
 
-#![warn(missing_docs)]
-
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;

@@ -2,8 +2,6 @@
 //! name is written once, where the enum is declared, and serves the command line, recipe and
 //! `config.json` files and error messages alike. The library needs no command-line crate for it.
 
-#![warn(missing_docs)]
-
 /// An enum whose values have names, as [`choice_enum!`](crate::choice_enum) declares them.
 pub trait Choice: Copy + Eq + 'static {
     /// Every value, in declaration order.

@@ -1,8 +1,6 @@
 //! A run, fully described: what `bnlab train` builds from flags, what a recipe file holds, and
 //! what a run directory records in `config.json`.
 
-#![warn(missing_docs)]
-
 use serde::{Deserialize, Serialize};
 
 use crate::models::{ModelKind, ModelSpec, WeightInit};

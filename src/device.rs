@@ -4,8 +4,6 @@
 //! `libtorch`) because each pulls a large toolchain; asking for one that this binary was not
 //! built with is a one-line error that says how to get it.
 
-#![warn(missing_docs)]
-
 use std::str::FromStr;
 use std::sync::OnceLock;
 

@@ -1,6 +1,8 @@
 //! bnlab: batch normalization written from scratch on Burn, with the networks and training
 //! runs of the batch-norm chapter of *Dive into Deep Learning*.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod choice;
 pub mod config;

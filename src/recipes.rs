@@ -1,8 +1,6 @@
 //! The chapter's experiments as data: the TOML files in `recipes/`, built into the binary so
 //! that `bnlab run NAME` works from any directory.
 
-#![warn(missing_docs)]
-
 use crate::config::RunConfig;
 
 macro_rules! recipes {

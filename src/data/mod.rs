@@ -1,7 +1,5 @@
 //! Fashion-MNIST: the IDX reader, validation, and batches as Burn tensors.
 
-#![warn(missing_docs)]
-
 pub mod idx;
 
 use std::path::{Path, PathBuf};

@@ -18,10 +18,12 @@ pub struct Predictions {
 }
 
 impl Predictions {
+    /// How many examples were predicted (`n`).
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether no example was predicted.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }

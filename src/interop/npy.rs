@@ -11,6 +11,7 @@ use crate::report::write_atomically;
 pub trait NpyElement: Copy {
     /// NumPy's type string (`<f4`: little-endian float32).
     const DESCR: &'static str;
+    /// Appends the value's little-endian bytes to `out`.
     fn append_le(self, out: &mut Vec<u8>);
 }
 

@@ -44,11 +44,21 @@ use crate::report::write_atomically;
 /// that rebuild the model. One key, because safetensors writes several in hash order and the
 /// same model should give the same bytes.
 pub const META_KEY: &str = "bnlab";
+/// The network, as `--model` names it (`lenet-bn`).
 pub const META_MODEL: &str = "model";
+/// The batch-norm implementation, as `--norm` names it (`none` for a model without BN).
 pub const META_NORM: &str = "norm";
+/// The BN layers' ε, in decimal (`--bn-eps`).
 pub const META_EPS: &str = "bn_eps";
+/// The pool after each conv block of the d2l LeNets, as `--pool` writes it (`avg`, `max`).
+/// Written for every model; [`config_for`] reads it only for `lenet` and `lenet-bn`.
 pub const META_POOL: &str = "pool";
+/// The activation of the d2l LeNets, as `--activation` names it (`sigmoid`, `relu`).
+/// Written for every model; [`config_for`] reads it only for `lenet` and `lenet-bn`.
 pub const META_ACTIVATION: &str = "activation";
+/// The image side the model was trained on, in decimal. Not among the fields [`export`]
+/// writes: a caller adds it with [`export_with_metadata`] (`bnlab export` does); a file
+/// without it is read as 28.
 pub const META_IMAGE_SIZE: &str = "image_size";
 
 /// How many key names an error lists before it says "and N more".
@@ -58,32 +68,47 @@ const LISTED_KEYS: usize = 8;
 /// caller prefixes the file ([`import_file`] does).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TorchError {
+    /// The bytes are not a readable safetensors file; holds safetensors' own message.
     #[error(
         "not a safetensors file, or truncated or corrupt ({0}); write one with \
          safetensors.torch.save_file(model.state_dict(), PATH)"
     )]
     Corrupt(String),
+    /// The file's keys are not exactly those of the model's state_dict.
     #[error("{}", keys_message(.model, .missing, .unexpected))]
     Keys {
+        /// The expected architecture, as `--model` names it.
         model: String,
+        /// Keys of the model that the file lacks, in PyTorch's order.
         missing: Vec<String>,
+        /// Keys of the file that the model lacks, sorted.
         unexpected: Vec<String>,
     },
+    /// A tensor of the file has another shape than the model's.
     #[error(
         "{key}: shape {} expected {} (a state_dict of another architecture: check --model)",
         shape_text(.found),
         shape_text(.expected)
     )]
     Shape {
+        /// The tensor's state_dict key.
         key: String,
+        /// Its shape in the file.
         found: Vec<usize>,
+        /// Its shape in the model, in PyTorch's layout.
         expected: Vec<usize>,
     },
+    /// A tensor of the file has a dtype its slot cannot take: weights and running statistics
+    /// must be F32 or F64, `num_batches_tracked` I64.
     #[error("{key}: dtype {found}, expected {expected} ({fix})")]
     Dtype {
+        /// The tensor's state_dict key.
         key: String,
+        /// Its dtype in the file, as safetensors names it (`F16`).
         found: String,
+        /// The dtypes the slot takes (`F32 or F64`, `I64`).
         expected: &'static str,
+        /// How to save the file so that it loads.
         fix: &'static str,
     },
 }

@@ -28,7 +28,10 @@ const BLOCKS: usize = 4;
 /// BN → ReLU → Conv 3×3: one layer of a dense block.
 #[derive(Module, Debug)]
 pub struct ConvBlock {
+    /// BN over the layer's input: the block's input channels plus 32 for each earlier layer
+    /// of the block. `None` in a model built without batch norm.
     pub bn: Option<NormLayer>,
+    /// Conv(cin→32, 3×3, pad 1): the 32 channels the layer adds.
     pub conv: Conv2d,
 }
 
@@ -38,10 +41,16 @@ impl ConvBlock {
     }
 }
 
+/// BN → ReLU → Conv 1×1 → AvgPool 2: between two dense blocks, halves the channels and the
+/// side, `(N, c, H, W)` → `(N, c/2, ⌊H/2⌋, ⌊W/2⌋)`.
 #[derive(Module, Debug)]
 pub struct Transition {
+    /// BN over the `c` channels of the block before. `None` in a model built without batch
+    /// norm.
     pub bn: Option<NormLayer>,
+    /// Conv(c→c/2, 1×1).
     pub conv: Conv2d,
+    /// AvgPool 2×2, stride 2.
     pub pool: AvgPool2d,
 }
 
@@ -52,17 +61,29 @@ impl Transition {
     }
 }
 
+/// d2l's DenseNet (the layer order and channel counts are in the module docs).
 #[derive(Module, Debug)]
 pub struct DenseNet {
+    /// Conv 7×7/2 (1→64) → BN → ReLU → MaxPool 3×3/2: `(N, 1, H, W)` → `(N, 64, ⌈H/4⌉,
+    /// ⌈W/4⌉)`.
     pub stem: Stem,
+    /// The 4 dense blocks of 4 [`ConvBlock`]s; each layer's 32 output channels are
+    /// concatenated to its input, so a block adds 128 channels.
     pub blocks: Vec<Vec<ConvBlock>>,
+    /// The 3 transitions, after dense blocks 1 to 3.
     pub transitions: Vec<Transition>,
+    /// BN over the last block's 248 channels, before ReLU and the global pool. `None` in a
+    /// model built without batch norm.
     pub bn: Option<NormLayer>,
+    /// Global average pool: `(N, 248, h, w)` → `(N, 248, 1, 1)`.
     pub pool: AdaptiveAvgPool2d,
+    /// Linear(248→10): the logits.
     pub fc: Linear,
 }
 
 impl DenseNet {
+    /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
+    /// weights drawn from a generator seeded with `seed`, on `device`.
     pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let stem = Stem::new(spec, &mut init, device);
@@ -100,6 +121,9 @@ impl DenseNet {
         }
     }
 
+    /// `(N, 1, H, W)` images (H, W ≥ 32) to `(N, 10)` logits, recording in `trace` the output
+    /// shape of the stem, of each dense block (`dense1`..`dense4`) and transition
+    /// (`transition1`..`transition3`), of the final BN → ReLU → pool and of the linear layer.
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         let mut x = self.stem.forward(x);
         trace.record("stem", &x.dims());

@@ -19,18 +19,31 @@ use crate::norm::epilogue::Pool;
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
 
+/// The MXNet notebook's LeNet (the layer order is in the module docs). The shapes below are
+/// those of 28×28 images. Each BN layer is `None` in a model built without batch norm.
 #[derive(Module, Debug)]
 pub struct GluonLeNet {
+    /// Conv(1→20, 5×5), no padding: `(N, 1, 28, 28)` → `(N, 20, 24, 24)`.
     pub conv1: Conv2d,
+    /// BN over conv1's 20 channels.
     pub bn1: Option<NormLayer>,
+    /// Conv(20→50, 3×3), no padding: `(N, 20, 12, 12)` → `(N, 50, 10, 10)`.
     pub conv2: Conv2d,
+    /// BN over conv2's 50 channels.
     pub bn2: Option<NormLayer>,
+    /// Linear(1250→128): the pooled `(N, 50, 5, 5)` maps, flattened, in; ReLU follows.
     pub fc1: Linear,
+    /// Linear(128→10): the logits.
     pub fc2: Linear,
+    /// MaxPool 2×2, stride 2, after each conv block; the forward pass applies it in the BN
+    /// epilogue ([`Epilogue`]), taking only its window size from here.
     pub pool: MaxPool2d,
 }
 
 impl GluonLeNet {
+    /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
+    /// weights drawn from a generator seeded with `seed`, on `device`. It has ReLU and max
+    /// pooling whatever `spec.pool` and `spec.activation` say.
     pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         Self {
@@ -44,6 +57,8 @@ impl GluonLeNet {
         }
     }
 
+    /// `(N, 1, 28, 28)` images to `(N, 10)` logits, recording each block's output shape in
+    /// `trace`.
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         // BN → ReLU → 2×2 max pool: one kernel per block under `--norm fused`.
         let relu_pool = Epilogue {

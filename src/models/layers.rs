@@ -27,7 +27,10 @@ pub enum WeightInit {
     /// `nn.init.xavier_uniform_`, as the d2l PyTorch notebooks apply to every conv and linear.
     XavierUniform,
     /// N(0, std²), as the MXNet notebook's `init.Normal(sigma=0.01)`.
-    Normal { std: f64 },
+    Normal {
+        /// The standard deviation; finite and > 0.
+        std: f64,
+    },
     /// PyTorch's default: U(±1/√fan_in).
     PyTorchDefault,
 }
@@ -42,6 +45,8 @@ pub struct Initializer {
 }
 
 impl Initializer {
+    /// Draws weights by `scheme` from a generator seeded with `seed`, making the layers on
+    /// `device`. Layers drawn in the same order from the same seed get the same values.
     pub fn new(seed: u64, scheme: WeightInit, device: &Device) -> Self {
         Self {
             rng: rand_pcg::Pcg64::seed_from_u64(seed),
@@ -119,7 +124,9 @@ impl Initializer {
 /// Collects `(block name, output shape)` as a model runs, for `bnlab shapes`.
 #[derive(Debug, Default)]
 pub struct Trace {
+    /// Whether [`Trace::record`] keeps anything.
     pub enabled: bool,
+    /// `(block name, output shape)` of each block, in the order they ran.
     pub blocks: Vec<(String, Vec<usize>)>,
 }
 
@@ -137,6 +144,7 @@ impl Trace {
         Self::default()
     }
 
+    /// Notes that block `name` output a tensor of shape `dims`, if the trace is enabled.
     pub fn record(&mut self, name: &str, dims: &[usize]) {
         if self.enabled {
             self.blocks.push((name.to_string(), dims.to_vec()));
@@ -147,12 +155,16 @@ impl Trace {
 /// The stem ResNet and DenseNet share: Conv 7×7/2 (64, pad 3) → BN → ReLU → MaxPool 3×3/2 (pad 1).
 #[derive(Module, Debug)]
 pub struct Stem {
+    /// Conv(1→64, 7×7, stride 2, pad 3).
     pub conv: Conv2d,
+    /// BN over conv's 64 channels; `None` in a model built without batch norm.
     pub bn: Option<crate::norm::NormLayer>,
+    /// MaxPool 3×3, stride 2, pad 1.
     pub pool: MaxPool2d,
 }
 
 impl Stem {
+    /// The stem with `spec`'s batch norm, its conv weights drawn from `init`, on `device`.
     pub fn new(spec: &super::ModelSpec, init: &mut Initializer, device: &Device) -> Self {
         Self {
             conv: init.conv2d(1, 64, 7, 2, 3),
@@ -171,6 +183,8 @@ impl Stem {
         list.norm_in(&mut seq, "stem.bn", &mut self.bn, Some(conv));
     }
 
+    /// `(N, 1, H, W)` to `(N, 64, ⌈H/4⌉, ⌈W/4⌉)`: each of the conv and the pool halves the
+    /// side, rounding up.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
         self.pool
@@ -180,7 +194,9 @@ impl Stem {
 
 /// A layer with weights, borrowed from a model.
 pub enum LayerMut<'a> {
+    /// A convolution: weight `[out, in, kh, kw]` (as in PyTorch) and bias `[out]`.
     Conv(&'a mut Conv2d),
+    /// A linear layer: weight `[in, out]` (PyTorch's is `[out, in]`) and bias `[out]`.
     Linear(&'a mut Linear),
     /// A BN layer the model has (entries are listed only for those present).
     Norm(&'a mut Option<NormLayer>),
@@ -194,6 +210,7 @@ pub struct NamedLayer<'a> {
     pub name: String,
     /// Its key prefix in d2l's PyTorch `state_dict`, without the final dot (`1`, `1.0.conv1`).
     pub torch: String,
+    /// The layer itself.
     pub layer: LayerMut<'a>,
     /// For a BN layer right after a conv or linear layer: that layer's index in the list.
     pub partner: Option<usize>,
@@ -203,6 +220,7 @@ pub struct NamedLayer<'a> {
 /// `inspect` walk this list.
 #[derive(Default)]
 pub struct LayerList<'a> {
+    /// The layers, in PyTorch's `state_dict` order.
     pub layers: Vec<NamedLayer<'a>>,
 }
 

@@ -18,16 +18,28 @@ use super::ModelSpec;
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
 
+/// d2l's LeNet, with or without batch norm (the layer order is in the module docs). The
+/// shapes below are those of 28×28 images. Each BN layer is `None` in a model built without
+/// batch norm.
 #[derive(Module, Debug)]
 pub struct LeNet {
+    /// Conv(1→6, 5×5), no padding: `(N, 1, 28, 28)` → `(N, 6, 24, 24)`.
     pub conv1: Conv2d,
+    /// BN over conv1's 6 channels.
     pub bn1: Option<NormLayer>,
+    /// Conv(6→16, 5×5), no padding: `(N, 6, 12, 12)` → `(N, 16, 8, 8)`.
     pub conv2: Conv2d,
+    /// BN over conv2's 16 channels.
     pub bn2: Option<NormLayer>,
+    /// Linear(256→120): the pooled `(N, 16, 4, 4)` maps, flattened, in.
     pub fc1: Linear,
+    /// BN over fc1's 120 features.
     pub bn3: Option<NormLayer>,
+    /// Linear(120→84).
     pub fc2: Linear,
+    /// BN over fc2's 84 features.
     pub bn4: Option<NormLayer>,
+    /// Linear(84→10): the logits.
     pub fc3: Linear,
     /// After each conv block (2 × 2 windows).
     #[module(skip)]
@@ -38,6 +50,9 @@ pub struct LeNet {
 }
 
 impl LeNet {
+    /// The LeNet `spec` describes (BN layers only if `spec.norm` has them; `spec.pool` and
+    /// `spec.activation` between the layers), its weights drawn from a generator seeded with
+    /// `seed`, on `device`.
     pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let norm = |c| NormLayer::new(&spec.norm, c, device);

@@ -40,6 +40,8 @@ crate::choice_enum! {
 }
 
 impl ModelKind {
+    /// Whether the architecture has batch-norm layers: all but `lenet`, which
+    /// [`ModelSpec::of`] builds with [`NormKind::None`] whatever norm is asked for.
     pub fn has_batch_norm(self) -> bool {
         self != Self::Lenet
     }
@@ -74,11 +76,19 @@ impl ModelKind {
 /// Everything that fixes a model's architecture and initial weights (with a seed).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
+    /// The network.
     pub kind: ModelKind,
+    /// Its batch-norm layers: which implementation ([`NormKind::None`] leaves them out) and
+    /// their ε, momentum and running-statistics convention.
     pub norm: NormConfig,
-    /// The LeNets' pool and activation (the others have theirs fixed).
+    /// The pool after each conv block of the d2l LeNets (`lenet`, `lenet-bn`): 2 × 2 average
+    /// or max. The other models have theirs fixed and ignore it.
     pub pool: Pool,
+    /// The activation after every layer but the last of the d2l LeNets; the other models use
+    /// ReLU and ignore it.
     pub activation: Activation,
+    /// How conv and linear weights are drawn ([`ModelKind::default_init`] unless told
+    /// otherwise); biases always get PyTorch's default U(±1/√fan_in).
     pub init: WeightInit,
 }
 
@@ -99,6 +109,9 @@ impl ModelSpec {
         }
     }
 
+    /// A new model on `device`, its conv and linear weights drawn from one generator seeded
+    /// with `seed` (see [`layers::Initializer`]): the same spec and seed give the same weights
+    /// on every backend.
     pub fn init(&self, seed: u64, device: &Device) -> Model {
         match self.kind {
             ModelKind::Lenet | ModelKind::LenetBn => Model::LeNet(LeNet::new(self, seed, device)),
@@ -114,9 +127,13 @@ impl ModelSpec {
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
+    /// `lenet` and `lenet-bn`: d2l's LeNet, without or with batch norm.
     LeNet(LeNet),
+    /// `lenet-gluon`: the MXNet notebook's LeNet.
     Gluon(GluonLeNet),
+    /// `resnet18`.
     ResNet(ResNet18),
+    /// `densenet`.
     DenseNet(DenseNet),
 }
 

@@ -21,13 +21,21 @@ use super::ModelSpec;
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
 
+/// d2l's `Residual` block, from `cin` to `cout` channels with stride `s` (2 in the first block
+/// of b3..b5, 1 elsewhere): `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`. Each BN
+/// layer is `None` in a model built without batch norm.
 #[derive(Module, Debug)]
 pub struct Residual {
+    /// Conv(cin→cout, 3×3, stride s, pad 1).
     pub conv1: Conv2d,
+    /// BN over conv1's `cout` channels.
     pub bn1: Option<NormLayer>,
+    /// Conv(cout→cout, 3×3, stride 1, pad 1).
     pub conv2: Conv2d,
+    /// BN over conv2's `cout` channels.
     pub bn2: Option<NormLayer>,
-    /// The 1×1 conv shortcut of a block that changes the shape.
+    /// The 1×1 conv shortcut of a block that changes the shape: Conv(cin→cout, 1×1, stride
+    /// s). `None` in a block that keeps it, whose shortcut is the identity.
     pub conv3: Option<Conv2d>,
 }
 
@@ -50,6 +58,7 @@ impl Residual {
         }
     }
 
+    /// `(N, cin, H, W)` to `(N, cout, ⌈H/s⌉, ⌈W/s⌉)`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = norm_then(&self.bn1, conv2d(&self.conv1, x.clone()), BN_RELU);
         let y = norm_then(&self.bn2, conv2d(&self.conv2, y), Epilogue::NONE);
@@ -61,16 +70,23 @@ impl Residual {
     }
 }
 
+/// d2l's ResNet-18 (the layer order is in the module docs).
 #[derive(Module, Debug)]
 pub struct ResNet18 {
+    /// Conv 7×7/2 (1→64) → BN → ReLU → MaxPool 3×3/2: `(N, 1, 28, 28)` → `(N, 64, 7, 7)`.
     pub stem: Stem,
-    /// b2..b5, two blocks each.
+    /// b2..b5, two blocks each, at 64, 128, 256 and 512 channels; the first block of b3, b4
+    /// and b5 halves the side (7 → 4 → 2 → 1 from 28×28 images).
     pub stages: Vec<Vec<Residual>>,
+    /// Global average pool: `(N, 512, h, w)` → `(N, 512, 1, 1)`.
     pub pool: AdaptiveAvgPool2d,
+    /// Linear(512→10): the logits.
     pub fc: Linear,
 }
 
 impl ResNet18 {
+    /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
+    /// weights drawn from a generator seeded with `seed`, on `device`.
     pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let stem = Stem::new(spec, &mut init, device);
@@ -95,6 +111,8 @@ impl ResNet18 {
         }
     }
 
+    /// `(N, 1, H, W)` images to `(N, 10)` logits, recording in `trace` the output shape of
+    /// the stem, of each stage (`b2`..`b5`), of the pool and of the linear layer.
     pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         let mut x = self.stem.forward(x);
         trace.record("stem", &x.dims());

@@ -9,8 +9,6 @@
 //! - The hand-written op of `--norm fused` (Flex, and CubeCL for wgpu and CUDA) is in
 //!   [`crate::ops::batch_norm`]; it can compute the epilogue in the same pass.
 
-#![warn(missing_docs)]
-
 pub mod epilogue;
 pub mod functional;
 pub mod layer;

@@ -8,8 +8,6 @@
 //! - [`seeded_backward`]: a backward from a given upstream gradient (W6's benchmark);
 //! - [`cpu`] and [`flex`]: what the CPU kernels share.
 
-#![warn(missing_docs)]
-
 pub mod batch_norm;
 pub mod conv2d;
 pub mod cpu;

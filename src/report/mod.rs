@@ -1,7 +1,5 @@
 //! What runs report: per-epoch metrics (JSON lines), comparison tables and training curves.
 
-#![warn(missing_docs)]
-
 pub mod inspect;
 pub mod metrics;
 pub mod output;

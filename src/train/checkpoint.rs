@@ -63,7 +63,7 @@ pub fn save_model(model: &Model, path: &Path) -> anyhow::Result<()> {
 const SEAL_TAG: &[u8; 8] = b"bnlab\0ck";
 const SEAL_LEN: usize = 4 + SEAL_TAG.len();
 
-/// `bytes` followed by their CRC-32 (little-endian) and [`SEAL_TAG`].
+/// `bytes` followed by their CRC-32 (little-endian) and the 8-byte tag `bnlab\0ck`.
 pub fn seal(bytes: &[u8]) -> Vec<u8> {
     let mut sealed = Vec::with_capacity(bytes.len() + SEAL_LEN);
     sealed.extend_from_slice(bytes);

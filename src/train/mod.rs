@@ -1,8 +1,6 @@
 //! The training loop: mini-batches, cross-entropy, SGD / momentum / Adam with StepLR, and one
 //! test pass in eval mode per epoch.
 
-#![warn(missing_docs)]
-
 pub mod checkpoint;
 pub mod optim;
 pub mod recalibrate;
