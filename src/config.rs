@@ -218,6 +218,16 @@ impl RunConfig {
                 return err(format!("--resize must be within 8..=512, got {size}"));
             }
         }
+        if let Some(size) = self.model.fixed_image_size() {
+            if self.image_size() != size {
+                return err(format!(
+                    "--resize {}: --model {} takes {size}x{size} images (its linear layers are \
+                     sized for them); drop --resize",
+                    self.image_size(),
+                    self.model
+                ));
+            }
+        }
         let min_size = self.model.min_image_size();
         if self.image_size() < min_size {
             return err(format!(

@@ -110,6 +110,11 @@ fn invalid_values_are_one_line_errors() {
             "--model lenet has no batch norm",
         ),
         (&["train", "--model", "densenet"], "--resize"),
+        (&["train", "--resize", "32"], "--resize 32"),
+        (
+            &["train", "--model", "lenet-gluon", "--resize", "64"],
+            "--resize 64",
+        ),
         (&["run", "alexnet"], "unknown recipe 'alexnet'"),
         (&["train", "--device", "tpu"], "--device"),
         // > 0 but infinite in float32, which the model computes in.

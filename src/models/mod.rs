@@ -65,10 +65,18 @@ impl ModelKind {
     /// The smallest input side the architecture accepts.
     pub fn min_image_size(self) -> usize {
         match self {
-            Self::Lenet | Self::LenetBn => 28,
-            Self::LenetGluon => 18,
+            Self::Lenet | Self::LenetBn | Self::LenetGluon => 28,
             Self::Resnet18 => 16,
             Self::Densenet => 32,
+        }
+    }
+
+    /// The one input side the architecture takes, where its linear layers are sized for it
+    /// (the LeNets: 28 × 28); `None` where a global pool comes before them.
+    pub fn fixed_image_size(self) -> Option<usize> {
+        match self {
+            Self::Lenet | Self::LenetBn | Self::LenetGluon => Some(28),
+            Self::Resnet18 | Self::Densenet => None,
         }
     }
 }
