@@ -38,7 +38,6 @@ use crate::models::{LayerMut, Model, ModelKind, ModelSpec, NamedLayer};
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::NormKind;
 use crate::norm::NormLayer;
-use crate::report::write_atomically;
 
 /// The one `__metadata__` key bnlab writes: a JSON object of the fields below, for tools
 /// that rebuild the model. One key, because safetensors writes several in hash order and the
@@ -405,10 +404,21 @@ pub fn export_with_metadata(
         .map_err(|e| anyhow::anyhow!("cannot encode the state_dict: {e}"))
 }
 
-/// Writes [`export`]'s file to `path` atomically.
-pub fn export_file(model: &Model, spec: &ModelSpec, path: &Path) -> anyhow::Result<()> {
+/// Writes [`export`]'s file to `path` atomically, through the one output function that refuses
+/// devices, FIFOs, links and directories, and an existing file unless `replace`.
+pub fn export_file(
+    model: &Model,
+    spec: &ModelSpec,
+    path: &Path,
+    replace: bool,
+) -> anyhow::Result<()> {
     let bytes = export(model, spec).with_context(|| format!("{}", path.display()))?;
-    write_atomically(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
+    crate::report::output::write_file(
+        path,
+        &bytes,
+        crate::report::output::Existing::replace_if(replace),
+    )
+    .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// A model of `spec`'s architecture with the weights of a PyTorch state_dict in safetensors
