@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::report::write_atomically;
+use crate::report::Existing;
 
 /// An element type `.npy` can describe.
 pub trait NpyElement: Copy {
@@ -67,9 +67,15 @@ pub fn encode<T: NpyElement>(values: &[T], shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes [`encode`]'s bytes to `path` atomically.
-pub fn write<T: NpyElement>(path: &Path, values: &[T], shape: &[usize]) -> anyhow::Result<()> {
-    write_atomically(path, &encode(values, shape))
+/// Writes [`encode`]'s bytes to `path` atomically, through the one output function that
+/// refuses devices, FIFOs, links and directories, and an existing file unless `replace`.
+pub fn write<T: NpyElement>(
+    path: &Path,
+    values: &[T],
+    shape: &[usize],
+    replace: bool,
+) -> anyhow::Result<()> {
+    crate::report::write_file(path, &encode(values, shape), Existing::replace_if(replace))
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
