@@ -44,7 +44,7 @@ pub(crate) fn run_label(path: &Path) -> String {
 }
 
 pub(crate) fn shapes(model: ModelKind, resize: Option<usize>) -> anyhow::Result<()> {
-    let size = resize.unwrap_or(if model == ModelKind::Densenet { 96 } else { 28 });
+    let size = resize.unwrap_or(model.facts().recipe_image_size);
     let config = RunConfig {
         model,
         resize: Some(size),

@@ -253,6 +253,26 @@ pub fn batches(order: &[usize], batch_size: usize, training: bool) -> Vec<&[usiz
     chunks
 }
 
+/// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
+/// (half-pixel centres, as PyTorch's `align_corners=False`) when `size` is not 28.
+pub fn input_batch(
+    split: &Split,
+    indices: &[usize],
+    size: usize,
+    device: &Device,
+) -> (Tensor<4>, Tensor<1, Int>) {
+    if size == split.rows {
+        return split.batch(indices, device);
+    }
+    // Resize on the plain device: nothing of it needs a gradient.
+    let (images, labels) = split.batch(indices, &crate::device::inference_device());
+    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
+        .with_align_corners(false)
+        .with_output_size([size, size]);
+    let images = interpolate(images, options);
+    (images.to_device(device), labels.to_device(device))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,24 +296,4 @@ mod tests {
         assert_eq!(batches(&order, 4, false).len(), 3);
         assert_eq!(batches(&order, 3, true).len(), 3);
     }
-}
-
-/// Examples `indices` of `split` as model input: `(n, 1, size, size)` after a bilinear resize
-/// (half-pixel centres, as PyTorch's `align_corners=False`) when `size` is not 28.
-pub fn input_batch(
-    split: &Split,
-    indices: &[usize],
-    size: usize,
-    device: &Device,
-) -> (Tensor<4>, Tensor<1, Int>) {
-    if size == split.rows {
-        return split.batch(indices, device);
-    }
-    // Resize on the plain device: nothing of it needs a gradient.
-    let (images, labels) = split.batch(indices, &crate::device::inference_device());
-    let options = InterpolateOptions::new(InterpolateMode::Bilinear)
-        .with_align_corners(false)
-        .with_output_size([size, size]);
-    let images = interpolate(images, options);
-    (images.to_device(device), labels.to_device(device))
 }

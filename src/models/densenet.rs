@@ -17,7 +17,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
-use super::ModelSpec;
+use super::{Facts, ModelKind, ModelSpec, Network};
 use crate::norm::{norm_then, NormLayer};
 use crate::ops::conv2d::conv2d;
 
@@ -81,10 +81,19 @@ pub struct DenseNet {
     pub fc: Linear,
 }
 
-impl DenseNet {
+impl Network for DenseNet {
+    fn facts(_: ModelKind) -> Facts {
+        // The stem divides the side by 4; each transition's 2×2 average pool needs 2 pixels.
+        Facts {
+            min_image_size: 32,
+            recipe_image_size: 96,
+            ..Facts::GLOBAL_POOL
+        }
+    }
+
     /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
     /// weights drawn from a generator seeded with `seed`, on `device`.
-    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+    fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let stem = Stem::new(spec, &mut init, device);
         let norm = |c| NormLayer::new(&spec.norm, c, device);
@@ -124,7 +133,7 @@ impl DenseNet {
     /// `(N, 1, H, W)` images (H, W ≥ 32) to `(N, 10)` logits, recording in `trace` the output
     /// shape of the stem, of each dense block (`dense1`..`dense4`) and transition
     /// (`transition1`..`transition3`), of the final BN → ReLU → pool and of the linear layer.
-    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+    fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         let mut x = self.stem.forward(x);
         trace.record("stem", &x.dims());
         for (b, block) in self.blocks.iter().enumerate() {
@@ -152,32 +161,32 @@ impl DenseNet {
     /// in `net.i` as `Sequential(bn, relu, conv)`; transitions at 2, 4, 6 are
     /// `Sequential(bn, relu, conv, avgpool)`; the final BN at 8 and the linear layer at 12. BN
     /// comes before its conv here: no partner to fold into.
-    pub fn layers(&mut self) -> LayerList<'_> {
+    fn layers(&mut self) -> LayerList<'_> {
         let mut list = LayerList::default();
         self.stem.layers_into(&mut list);
         let mut top = Sequential::new("");
         top.skip(1); // the stem
         let mut transitions = self.transitions.iter_mut();
         for (b, block) in self.blocks.iter_mut().enumerate() {
-            let net = format!("{}.net", top.next());
+            let net = format!("{}.net", top.next_key());
             for (i, layer) in block.iter_mut().enumerate() {
                 let name = format!("dense{}.{i}", b + 1);
                 let mut seq = Sequential::new(&format!("{net}.{i}."));
                 list.norm_in(&mut seq, format!("{name}.bn"), &mut layer.bn, None);
                 seq.skip(1); // relu
-                list.conv(format!("{name}.conv"), seq.next(), &mut layer.conv);
+                list.conv(format!("{name}.conv"), seq.next_key(), &mut layer.conv);
             }
             if let Some(transition) = transitions.next() {
                 let name = format!("transition{}", b + 1);
-                let mut seq = Sequential::new(&format!("{}.", top.next()));
+                let mut seq = Sequential::new(&format!("{}.", top.next_key()));
                 list.norm_in(&mut seq, format!("{name}.bn"), &mut transition.bn, None);
                 seq.skip(1); // relu
-                list.conv(format!("{name}.conv"), seq.next(), &mut transition.conv);
+                list.conv(format!("{name}.conv"), seq.next_key(), &mut transition.conv);
             }
         }
         list.norm_in(&mut top, "bn", &mut self.bn, None);
         top.skip(3); // relu, global pool, flatten
-        list.linear("fc", top.next(), &mut self.fc);
+        list.linear("fc", top.next_key(), &mut self.fc);
         list
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Sequential, Trace};
-use super::ModelSpec;
+use super::{Facts, ModelKind, ModelSpec, Network, WeightInit};
 use crate::norm::epilogue::Pool;
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
@@ -40,11 +40,19 @@ pub struct GluonLeNet {
     pub pool: MaxPool2d,
 }
 
-impl GluonLeNet {
+impl Network for GluonLeNet {
+    fn facts(_: ModelKind) -> Facts {
+        // The notebook draws conv and dense weights from N(0, 0.01²) (MXNet's default).
+        Facts {
+            default_init: WeightInit::Normal { std: 0.01 },
+            ..Facts::LENET_SIZED
+        }
+    }
+
     /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
     /// weights drawn from a generator seeded with `seed`, on `device`. It has ReLU and max
     /// pooling whatever `spec.pool` and `spec.activation` say.
-    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+    fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         Self {
             conv1: init.conv2d(1, 20, 5, 1, 0),
@@ -59,7 +67,7 @@ impl GluonLeNet {
 
     /// `(N, 1, 28, 28)` images to `(N, 10)` logits, recording each block's output shape in
     /// `trace`.
-    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+    fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         // BN → ReLU → 2×2 max pool: one kernel per block under `--norm fused`.
         let relu_pool = Epilogue {
             pool: Pool::Max(self.pool.kernel_size[0]),
@@ -79,17 +87,17 @@ impl GluonLeNet {
     /// The layers with weights, keyed as the notebook's `nn.Sequential` in PyTorch: conv `0`,
     /// BN `1`, (relu, pool), conv `4`, BN `5`, (relu, pool, flatten), linear `9`, (relu),
     /// linear `11`.
-    pub fn layers(&mut self) -> LayerList<'_> {
+    fn layers(&mut self) -> LayerList<'_> {
         let (mut list, mut seq) = (LayerList::default(), Sequential::new(""));
-        let conv1 = list.conv("conv1", seq.next(), &mut self.conv1);
+        let conv1 = list.conv("conv1", seq.next_key(), &mut self.conv1);
         list.norm_in(&mut seq, "bn1", &mut self.bn1, Some(conv1));
         seq.skip(2); // relu, pool
-        let conv2 = list.conv("conv2", seq.next(), &mut self.conv2);
+        let conv2 = list.conv("conv2", seq.next_key(), &mut self.conv2);
         list.norm_in(&mut seq, "bn2", &mut self.bn2, Some(conv2));
         seq.skip(3); // relu, pool, flatten
-        list.linear("fc1", seq.next(), &mut self.fc1);
+        list.linear("fc1", seq.next_key(), &mut self.fc1);
         seq.skip(1); // relu
-        list.linear("fc2", seq.next(), &mut self.fc2);
+        list.linear("fc2", seq.next_key(), &mut self.fc2);
         list
     }
 }

@@ -179,7 +179,7 @@ impl Stem {
     /// The stem's layers: d2l's `Sequential(conv, bn, relu, maxpool)` at key `0`.
     pub fn layers_into<'a>(&'a mut self, list: &mut LayerList<'a>) {
         let mut seq = Sequential::new("0.");
-        let conv = list.conv("stem.conv", seq.next(), &mut self.conv);
+        let conv = list.conv("stem.conv", seq.next_key(), &mut self.conv);
         list.norm_in(&mut seq, "stem.bn", &mut self.bn, Some(conv));
     }
 
@@ -279,7 +279,7 @@ impl<'a> LayerList<'a> {
         partner: Option<usize>,
     ) {
         if norm.is_some() {
-            let torch = seq.next();
+            let torch = seq.next_key();
             self.norm(name, torch, norm, partner);
         }
     }
@@ -301,7 +301,7 @@ impl Sequential {
     }
 
     /// The key of the next item.
-    pub fn next(&mut self) -> String {
+    pub fn next_key(&mut self) -> String {
         let name = format!("{}{}", self.prefix, self.index);
         self.index += 1;
         name

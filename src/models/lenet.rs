@@ -14,7 +14,7 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::{Initializer, LayerList, Sequential, Trace};
-use super::ModelSpec;
+use super::{Facts, ModelKind, ModelSpec, Network, WeightInit};
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
 
@@ -49,11 +49,20 @@ pub struct LeNet {
     pub activation: Activation,
 }
 
-impl LeNet {
+impl Network for LeNet {
+    fn facts(kind: ModelKind) -> Facts {
+        Facts {
+            batch_norm: kind != ModelKind::Lenet,
+            default_init: WeightInit::XavierUniform,
+            lenet_blocks: true,
+            ..Facts::LENET_SIZED
+        }
+    }
+
     /// The LeNet `spec` describes (BN layers only if `spec.norm` has them; `spec.pool` and
     /// `spec.activation` between the layers), its weights drawn from a generator seeded with
     /// `seed`, on `device`.
-    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+    fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let norm = |c| NormLayer::new(&spec.norm, c, device);
         Self {
@@ -72,7 +81,7 @@ impl LeNet {
     }
 
     /// `(N, 1, 28, 28)` images to `(N, 10)` logits.
-    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+    fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         // BN → activation (→ pool): one kernel per block under `--norm fused`.
         let act = Epilogue {
             activation: self.activation,
@@ -100,21 +109,21 @@ impl LeNet {
     /// The layers with weights, keyed as d2l's `nn.Sequential`: conv `0`, BN `1`, (act, pool),
     /// conv `4`, BN `5`, (act, pool, flatten), linear `9`, BN `10`, (act), linear `12`, BN `13`,
     /// (act), linear `15`; without BN the indices after each left-out layer shift.
-    pub fn layers(&mut self) -> LayerList<'_> {
+    fn layers(&mut self) -> LayerList<'_> {
         let (mut list, mut seq) = (LayerList::default(), Sequential::new(""));
-        let conv1 = list.conv("conv1", seq.next(), &mut self.conv1);
+        let conv1 = list.conv("conv1", seq.next_key(), &mut self.conv1);
         list.norm_in(&mut seq, "bn1", &mut self.bn1, Some(conv1));
         seq.skip(2); // activation, pool
-        let conv2 = list.conv("conv2", seq.next(), &mut self.conv2);
+        let conv2 = list.conv("conv2", seq.next_key(), &mut self.conv2);
         list.norm_in(&mut seq, "bn2", &mut self.bn2, Some(conv2));
         seq.skip(3); // activation, pool, flatten
-        let fc1 = list.linear("fc1", seq.next(), &mut self.fc1);
+        let fc1 = list.linear("fc1", seq.next_key(), &mut self.fc1);
         list.norm_in(&mut seq, "bn3", &mut self.bn3, Some(fc1));
         seq.skip(1); // activation
-        let fc2 = list.linear("fc2", seq.next(), &mut self.fc2);
+        let fc2 = list.linear("fc2", seq.next_key(), &mut self.fc2);
         list.norm_in(&mut seq, "bn4", &mut self.bn4, Some(fc2));
         seq.skip(1); // activation
-        list.linear("fc3", seq.next(), &mut self.fc3);
+        list.linear("fc3", seq.next_key(), &mut self.fc3);
         list
     }
 }

@@ -23,17 +23,153 @@ pub use resnet::ResNet18;
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{NormConfig, NormKind, NormLayer};
 
-crate::choice_enum! {
-    /// `--model`
-    pub enum ModelKind {
+/// What a network needs to be one of bnlab's models: how it is built, run and walked. A model's
+/// file implements it; one entry in the `networks!` list below makes it a `--model`.
+pub trait Network: Module + Sized {
+    /// What the architecture takes and how it starts, for `kind` (one of the `--model` names
+    /// registered with this network).
+    fn facts(kind: ModelKind) -> Facts;
+
+    /// The network `spec` describes (BN layers only if `spec.norm` has them), its conv and
+    /// linear weights drawn from one generator seeded with `seed` (see
+    /// [`layers::Initializer`]), on `device`.
+    fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self;
+
+    /// `(N, 1, H, W)` images to `(N, 10)` logits, recording each top-level block's output
+    /// shape in `trace`.
+    fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2>;
+
+    /// Every layer with weights, in PyTorch's `state_dict` order, with its names and BN
+    /// partner: what interop, folding and `inspect` walk.
+    fn layers(&mut self) -> LayerList<'_>;
+}
+
+/// The facts about an architecture that the configuration's checks and defaults need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Facts {
+    /// Whether it has batch-norm layers (all but `lenet`, which [`ModelSpec::of`] builds with
+    /// [`NormKind::None`] whatever norm is asked for).
+    pub batch_norm: bool,
+    /// How its conv and linear weights start unless told otherwise.
+    pub default_init: WeightInit,
+    /// Whether `--pool` and `--activation` apply (the d2l LeNets).
+    pub lenet_blocks: bool,
+    /// The smallest input side it accepts.
+    pub min_image_size: usize,
+    /// The one input side it takes, where its linear layers are sized for it; `None` where a
+    /// global pool comes before them.
+    pub fixed_image_size: Option<usize>,
+    /// The side its recipe trains on: what `bnlab shapes` shows unless told otherwise.
+    pub recipe_image_size: usize,
+}
+
+impl Facts {
+    /// A network whose linear layers are sized for 28 × 28 images, with batch norm and
+    /// PyTorch's default initialisation.
+    pub const LENET_SIZED: Self = Self {
+        batch_norm: true,
+        default_init: WeightInit::PyTorchDefault,
+        lenet_blocks: false,
+        min_image_size: 28,
+        fixed_image_size: Some(28),
+        recipe_image_size: 28,
+    };
+
+    /// A network with a global pool before its linear layer (any side from its minimum up),
+    /// with batch norm and PyTorch's default initialisation.
+    pub const GLOBAL_POOL: Self = Self {
+        fixed_image_size: None,
+        ..Self::LENET_SIZED
+    };
+}
+
+/// Declares the models once: each entry names a [`Model`] variant, the [`Network`] type it
+/// holds and the `--model` names (with their help) that build it. The variant names are part
+/// of saved checkpoints.
+macro_rules! networks {
+    ($(
+        $(#[doc = $variant_doc:literal])*
+        $variant:ident($network:ty) => {
+            $( $(#[doc = $kind_doc:literal])* $kind:ident = $name:literal, )+
+        }
+    )+) => {
+        crate::choice_enum! {
+            /// `--model`
+            pub enum ModelKind {
+                $($( $(#[doc = $kind_doc])* $kind = $name, )+)+
+            }
+        }
+
+        /// Any of the chapter's networks. (The variants hold layer handles, not weights, so
+        /// their size difference is a few kilobytes at most.)
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Module, Debug)]
+        pub enum Model {
+            $( $(#[doc = $variant_doc])* $variant($network), )+
+        }
+
+        impl ModelKind {
+            /// What the architecture takes and how it starts.
+            pub fn facts(self) -> Facts {
+                match self {
+                    $( $(Self::$kind)|+ => <$network as Network>::facts(self), )+
+                }
+            }
+        }
+
+        impl ModelSpec {
+            /// A new model on `device`, its conv and linear weights drawn from one generator
+            /// seeded with `seed` (see [`layers::Initializer`]): the same spec and seed give
+            /// the same weights on every backend.
+            pub fn init(&self, seed: u64, device: &Device) -> Model {
+                match self.kind {
+                    $( $(ModelKind::$kind)|+ => {
+                        Model::$variant(<$network as Network>::new(self, seed, device))
+                    } )+
+                }
+            }
+        }
+
+        impl Model {
+            /// The forward pass, recording each top-level block's output shape in `trace`.
+            pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+                match self {
+                    $( Self::$variant(m) => m.forward_traced(x, trace), )+
+                }
+            }
+
+            /// Every layer with weights, in PyTorch's `state_dict` order, with its names and
+            /// BN partner: what interop, folding and `inspect` walk.
+            pub fn layers(&mut self) -> LayerList<'_> {
+                match self {
+                    $( Self::$variant(m) => m.layers(), )+
+                }
+            }
+        }
+    };
+}
+
+// The models: a network's file, and its entry here.
+networks! {
+    /// `lenet` and `lenet-bn`: d2l's LeNet, without or with batch norm.
+    LeNet(LeNet) => {
         /// d2l's LeNet without batch norm (the baseline of the comparison).
         Lenet = "lenet",
         /// d2l's LeNet with batch norm after each conv and linear layer but the last.
         LenetBn = "lenet-bn",
+    }
+    /// `lenet-gluon`: the MXNet notebook's LeNet.
+    Gluon(GluonLeNet) => {
         /// The MXNet notebook's LeNet: ReLU, 20 and 50 channels, max pooling, BN after the convs.
         LenetGluon = "lenet-gluon",
+    }
+    /// `resnet18`.
+    ResNet(ResNet18) => {
         /// d2l's ResNet-18.
         Resnet18 = "resnet18",
+    }
+    /// `densenet`.
+    DenseNet(DenseNet) => {
         /// d2l's DenseNet (4 dense blocks of 4 layers, growth rate 32).
         Densenet = "densenet",
     }
@@ -43,41 +179,30 @@ impl ModelKind {
     /// Whether the architecture has batch-norm layers: all but `lenet`, which
     /// [`ModelSpec::of`] builds with [`NormKind::None`] whatever norm is asked for.
     pub fn has_batch_norm(self) -> bool {
-        self != Self::Lenet
+        self.facts().batch_norm
     }
 
     /// How the model's conv and linear weights start unless told otherwise: Xavier-uniform for
     /// the LeNets (d2l's PyTorch notebooks), N(0, 0.01²) for the MXNet notebook's, PyTorch's
     /// default for ResNet and DenseNet.
     pub fn default_init(self) -> WeightInit {
-        match self {
-            Self::Lenet | Self::LenetBn => WeightInit::XavierUniform,
-            Self::LenetGluon => WeightInit::Normal { std: 0.01 },
-            Self::Resnet18 | Self::Densenet => WeightInit::PyTorchDefault,
-        }
+        self.facts().default_init
     }
 
     /// Whether `--pool` and `--activation` apply (the d2l LeNets).
     pub fn has_lenet_blocks(self) -> bool {
-        matches!(self, Self::Lenet | Self::LenetBn)
+        self.facts().lenet_blocks
     }
 
     /// The smallest input side the architecture accepts.
     pub fn min_image_size(self) -> usize {
-        match self {
-            Self::Lenet | Self::LenetBn | Self::LenetGluon => 28,
-            Self::Resnet18 => 16,
-            Self::Densenet => 32,
-        }
+        self.facts().min_image_size
     }
 
     /// The one input side the architecture takes, where its linear layers are sized for it
     /// (the LeNets: 28 × 28); `None` where a global pool comes before them.
     pub fn fixed_image_size(self) -> Option<usize> {
-        match self {
-            Self::Lenet | Self::LenetBn | Self::LenetGluon => Some(28),
-            Self::Resnet18 | Self::Densenet => None,
-        }
+        self.facts().fixed_image_size
     }
 }
 
@@ -116,60 +241,12 @@ impl ModelSpec {
             init: kind.default_init(),
         }
     }
-
-    /// A new model on `device`, its conv and linear weights drawn from one generator seeded
-    /// with `seed` (see [`layers::Initializer`]): the same spec and seed give the same weights
-    /// on every backend.
-    pub fn init(&self, seed: u64, device: &Device) -> Model {
-        match self.kind {
-            ModelKind::Lenet | ModelKind::LenetBn => Model::LeNet(LeNet::new(self, seed, device)),
-            ModelKind::LenetGluon => Model::Gluon(GluonLeNet::new(self, seed, device)),
-            ModelKind::Resnet18 => Model::ResNet(ResNet18::new(self, seed, device)),
-            ModelKind::Densenet => Model::DenseNet(DenseNet::new(self, seed, device)),
-        }
-    }
-}
-
-/// Any of the chapter's networks. (The variants hold layer handles, not weights, so their
-/// size difference is a few kilobytes at most.)
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Model {
-    /// `lenet` and `lenet-bn`: d2l's LeNet, without or with batch norm.
-    LeNet(LeNet),
-    /// `lenet-gluon`: the MXNet notebook's LeNet.
-    Gluon(GluonLeNet),
-    /// `resnet18`.
-    ResNet(ResNet18),
-    /// `densenet`.
-    DenseNet(DenseNet),
 }
 
 impl Model {
     /// Images `(N, 1, H, W)` to logits `(N, 10)`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         self.forward_traced(x, &mut Trace::off())
-    }
-
-    /// The forward pass, recording each top-level block's output shape in `trace`.
-    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
-        match self {
-            Self::LeNet(m) => m.forward_traced(x, trace),
-            Self::Gluon(m) => m.forward_traced(x, trace),
-            Self::ResNet(m) => m.forward_traced(x, trace),
-            Self::DenseNet(m) => m.forward_traced(x, trace),
-        }
-    }
-
-    /// Every layer with weights, in PyTorch's `state_dict` order, with its names and BN
-    /// partner: what interop, folding and `inspect` walk.
-    pub fn layers(&mut self) -> LayerList<'_> {
-        match self {
-            Self::LeNet(m) => m.layers(),
-            Self::Gluon(m) => m.layers(),
-            Self::ResNet(m) => m.layers(),
-            Self::DenseNet(m) => m.layers(),
-        }
     }
 
     /// Every batch-norm layer, with bnlab's name for it.
@@ -182,5 +259,35 @@ impl Model {
                 _ => None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::choice::Choice;
+
+    #[test]
+    fn every_registered_model_builds_and_runs_at_its_sizes() {
+        let device = crate::device::inference_device();
+        for &kind in ModelKind::ALL {
+            let facts = kind.facts();
+            assert!(facts.min_image_size <= facts.recipe_image_size, "{kind}");
+            if let Some(side) = facts.fixed_image_size {
+                assert_eq!(
+                    (side, side),
+                    (facts.min_image_size, facts.recipe_image_size)
+                );
+            }
+            let spec = ModelSpec::of(kind, NormKind::Scratch);
+            assert_eq!(spec.norm.kind != NormKind::None, facts.batch_norm, "{kind}");
+            let mut model = spec.init(0, &device);
+            for side in [facts.min_image_size, facts.recipe_image_size] {
+                let logits = model.forward(Tensor::zeros([2, 1, side, side], &device));
+                assert_eq!(logits.dims(), [2, 10], "{kind} at {side}");
+            }
+            let norms = model.norms_mut().len();
+            assert_eq!(norms > 0, facts.batch_norm, "{kind}: {norms} BN layers");
+        }
     }
 }

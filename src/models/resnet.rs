@@ -17,7 +17,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Stem, Trace};
-use super::ModelSpec;
+use super::{Facts, ModelKind, ModelSpec, Network};
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
 
@@ -84,10 +84,17 @@ pub struct ResNet18 {
     pub fc: Linear,
 }
 
-impl ResNet18 {
+impl Network for ResNet18 {
+    fn facts(_: ModelKind) -> Facts {
+        Facts {
+            min_image_size: 16,
+            ..Facts::GLOBAL_POOL
+        }
+    }
+
     /// The network with `spec`'s batch norm (BN layers only if `spec.norm` has them), its
     /// weights drawn from a generator seeded with `seed`, on `device`.
-    pub fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
+    fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
         let stem = Stem::new(spec, &mut init, device);
         let widths = [64, 128, 256, 512];
@@ -113,7 +120,7 @@ impl ResNet18 {
 
     /// `(N, 1, H, W)` images to `(N, 10)` logits, recording in `trace` the output shape of
     /// the stem, of each stage (`b2`..`b5`), of the pool and of the linear layer.
-    pub fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
+    fn forward_traced(&self, x: Tensor<4>, trace: &mut Trace) -> Tensor<2> {
         let mut x = self.stem.forward(x);
         trace.record("stem", &x.dims());
         for (i, stage) in self.stages.iter().enumerate() {
@@ -133,7 +140,7 @@ impl ResNet18 {
     /// `nn.Sequential`, each a Sequential of Residual modules whose layers are attributes, in
     /// the order d2l's `Residual` registers them (`conv1`, `conv2`, `conv3`, `bn1`, `bn2`); the
     /// linear layer at `7` (after the pool at 5 and flatten at 6).
-    pub fn layers(&mut self) -> LayerList<'_> {
+    fn layers(&mut self) -> LayerList<'_> {
         let mut list = LayerList::default();
         self.stem.layers_into(&mut list);
         for (s, stage) in self.stages.iter_mut().enumerate() {
