@@ -2,7 +2,8 @@
 //! backward, in float64 (tolerance 1e-10 of each tensor's largest value: the same sums in a
 //! different order) and float32 (1e-5), on the geometries the models use: LeNet's 5×5 without
 //! padding, ResNet's 3×3 with padding 1 and stride 1 or 2, 1×1 shortcuts of stride 2, the
-//! 7×7 stem of stride 2 and padding 3, and batches that do not fill a group evenly.
+//! 7×7 stem of stride 2 and padding 3, DenseNet's 3×3 and 1×1 layers of stride 1 (whose dx is a
+//! convolution of dy), and batches that do not fill a group evenly.
 
 use bnlab::ops::conv2d::{applies, conv2d};
 use burn::module::Param;
@@ -104,6 +105,18 @@ fn resnet_convolutions_match_burn() {
     check(7, 8, 7, 16, 3, 2, 1);
     check(7, 8, 7, 16, 1, 2, 0); // shortcut
     check(130, 4, 1, 6, 3, 1, 1); // 1×1 maps: one group of 256 images and a short one
+}
+
+#[test]
+fn densenet_convolutions_match_burn() {
+    // Dense layers (more input than output channels) and transitions, on maps of at least
+    // 256 positions (one image per group, where a 1×1 kernel needs no im2col) and below.
+    check(3, 40, 16, 8, 3, 1, 1);
+    check(5, 24, 6, 8, 3, 1, 1);
+    check(3, 24, 16, 12, 1, 1, 0);
+    check(9, 24, 6, 12, 1, 1, 0);
+    // Padding wider than the window allows no convolution for dx: the col2im path.
+    check(2, 3, 8, 4, 3, 1, 3);
 }
 
 #[test]

@@ -7,8 +7,10 @@
 //!
 //! - forward: `cols = im2col(x)` (`K = C_in·k_h·k_w` rows, one column per output position), then
 //!   `y = W · cols + b`, written straight into NCHW;
-//! - backward: `dW = Σ dy · colsᵀ`, `db = Σ dy`, `dx = col2im(Wᵀ · dy)` (only when `x` needs
-//!   a gradient: never for the input images).
+//! - backward: `dW = Σ dy · colsᵀ`, `db = Σ dy`; `dx` (only when `x` needs a gradient: never
+//!   for the input images) is, for stride 1, the convolution of `dy` with the flipped,
+//!   transposed weight, and otherwise `col2im(Wᵀ · dy)`;
+//! - one image under a 1×1 kernel of stride 1 is its own `cols`: no im2col.
 //!
 //! Images are taken in groups with at least [`MIN_COLUMNS`] output positions between them, so
 //! that the products stay wide when the feature maps are small (ResNet-18 ends at 1×1). Groups
@@ -17,6 +19,7 @@
 //!
 //! Other backends, dilation, groups and asymmetric padding use Burn's `Conv2d::forward`.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -222,6 +225,18 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
     }
 }
 
+/// The group's `cols` ([`im2col`]'s layout). One image under a 1×1 kernel of stride 1
+/// without padding is its own `cols` (`(C_in, P)`, row-major), so it is borrowed, not copied.
+fn columns<E: Element>(x: &[E], s: Shape, imgs: usize) -> Cow<'_, [E]> {
+    if imgs == 1 && s.k_h == 1 && s.k_w == 1 && s.stride == 1 && s.padding == 0 {
+        return Cow::Borrowed(x);
+    }
+    let mut cols = uninit::<E>(s.k() * imgs * s.p());
+    im2col(x, s, imgs, &mut cols);
+    // SAFETY: im2col writes every element.
+    Cow::Owned(unsafe { assume_init(cols) })
+}
+
 /// Adds `dcols` (laid out as [`im2col`]'s output) back into the group's input gradient `dx`.
 fn col2im<E: Element>(dcols: &[E], s: Shape, imgs: usize, dx: &mut [E]) {
     let (p, width) = (s.p(), imgs * s.p());
@@ -381,10 +396,7 @@ fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec
         .for_each(|(gi, out)| {
             let imgs = out.len() / (s.c_out * p);
             let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
-            let mut cols = uninit::<E>(s.k() * imgs * p);
-            im2col(x, s, imgs, &mut cols);
-            // SAFETY: im2col writes every element.
-            let cols = unsafe { assume_init(cols) };
+            let cols = columns(x, s, imgs);
             let cols = row_major(&cols, s.k(), imgs * p);
             if imgs == 1 {
                 // (C_out, P) is already the image's layout: bias first, the product onto it.
@@ -424,10 +436,7 @@ fn backward_typed<E: Element>(
     let group = |gi: usize, dx: Option<&mut [E]>| {
         let imgs = (s.n - gi * g).min(g);
         let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
-        let mut cols = uninit::<E>(k * imgs * p);
-        im2col(x, s, imgs, &mut cols);
-        // SAFETY: im2col writes every element.
-        let cols = unsafe { assume_init(cols) };
+        let cols = columns(x, s, imgs);
         // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
         let gathered: Vec<E>;
@@ -464,6 +473,18 @@ fn backward_typed<E: Element>(
         }
         (dweight, dbias)
     };
+    if need_dx {
+        if let Some(dx) = dx_by_convolution(weight, dy, s) {
+            let (dweight, dbias) = sum_partials(
+                (0..groups)
+                    .into_par_iter()
+                    .map(|gi| group(gi, None))
+                    .collect(),
+                s,
+            );
+            return (Some(dx), dweight, dbias);
+        }
+    }
     let mut dx = need_dx.then(|| vec![E::ZERO; s.n * s.image_len()]);
     let partials: Vec<(Vec<E>, Vec<E>)> = match dx.as_mut() {
         Some(dx) => dx
@@ -476,14 +497,55 @@ fn backward_typed<E: Element>(
             .map(|gi| group(gi, None))
             .collect(),
     };
-    // Summed in group order: the same result for any number of threads.
-    let mut dweight = vec![E::ZERO; s.c_out * k];
+    let (dweight, dbias) = sum_partials(partials, s);
+    (dx, dweight, dbias)
+}
+
+/// The groups' `(dweight, dbias)` summed in group order: the same result for any number of
+/// threads.
+fn sum_partials<E: Element>(partials: Vec<(Vec<E>, Vec<E>)>, s: Shape) -> (Vec<E>, Vec<E>) {
+    let mut dweight = vec![E::ZERO; s.c_out * s.k()];
     let mut dbias = vec![E::ZERO; s.c_out];
     for (dw, db) in partials {
         dweight.iter_mut().zip(dw).for_each(|(a, b)| *a = a.add(b));
         dbias.iter_mut().zip(db).for_each(|(a, b)| *a = a.add(b));
     }
-    (dx, dweight, dbias)
+    (dweight, dbias)
+}
+
+/// `dx` of a stride-1 convolution, computed as a convolution itself: of `dy`, padded by
+/// `k - 1 - padding`, with the weight's two channel axes swapped and its window flipped.
+/// Its matrix product has an inner dimension of `C_out·k_h·k_w`, where `Wᵀ · dy` followed by
+/// [`col2im`] has only `C_out` and a scatter of `C_in·k_h·k_w` rows per position (DenseNet's
+/// layers: 32 output channels, up to 248 input ones). `None` for the other geometries.
+fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec<E>> {
+    if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h {
+        return None;
+    }
+    let window = s.k_h * s.k_w;
+    let mut flipped = uninit::<E>(weight.len());
+    for co in 0..s.c_out {
+        for ci in 0..s.c_in {
+            let from = &weight[(co * s.c_in + ci) * window..][..window];
+            let to = &mut flipped[(ci * s.c_out + co) * window..][..window];
+            for (t, &v) in to.iter_mut().zip(from.iter().rev()) {
+                t.write(v);
+            }
+        }
+    }
+    // SAFETY: every (ci, co) window was written above.
+    let flipped = unsafe { assume_init(flipped) };
+    let geometry = ConvGeometry {
+        stride: 1,
+        padding: s.k_h - 1 - s.padding,
+    };
+    let t = Shape::of(
+        &[s.n, s.c_out, s.h_out, s.w_out],
+        &[s.c_in, s.c_out, s.k_h, s.k_w],
+        geometry,
+    );
+    debug_assert_eq!((t.h_out, t.w_out), (s.h, s.w));
+    Some(forward_typed(dy, &flipped, &vec![E::ZERO; s.c_in], t))
 }
 
 fn forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, g: ConvGeometry) -> FlexTensor {
