@@ -188,6 +188,10 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
                 let (lo, hi) = s.columns(kx);
                 for i in 0..imgs {
                     let plane = &x[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
+                    if s.stride == 1 && s.w_out == s.w {
+                        same_width_row(plane, s, ky, kx, &mut row[i * p..][..p]);
+                        continue;
+                    }
                     for oy in 0..s.h_out {
                         let out = &mut row[i * p + oy * s.w_out..][..s.w_out];
                         let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
@@ -235,6 +239,48 @@ fn columns<E: Element>(x: &[E], s: Shape, imgs: usize) -> Cow<'_, [E]> {
     im2col(x, s, imgs, &mut cols);
     // SAFETY: im2col writes every element.
     Cow::Owned(unsafe { assume_init(cols) })
+}
+
+/// One image's row `(ky, kx)` of [`im2col`] for a stride-1 convolution that keeps the width
+/// (`W_out = W`: a 3×3 window with padding 1, a 1×1 without): the valid output rows read one
+/// run of the plane, shifted by `(ky - padding)·W + kx - padding`, so they are one copy, after
+/// which the columns that fall in the padding are zeroed (the copy put the neighbouring row's
+/// edge there).
+fn same_width_row<E: Element>(
+    plane: &[E],
+    s: Shape,
+    ky: usize,
+    kx: usize,
+    out: &mut [MaybeUninit<E>],
+) {
+    let w = s.w;
+    // iy = oy + ky - padding must lie within [0, h).
+    let first_row = s.padding.saturating_sub(ky).min(s.h_out);
+    let end_row = (s.h + s.padding)
+        .saturating_sub(ky)
+        .clamp(first_row, s.h_out);
+    let (lo, hi) = s.columns(kx);
+    let zero = |o: &mut MaybeUninit<E>| {
+        o.write(E::ZERO);
+    };
+    out[..first_row * w].iter_mut().for_each(zero);
+    out[end_row * w..].iter_mut().for_each(zero);
+    if first_row == end_row || lo == hi {
+        out[first_row * w..end_row * w].iter_mut().for_each(zero);
+        return;
+    }
+    // Output (oy, ox) reads plane[(oy + ky - padding)·W + ox + kx - padding]: one offset.
+    let start = first_row * w + lo;
+    let end = (end_row - 1) * w + hi;
+    let from = (first_row + ky - s.padding) * w + lo + kx - s.padding;
+    let run = &plane[from..from + (end - start)];
+    for (o, &v) in out[start..end].iter_mut().zip(run) {
+        o.write(v);
+    }
+    for row in out[first_row * w..end_row * w].chunks_mut(w) {
+        row[..lo].iter_mut().for_each(zero);
+        row[hi..].iter_mut().for_each(zero);
+    }
 }
 
 /// Adds `dcols` (laid out as [`im2col`]'s output) back into the group's input gradient `dx`.
