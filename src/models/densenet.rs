@@ -15,10 +15,9 @@ use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgP
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network};
-use crate::norm::{norm_then, NormLayer};
+use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
 
 const GROWTH: usize = 32;
@@ -37,7 +36,7 @@ pub struct ConvBlock {
 
 impl ConvBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(&self.conv, norm_then(&self.bn, x, BN_RELU))
+        conv2d(&self.conv, norm_then(&self.bn, x, Epilogue::RELU))
     }
 }
 
@@ -57,7 +56,7 @@ pub struct Transition {
 impl Transition {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.pool
-            .forward(conv2d(&self.conv, norm_then(&self.bn, x, BN_RELU)))
+            .forward(conv2d(&self.conv, norm_then(&self.bn, x, Epilogue::RELU)))
     }
 }
 
@@ -149,7 +148,7 @@ impl Network for DenseNet {
         }
         let x = self
             .pool
-            .forward(norm_then(&self.bn, x, BN_RELU))
+            .forward(norm_then(&self.bn, x, Epilogue::RELU))
             .flatten::<2>(1, 3);
         trace.record("bn-relu-global-avg-pool", &x.dims());
         let x = self.fc.forward(x);

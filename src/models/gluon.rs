@@ -12,7 +12,6 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Sequential, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network, WeightInit};
 use crate::norm::epilogue::Pool;
@@ -71,7 +70,7 @@ impl Network for GluonLeNet {
         // BN → ReLU → 2×2 max pool: one kernel per block under `--norm fused`.
         let relu_pool = Epilogue {
             pool: Pool::Max(self.pool.kernel_size[0]),
-            ..BN_RELU
+            ..Epilogue::RELU
         };
         let x = norm_then(&self.bn1, conv2d(&self.conv1, x), relu_pool);
         trace.record("conv1-bn-relu-pool", &x.dims());

@@ -10,15 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::conv2d::conv2d;
-
-/// BN (if any) followed by ReLU: one kernel under `--norm fused`.
-pub const BN_RELU: Epilogue = Epilogue {
-    activation: Activation::Relu,
-    pool: Pool::None,
-};
 
 /// How conv and linear weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -188,7 +181,7 @@ impl Stem {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
         self.pool
-            .forward(norm_then(&self.bn, conv2d(&self.conv, x), BN_RELU))
+            .forward(norm_then(&self.bn, conv2d(&self.conv, x), Epilogue::RELU))
     }
 }
 

@@ -15,7 +15,6 @@ use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::BN_RELU;
 use super::layers::{Initializer, LayerList, Stem, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network};
 use crate::norm::{norm_then, Epilogue, NormLayer};
@@ -60,7 +59,7 @@ impl Residual {
 
     /// `(N, cin, H, W)` to `(N, cout, ⌈H/s⌉, ⌈W/s⌉)`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = norm_then(&self.bn1, conv2d(&self.conv1, x.clone()), BN_RELU);
+        let y = norm_then(&self.bn1, conv2d(&self.conv1, x.clone()), Epilogue::RELU);
         let y = norm_then(&self.bn2, conv2d(&self.conv2, y), Epilogue::NONE);
         let shortcut = match &self.conv3 {
             Some(conv) => conv2d(conv, x),

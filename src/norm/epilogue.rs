@@ -136,6 +136,12 @@ impl Epilogue {
         pool: Pool::None,
     };
 
+    /// Batch norm, then ReLU: the start of DenseNet's layers and the end of ResNet's.
+    pub const RELU: Self = Self {
+        activation: Activation::Relu,
+        pool: Pool::None,
+    };
+
     /// Whether this is [`Epilogue::NONE`]: the identity.
     pub fn is_none(&self) -> bool {
         *self == Self::NONE
