@@ -17,8 +17,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network};
-use crate::norm::{norm_then, Epilogue, NormLayer};
-use crate::ops::conv2d::conv2d;
+use crate::norm::{norm_relu_conv, norm_then, Epilogue, NormLayer};
 
 const GROWTH: usize = 32;
 const LAYERS_PER_BLOCK: usize = 4;
@@ -36,7 +35,7 @@ pub struct ConvBlock {
 
 impl ConvBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(&self.conv, norm_then(&self.bn, x, Epilogue::RELU))
+        norm_relu_conv(&self.bn, x, &self.conv)
     }
 }
 
@@ -55,8 +54,7 @@ pub struct Transition {
 
 impl Transition {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.pool
-            .forward(conv2d(&self.conv, norm_then(&self.bn, x, Epilogue::RELU)))
+        self.pool.forward(norm_relu_conv(&self.bn, x, &self.conv))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use burn::config::Config;
 use burn::module::{Flag, Module, Param, RunningState};
+use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 
 use std::sync::Once;
@@ -13,6 +14,8 @@ use super::functional::{
     Momentum, RunningUpdate,
 };
 use crate::ops::batch_norm as fused;
+use crate::ops::bn_relu_conv2d::try_bn_relu_conv2d;
+use crate::ops::conv2d::conv2d;
 use crate::ops::epilogue::apply_epilogue;
 
 /// Configuration of [`BatchNorm`]. The defaults are PyTorch's: eps 1e-5, momentum 0.1 on the
@@ -291,30 +294,62 @@ impl BatchNorm {
                 Ok(apply_epilogue(y, epilogue))
             }
             (false, None) => Ok(self.normalize_train(x, gamma, beta, epilogue)?.0),
-            (true, running) => {
+            (true, _) => {
                 let device = x.device();
                 let (y, stats) = self.normalize_train(x, gamma, beta, epilogue)?;
-                if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
-                    let tracked_now = tracked.value_sync().to_device(&device).add_scalar(1.0);
-                    // The count reaches the host only for a cumulative average.
-                    let count = match self.update.momentum.weight() {
-                        None => tracked_now.clone().into_scalar::<f32>() as u64,
-                        Some(_) => 0,
-                    };
-                    let (new_mean, new_var) = update_running(
-                        mean.value_sync().to_device(&device),
-                        var.value_sync().to_device(&device),
-                        &stats,
-                        self.update,
-                        count,
-                    );
-                    mean.update(new_mean.detach());
-                    var.update(new_var.detach());
-                    tracked.update(tracked_now.detach());
-                }
+                self.track(&stats, &device);
                 Ok(y)
             }
         }
+    }
+
+    /// Training mode: the running statistics take in the batch's (if the layer keeps them).
+    fn track(&self, stats: &BatchStats, device: &Device) {
+        let running = self.running_mean.as_ref().zip(self.running_var.as_ref());
+        if let (Some((mean, var)), Some(tracked)) = (running, &self.num_batches_tracked) {
+            let tracked_now = tracked.value_sync().to_device(device).add_scalar(1.0);
+            // The count reaches the host only for a cumulative average.
+            let count = match self.update.momentum.weight() {
+                None => tracked_now.clone().into_scalar::<f32>() as u64,
+                Some(_) => 0,
+            };
+            let (new_mean, new_var) = update_running(
+                mean.value_sync().to_device(device),
+                var.value_sync().to_device(device),
+                stats,
+                self.update,
+                count,
+            );
+            mean.update(new_mean.detach());
+            var.update(new_var.detach());
+            tracked.update(tracked_now.detach());
+        }
+    }
+
+    /// The layer, then ReLU, then `conv`: in training mode with the fused kernel on Flex, one
+    /// op ([`crate::ops::bn_relu_conv2d`]) that never writes the normalised tensor; otherwise
+    /// [`Self::forward_then`] and the convolution.
+    ///
+    /// # Panics
+    /// As [`Self::forward_then`].
+    pub fn forward_relu_conv(&self, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
+        if self.kernel == Kernel::Fused && self.is_training_for(&x) {
+            let device = x.device();
+            let channels = x.dims()[1];
+            let gamma = self.gamma.as_ref().map(|p| p.val());
+            let beta = self.beta.as_ref().map(|p| p.val());
+            // Without affine parameters the op still takes them, as constants.
+            let gamma = gamma.unwrap_or_else(|| Tensor::ones([channels], (&device, x.dtype())));
+            let beta = beta.unwrap_or_else(|| Tensor::zeros([channels], (&device, x.dtype())));
+            if channels == self.num_features {
+                if let Some((y, stats)) = try_bn_relu_conv2d(x.clone(), gamma, beta, self.eps, conv)
+                {
+                    self.track(&stats, &device);
+                    return y;
+                }
+            }
+        }
+        conv2d(conv, self.forward_then(x, Epilogue::RELU))
     }
 
     /// Training-mode normalisation with batch statistics, then `epilogue`.

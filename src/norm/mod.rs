@@ -14,9 +14,11 @@ pub mod functional;
 pub mod layer;
 
 use burn::module::Module;
+use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::ops::conv2d::conv2d;
 use crate::ops::epilogue::apply_epilogue;
 
 pub use epilogue::{compose_epilogue, Epilogue};
@@ -224,6 +226,15 @@ impl NormLayer {
             None => shift,
         };
         Some((scale, shift))
+    }
+}
+
+/// Applies an optional norm layer (the identity when the model has none), then ReLU, then
+/// `conv`: one op where `--norm fused` trains on Flex ([`BatchNorm::forward_relu_conv`]).
+pub fn norm_relu_conv(norm: &Option<NormLayer>, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
+    match norm {
+        Some(NormLayer::Scratch(bn)) => bn.forward_relu_conv(x, conv),
+        _ => conv2d(conv, norm_then(norm, x, Epilogue::RELU)),
     }
 }
 

@@ -50,6 +50,27 @@ pub struct ConvGeometry {
     pub padding: usize,
 }
 
+/// What [`im2col`] applies to each input value as it reads it: nothing ([`Identity`]), or the
+/// BN → ReLU that precedes a convolution (`ops::bn_relu_conv2d`), so that its output is never
+/// written.
+pub(crate) trait Prologue<E>: Sync {
+    /// Whether values pass unchanged (then one image under a 1×1 kernel is its own `cols`).
+    const IDENTITY: bool;
+    /// The map for input channel `c`.
+    fn channel(&self, c: usize) -> impl Fn(E) -> E + Copy;
+}
+
+/// The plain convolution's prologue: values pass unchanged.
+pub(crate) struct Identity;
+
+impl<E> Prologue<E> for Identity {
+    const IDENTITY: bool = true;
+    #[inline(always)]
+    fn channel(&self, _: usize) -> impl Fn(E) -> E + Copy {
+        |v| v
+    }
+}
+
 /// The im2col convolution as a backend op: Flex, and autodiff over Flex with its own backward.
 /// Reached through [`conv2d`].
 #[backend_extension(Flex, Autodiff)]
@@ -90,7 +111,7 @@ pub fn applies(conv: &Conv2d, x: &Tensor<4>) -> bool {
 }
 
 /// The geometry when this module's kernel can run `conv` on `x`.
-fn geometry_of(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvGeometry> {
+pub(crate) fn geometry_of(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvGeometry> {
     let [s_h, s_w] = conv.stride;
     let padding = match conv.padding {
         PaddingConfig2d::Valid => 0,
@@ -113,7 +134,7 @@ fn geometry_of(conv: &Conv2d, x: &Tensor<4>) -> Option<ConvGeometry> {
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Shape {
+pub(crate) struct Shape {
     n: usize,
     c_in: usize,
     h: usize,
@@ -128,7 +149,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn of(x: &[usize], weight: &[usize], g: ConvGeometry) -> Self {
+    pub(crate) fn of(x: &[usize], weight: &[usize], g: ConvGeometry) -> Self {
         let (h, w, k_h, k_w) = (x[2], x[3], weight[2], weight[3]);
         Self {
             n: x[0],
@@ -143,6 +164,16 @@ impl Shape {
             stride: g.stride,
             padding: g.padding,
         }
+    }
+
+    /// `(N, C_out, H_out, W_out)`.
+    pub(crate) fn output_shape(&self) -> Vec<usize> {
+        vec![self.n, self.c_out, self.h_out, self.w_out]
+    }
+
+    /// Output channels.
+    pub(crate) fn c_out(&self) -> usize {
+        self.c_out
     }
 
     /// Rows of `cols`: one per input channel and kernel position.
@@ -178,9 +209,16 @@ impl Shape {
 
 /// `cols[r][i·P + p]` for the `imgs` images of `x` (a group, contiguous), where row
 /// `r = (c·k_h + ky)·k_w + kx` and `p = oy·W_out + ox`.
-fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>]) {
+fn im2col<E: Element, P: Prologue<E>>(
+    x: &[E],
+    s: Shape,
+    imgs: usize,
+    cols: &mut [MaybeUninit<E>],
+    prologue: &P,
+) {
     let (p, width) = (s.p(), imgs * s.p());
     for c in 0..s.c_in {
+        let f = prologue.channel(c);
         for ky in 0..s.k_h {
             for kx in 0..s.k_w {
                 let r = (c * s.k_h + ky) * s.k_w + kx;
@@ -189,7 +227,7 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
                 for i in 0..imgs {
                     let plane = &x[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
                     if s.stride == 1 && s.w_out == s.w {
-                        same_width_row(plane, s, ky, kx, &mut row[i * p..][..p]);
+                        same_width_row(plane, s, ky, kx, &mut row[i * p..][..p], f);
                         continue;
                     }
                     for oy in 0..s.h_out {
@@ -214,12 +252,12 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
                         assert!(hi == lo || first + (hi - lo - 1) * s.stride < s.w);
                         if s.stride == 1 {
                             for (o, &v) in out[lo..hi].iter_mut().zip(&input[first..]) {
-                                o.write(v);
+                                o.write(f(v));
                             }
                         } else {
                             let strided = input[first..].iter().step_by(s.stride);
                             for (o, &v) in out[lo..hi].iter_mut().zip(strided) {
-                                o.write(v);
+                                o.write(f(v));
                             }
                         }
                     }
@@ -231,12 +269,18 @@ fn im2col<E: Element>(x: &[E], s: Shape, imgs: usize, cols: &mut [MaybeUninit<E>
 
 /// The group's `cols` ([`im2col`]'s layout). One image under a 1×1 kernel of stride 1
 /// without padding is its own `cols` (`(C_in, P)`, row-major), so it is borrowed, not copied.
-fn columns<E: Element>(x: &[E], s: Shape, imgs: usize) -> Cow<'_, [E]> {
-    if imgs == 1 && s.k_h == 1 && s.k_w == 1 && s.stride == 1 && s.padding == 0 {
+fn columns<'a, E: Element, P: Prologue<E>>(
+    x: &'a [E],
+    s: Shape,
+    imgs: usize,
+    prologue: &P,
+) -> Cow<'a, [E]> {
+    let pointwise = s.k_h == 1 && s.k_w == 1 && s.stride == 1 && s.padding == 0;
+    if P::IDENTITY && imgs == 1 && pointwise {
         return Cow::Borrowed(x);
     }
     let mut cols = uninit::<E>(s.k() * imgs * s.p());
-    im2col(x, s, imgs, &mut cols);
+    im2col(x, s, imgs, &mut cols, prologue);
     // SAFETY: im2col writes every element.
     Cow::Owned(unsafe { assume_init(cols) })
 }
@@ -252,6 +296,7 @@ fn same_width_row<E: Element>(
     ky: usize,
     kx: usize,
     out: &mut [MaybeUninit<E>],
+    f: impl Fn(E) -> E,
 ) {
     let w = s.w;
     // iy = oy + ky - padding must lie within [0, h).
@@ -275,7 +320,7 @@ fn same_width_row<E: Element>(
     let from = (first_row + ky - s.padding) * w + lo + kx - s.padding;
     let run = &plane[from..from + (end - start)];
     for (o, &v) in out[start..end].iter_mut().zip(run) {
-        o.write(v);
+        o.write(f(v));
     }
     for row in out[first_row * w..end_row * w].chunks_mut(w) {
         row[..lo].iter_mut().for_each(zero);
@@ -431,7 +476,14 @@ fn as_uninit<E>(v: &mut [E]) -> &mut [MaybeUninit<E>] {
     unsafe { &mut *(v as *mut [E] as *mut [MaybeUninit<E>]) }
 }
 
-fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec<E> {
+/// `y = conv(prologue(x)) + bias`, `(N, C_out, H_out, W_out)`.
+pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
+    x: &[E],
+    weight: &[E],
+    bias: &[E],
+    s: Shape,
+    prologue: &P,
+) -> Vec<E> {
     let (p, g) = (s.p(), s.group());
     let mut y = uninit::<E>(s.n * s.c_out * p);
     let groups = s.n.div_ceil(g);
@@ -442,7 +494,7 @@ fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec
         .for_each(|(gi, out)| {
             let imgs = out.len() / (s.c_out * p);
             let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
-            let cols = columns(x, s, imgs);
+            let cols = columns(x, s, imgs, prologue);
             let cols = row_major(&cols, s.k(), imgs * p);
             if imgs == 1 {
                 // (C_out, P) is already the image's layout: bias first, the product onto it.
@@ -468,7 +520,7 @@ fn forward_typed<E: Element>(x: &[E], weight: &[E], bias: &[E], s: Shape) -> Vec
 }
 
 /// `(dx, dweight, dbias)`, `dx` only if `need_dx`.
-fn backward_typed<E: Element>(
+pub(crate) fn backward_typed<E: Element>(
     x: &[E],
     weight: &[E],
     dy: &[E],
@@ -482,7 +534,7 @@ fn backward_typed<E: Element>(
     let group = |gi: usize, dx: Option<&mut [E]>| {
         let imgs = (s.n - gi * g).min(g);
         let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
-        let cols = columns(x, s, imgs);
+        let cols = columns(x, s, imgs, &Identity);
         // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
         let gathered: Vec<E>;
@@ -591,7 +643,13 @@ fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec
         geometry,
     );
     debug_assert_eq!((t.h_out, t.w_out), (s.h, s.w));
-    Some(forward_typed(dy, &flipped, &vec![E::ZERO; s.c_in], t))
+    Some(forward_typed(
+        dy,
+        &flipped,
+        &vec![E::ZERO; s.c_in],
+        t,
+        &Identity,
+    ))
 }
 
 fn forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, g: ConvGeometry) -> FlexTensor {
@@ -600,11 +658,11 @@ fn forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, g: ConvGeometry)
     let out_shape = vec![s.n, s.c_out, s.h_out, s.w_out];
     match x.dtype() {
         DType::F64 => tensor(
-            forward_typed::<f64>(slice(&x), slice(&weight), slice(&bias), s),
+            forward_typed::<f64, _>(slice(&x), slice(&weight), slice(&bias), s, &Identity),
             out_shape,
         ),
         _ => tensor(
-            forward_typed::<f32>(slice(&x), slice(&weight), slice(&bias), s),
+            forward_typed::<f32, _>(slice(&x), slice(&weight), slice(&bias), s, &Identity),
             out_shape,
         ),
     }

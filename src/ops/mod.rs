@@ -5,10 +5,13 @@
 //!   and CubeCL for wgpu and CUDA), optionally with the [`epilogue`] in the same pass;
 //! - [`epilogue`]: an activation and a `k × k` pool as one op (Flex);
 //! - [`conv2d`]: the models' im2col convolution (Flex);
+//! - [`bn_relu_conv2d`]: training-mode BN → ReLU → convolution as one op (Flex), DenseNet's
+//!   layer, with the normalised tensor never written;
 //! - [`seeded_backward`]: a backward from a given upstream gradient (W6's benchmark);
 //! - [`cpu`] and [`flex`]: what the CPU kernels share.
 
 pub mod batch_norm;
+pub mod bn_relu_conv2d;
 pub mod conv2d;
 pub mod cpu;
 pub mod epilogue;

@@ -1,0 +1,334 @@
+//! Training-mode BN → ReLU → Conv as one op on Flex: the layer of DenseNet's dense blocks and
+//! transitions. The normalised, rectified tensor is never written: [`super::conv2d`]'s im2col
+//! applies `relu(γ·x̂ + β)` to each value as it forms the convolution's columns.
+//!
+//! - forward: the batch statistics of `x` (one pass, as the fused BN op computes them), then
+//!   the convolution of `x` through that prologue;
+//! - backward: the activations `a = relu(γ·x̂ + β)` are recomputed once (bit for bit what the
+//!   forward used), the convolution's backward on `a` gives `da`, `dW` and `db`, and the fused
+//!   BN op's backward through the ReLU takes `da` to `dx`, `dγ` and `dβ`.
+//!
+//! Between the forward and the backward the op keeps `x` (which the network keeps anyway: it
+//! is the dense block's concatenation) and three numbers per channel, where BN then conv kept
+//! the activations too. Outputs equal those of the fused BN op followed by the convolution
+//! exactly: the same statistics, the same arithmetic per value, the same matrix products.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch};
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Tensor};
+
+use super::batch_norm::{channels, planes, stats};
+use super::conv2d::{backward_typed, forward_typed, geometry_of, ConvGeometry, Prologue, Shape};
+use super::cpu::{Dims, Real};
+use super::flex::{contiguous, plane_of, slice, tensor, Element};
+use super::{family, Family};
+use crate::norm::epilogue::{Activation, Epilogue};
+use crate::norm::functional::BatchStats;
+
+/// BN → ReLU → Conv as a backend op: Flex, and autodiff over Flex with its own backward.
+/// Reached through [`try_bn_relu_conv2d`].
+#[backend_extension(Flex, Autodiff)]
+pub trait BnReluConv2dBackend: Backend {
+    /// `conv(relu(γ·x̂ + β))` with batch statistics over axis 1 of `x` `(N, C, H, W)`, and the
+    /// batch mean and biased variance (which carry no gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_relu_conv2d(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Training-mode `conv(relu(bn(x)))` by the fused op, with the batch statistics for the
+/// running ones; `None` where it does not apply (another backend or dtype, a convolution the
+/// im2col kernel does not take, fewer than two values per channel): the caller composes the
+/// layers then. `gamma` and `beta` must have one value per channel of `x`.
+pub fn try_bn_relu_conv2d(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+    conv: &Conv2d,
+) -> Option<(Tensor<4>, BatchStats)> {
+    let geometry = geometry_of(conv, &x)?;
+    let [n, c, h, w] = x.dims();
+    let count = n * h * w;
+    if family(&x.device()) != Some(Family::Flex) || count < 2 || gamma.dims() != [c] {
+        return None;
+    }
+    let weight = conv.weight.val();
+    let bias = match &conv.bias {
+        Some(b) => b.val(),
+        None => Tensor::zeros([weight.dims()[0]], (&x.device(), x.dtype())),
+    };
+    let (y, mean, var) = <Dispatch as BnReluConv2dBackend>::bn_relu_conv2d(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        geometry,
+    );
+    let stats = BatchStats {
+        mean: Tensor::from_dispatch(mean),
+        var: Tensor::from_dispatch(var),
+        count,
+    };
+    Some((Tensor::from_dispatch(y), stats))
+}
+
+/// BN → ReLU for input channel `c`, as the fused BN op's forward computes it per value.
+struct BnRelu<E>(Vec<(stats::ChannelStats<E>, E, E)>);
+
+impl<E: Real> BnRelu<E> {
+    fn new(stats: &[stats::ChannelStats<E>], gamma: &[E], beta: &[E]) -> Self {
+        Self(
+            stats
+                .iter()
+                .zip(gamma.iter().zip(beta))
+                .map(|(&st, (&g, &b))| (st, E::from_f64(g.to_f64() * st.inv_std.to_f64()), b))
+                .collect(),
+        )
+    }
+}
+
+impl<E: Real> Prologue<E> for BnRelu<E> {
+    const IDENTITY: bool = false;
+    #[inline(always)]
+    fn channel(&self, c: usize) -> impl Fn(E) -> E + Copy {
+        let (st, scale, shift) = self.0[c];
+        move |v| Activation::Relu.apply(st.centered(v).mul_add(scale, shift))
+    }
+}
+
+/// What the backward needs.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    weight: FlexTensor,
+    /// Per channel: pivot, shifted mean, inverse std (as float64, whatever the dtype).
+    stats: Vec<[f64; 3]>,
+    geometry: ConvGeometry,
+}
+
+fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<stats::ChannelStats<E>> {
+    saved
+        .iter()
+        .map(|&[pivot, shifted_mean, inv_std]| stats::ChannelStats {
+            pivot: E::from_f64(pivot),
+            shifted_mean: E::from_f64(shifted_mean),
+            inv_std: E::from_f64(inv_std),
+            mean: 0.0,
+            var: 0.0,
+        })
+        .collect()
+}
+
+/// The forward on Flex tensors: `(y, mean, var, saved)`.
+fn forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    eps: f64,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    geometry: ConvGeometry,
+) -> (FlexTensor, FlexTensor, FlexTensor, Saved) {
+    fn typed<E: Element>(
+        x: &FlexTensor,
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        eps: f64,
+        weight: &FlexTensor,
+        bias: &FlexTensor,
+        s: Shape,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>) {
+        let shape = x.layout().shape().to_vec();
+        let dims = Dims::of(&shape);
+        let xs = slice::<E>(x);
+        let st = stats::channel_stats(xs, dims, eps);
+        let prologue = BnRelu::new(&st, slice(gamma), slice(beta));
+        let y = forward_typed(xs, slice(weight), slice(bias), s, &prologue);
+        let mean = st.iter().map(|s| E::from_f64(s.mean)).collect();
+        let var = st.iter().map(|s| E::from_f64(s.var)).collect();
+        let saved = st
+            .iter()
+            .map(|s| {
+                [
+                    s.pivot.to_f64(),
+                    s.shifted_mean.to_f64(),
+                    s.inv_std.to_f64(),
+                ]
+            })
+            .collect();
+        (
+            tensor(y, s.output_shape()),
+            tensor(mean, vec![dims.c]),
+            tensor(var, vec![dims.c]),
+            saved,
+        )
+    }
+    let (x, gamma, beta) = (contiguous(&x), contiguous(&gamma), contiguous(&beta));
+    let (weight, bias) = (contiguous(&weight), contiguous(&bias));
+    let s = Shape::of(x.layout().shape(), weight.layout().shape(), geometry);
+    let (y, mean, var, stats) = match x.dtype() {
+        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps, &weight, &bias, s),
+        _ => typed::<f32>(&x, &gamma, &beta, eps, &weight, &bias, s),
+    };
+    let saved = Saved {
+        x,
+        gamma,
+        beta,
+        weight,
+        stats,
+        geometry,
+    };
+    (y, mean, var, saved)
+}
+
+/// The gradients `[dx, dgamma, dbeta, dweight, dbias]` of the op's output, `dx` only if
+/// `need_dx`.
+fn backward(
+    saved: &Saved,
+    dy: &FlexTensor,
+    need_dx: bool,
+) -> (Option<FlexTensor>, [FlexTensor; 4]) {
+    fn typed<E: Element>(
+        saved: &Saved,
+        dy: &FlexTensor,
+        need_dx: bool,
+    ) -> (Option<FlexTensor>, [FlexTensor; 4]) {
+        let shape = saved.x.layout().shape().to_vec();
+        let dims = Dims::of(&shape);
+        let plane = plane_of(&shape);
+        let st = stats_from::<E>(&saved.stats);
+        let (xs, gamma) = (slice::<E>(&saved.x), slice::<E>(&saved.gamma));
+        let (activations, _) = planes::forward(
+            xs,
+            dims,
+            plane,
+            &st,
+            gamma,
+            slice(&saved.beta),
+            Epilogue::RELU,
+        );
+        let s = Shape::of(&shape, saved.weight.layout().shape(), saved.geometry);
+        let (da, dweight, dbias) =
+            backward_typed(&activations, slice(&saved.weight), slice(dy), s, true);
+        let da = da.expect("asked for");
+        let (sums, dx) = channels::train_backward(
+            xs,
+            &da,
+            Some(&activations),
+            dims,
+            plane,
+            &st,
+            gamma,
+            Epilogue::RELU,
+            need_dx,
+        );
+        let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
+        let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();
+        let weight_shape = saved.weight.layout().shape().to_vec();
+        (
+            dx.map(|dx| tensor(dx, shape)),
+            [
+                tensor(dgamma, vec![dims.c]),
+                tensor(dbeta, vec![dims.c]),
+                tensor(dweight, weight_shape),
+                tensor(dbias, vec![s.c_out()]),
+            ],
+        )
+    }
+    let dy = contiguous(dy);
+    match saved.x.dtype() {
+        DType::F64 => typed::<f64>(saved, &dy, need_dx),
+        _ => typed::<f32>(saved, &dy, need_dx),
+    }
+}
+
+impl BnReluConv2dBackend for Flex {
+    fn bn_relu_conv2d(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, mean, var, _) = forward(x, gamma, beta, eps, weight, bias, geometry);
+        (y, mean, var)
+    }
+}
+
+#[derive(Debug)]
+struct BnReluConv2dBackward;
+
+impl Backward<Flex, 5> for BnReluConv2dBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, rest @ ..] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (dx, others) = backward(&ops.state, &dy, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<Flex>(node.id, dx);
+        }
+        for (node, grad) in rest.into_iter().zip(others) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> BnReluConv2dBackend for Autodiff<Flex, C> {
+    fn bn_relu_conv2d(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let prepared = BnReluConv2dBackward
+            .prepare::<C>([
+                x.node(),
+                gamma.node(),
+                beta.node(),
+                weight.node(),
+                bias.node(),
+            ])
+            .compute_bound()
+            .stateful();
+        let (y, mean, var, saved) = forward(
+            x.primitive().clone(),
+            gamma.primitive().clone(),
+            beta.primitive().clone(),
+            eps,
+            weight.primitive().clone(),
+            bias.primitive().clone(),
+            geometry,
+        );
+        let y = match prepared {
+            OpsKind::Tracked(prep) => prep.finish(saved, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, Self::from_inner(mean), Self::from_inner(var))
+    }
+}

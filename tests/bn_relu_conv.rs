@@ -1,0 +1,260 @@
+//! BN → ReLU → Conv as one op (`bnlab::ops::bn_relu_conv2d`, what `BatchNorm::forward_relu_conv`
+//! runs in training mode with the fused kernel on Flex), on DenseNet's geometries:
+//!
+//! - against the same layers composed (the fused BN op with its ReLU epilogue, then the im2col
+//!   convolution): output, the gradients of x, γ, β, the weight and the bias, and the running
+//!   statistics after the step, equal bit for bit in float32 and float64 (the op runs the same
+//!   arithmetic per value and the same matrix products; it only skips writing the BN output);
+//! - against central finite differences in float64, for the loss `sum(y ⊙ g)`: every gradient
+//!   within 1e-6 of the largest (h = 1e-6; a nudge that crosses a ReLU kink would show, and the
+//!   random data keeps pre-activations away from 0 by far more than h).
+
+use bnlab::norm::{BatchNorm, BatchNormConfig, Epilogue, Kernel};
+use bnlab::ops::bn_relu_conv2d::try_bn_relu_conv2d;
+use bnlab::ops::conv2d::conv2d;
+use burn::module::{Param, RunningState};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+
+fn random(n: usize, scale: f64, offset: f64, rng: &mut impl Rng) -> Vec<f64> {
+    (0..n)
+        .map(|_| offset + scale * rng.random_range(-1.0..1.0))
+        .collect()
+}
+
+fn tensor<const D: usize>(
+    v: &[f64],
+    shape: [usize; D],
+    dtype: DType,
+    device: &Device,
+) -> Tensor<D> {
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
+        (device, dtype),
+    )
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().iter::<f64>().collect()
+}
+
+/// A DenseNet-like case: `c_in` channels of `hw × hw`, a `k × k` conv with padding `pad` to
+/// `c_out` channels, and the values every run starts from.
+struct Case {
+    shape: [usize; 4],
+    c_out: usize,
+    k: usize,
+    pad: usize,
+    x: Vec<f64>,
+    gamma: Vec<f64>,
+    beta: Vec<f64>,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+    g: Vec<f64>,
+}
+
+impl Case {
+    fn new(
+        n: usize,
+        c_in: usize,
+        hw: usize,
+        c_out: usize,
+        k: usize,
+        pad: usize,
+        seed: u64,
+    ) -> Self {
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+        let out = hw + 2 * pad - k + 1;
+        Self {
+            shape: [n, c_in, hw, hw],
+            c_out,
+            k,
+            pad,
+            x: random(n * c_in * hw * hw, 2.0, 0.5, &mut rng),
+            gamma: random(c_in, 0.5, 1.0, &mut rng),
+            beta: random(c_in, 0.5, 0.0, &mut rng),
+            weight: random(c_out * c_in * k * k, 0.5, 0.0, &mut rng),
+            bias: random(c_out, 0.5, 0.0, &mut rng),
+            g: random(n * c_out * out * out, 1.0, 0.0, &mut rng),
+        }
+    }
+
+    fn out_shape(&self) -> [usize; 4] {
+        let [n, _, hw, _] = self.shape;
+        let out = hw + 2 * self.pad - self.k + 1;
+        [n, self.c_out, out, out]
+    }
+
+    fn layers(&self, dtype: DType, device: &Device) -> (BatchNorm, Conv2d) {
+        let c_in = self.shape[1];
+        let mut bn: BatchNorm = BatchNormConfig::new(c_in)
+            .with_kernel(Kernel::Fused)
+            .init(device);
+        bn.gamma = Some(Param::from_tensor(tensor(
+            &self.gamma,
+            [c_in],
+            dtype,
+            device,
+        )));
+        bn.beta = Some(Param::from_tensor(tensor(
+            &self.beta,
+            [c_in],
+            dtype,
+            device,
+        )));
+        // Running statistics in the test's dtype, as a model in that dtype has them.
+        let filled = |v: f64, n: usize| RunningState::new(tensor(&vec![v; n], [n], dtype, device));
+        bn.running_mean = Some(filled(0.0, c_in));
+        bn.running_var = Some(filled(1.0, c_in));
+        bn.num_batches_tracked = Some(filled(0.0, 1));
+        let mut conv = Conv2dConfig::new([c_in, self.c_out], [self.k, self.k])
+            .with_padding(PaddingConfig2d::Explicit(
+                self.pad, self.pad, self.pad, self.pad,
+            ))
+            .init(device);
+        let shape = [self.c_out, c_in, self.k, self.k];
+        conv.weight = Param::from_tensor(tensor(&self.weight, shape, dtype, device));
+        conv.bias = Some(Param::from_tensor(tensor(
+            &self.bias,
+            [self.c_out],
+            dtype,
+            device,
+        )));
+        (bn, conv)
+    }
+
+    /// `[y, dx, dγ, dβ, dW, db, running mean, running var]` of one training step.
+    fn run(&self, dtype: DType, fused: bool) -> Vec<Vec<f64>> {
+        let device = Device::flex().autodiff();
+        let (bn, conv) = self.layers(dtype, &device);
+        let x = tensor(&self.x, self.shape, dtype, &device).require_grad();
+        let y = if fused {
+            bn.forward_relu_conv(x.clone(), &conv)
+        } else {
+            conv2d(&conv, bn.forward_then(x.clone(), Epilogue::RELU))
+        };
+        let grads = (y.clone() * tensor(&self.g, self.out_shape(), dtype, &device))
+            .sum()
+            .backward();
+        let grad = |t: Tensor<1>| values(t.grad(&grads).expect("a gradient"));
+        let (mean, var) = bn.running_stats().expect("kept");
+        vec![
+            values(y),
+            values(x.grad(&grads).expect("a gradient")),
+            grad(bn.gamma.as_ref().unwrap().val()),
+            grad(bn.beta.as_ref().unwrap().val()),
+            values(conv.weight.val().grad(&grads).expect("a gradient")),
+            grad(conv.bias.as_ref().unwrap().val()),
+            values(mean),
+            values(var),
+        ]
+    }
+
+    /// `sum(conv(relu(bn(x))) ⊙ g)` by the fused op on a plain device, in float64.
+    fn loss(&self, x: &[f64], gamma: &[f64], beta: &[f64], weight: &[f64], bias: &[f64]) -> f64 {
+        let device = Device::flex();
+        let c_in = self.shape[1];
+        let mut conv = Conv2dConfig::new([c_in, self.c_out], [self.k, self.k])
+            .with_padding(PaddingConfig2d::Explicit(
+                self.pad, self.pad, self.pad, self.pad,
+            ))
+            .init(&device);
+        let shape = [self.c_out, c_in, self.k, self.k];
+        conv.weight = Param::from_tensor(tensor(weight, shape, DType::F64, &device));
+        conv.bias = Some(Param::from_tensor(tensor(
+            bias,
+            [self.c_out],
+            DType::F64,
+            &device,
+        )));
+        let (y, _) = try_bn_relu_conv2d(
+            tensor(x, self.shape, DType::F64, &device),
+            tensor(gamma, [c_in], DType::F64, &device),
+            tensor(beta, [c_in], DType::F64, &device),
+            1e-5,
+            &conv,
+        )
+        .expect("the fused op applies on Flex");
+        let g = tensor(&self.g, self.out_shape(), DType::F64, &device);
+        values((y * g).sum())[0]
+    }
+}
+
+const NAMES: [&str; 8] = [
+    "y",
+    "dx",
+    "dgamma",
+    "dbeta",
+    "dweight",
+    "dbias",
+    "running mean",
+    "running var",
+];
+
+fn cases() -> Vec<(&'static str, Case)> {
+    vec![
+        ("dense layer 3x3", Case::new(4, 24, 8, 8, 3, 1, 1)),
+        ("transition 1x1", Case::new(3, 16, 16, 8, 1, 0, 2)),
+        (
+            "small maps, grouped images",
+            Case::new(9, 12, 3, 8, 3, 1, 3),
+        ),
+    ]
+}
+
+#[test]
+fn fused_op_equals_the_composed_layers_bit_for_bit() {
+    for (name, case) in cases() {
+        for dtype in [DType::F32, DType::F64] {
+            let fused = case.run(dtype, true);
+            let composed = case.run(dtype, false);
+            for (i, what) in NAMES.iter().enumerate() {
+                assert_eq!(fused[i], composed[i], "{name} {dtype:?}: {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_op_gradients_match_finite_differences() {
+    let h = 1e-6;
+    for (name, case) in cases() {
+        let got = case.run(DType::F64, true);
+        let params = [&case.x, &case.gamma, &case.beta, &case.weight, &case.bias];
+        for (p, analytic) in params.iter().zip(&got[1..6]) {
+            let scale = analytic.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            // Every value of the small tensors, a spread of the large ones.
+            let step = (p.len() / 40).max(1);
+            for i in (0..p.len()).step_by(step) {
+                let nudged = |d: f64| {
+                    let mut args: Vec<Vec<f64>> = params.iter().map(|v| v.to_vec()).collect();
+                    let which = params.iter().position(|q| std::ptr::eq(*q, *p)).unwrap();
+                    args[which][i] += d;
+                    case.loss(&args[0], &args[1], &args[2], &args[3], &args[4])
+                };
+                let numeric = (nudged(h) - nudged(-h)) / (2.0 * h);
+                assert!(
+                    (numeric - analytic[i]).abs() <= 1e-6 * scale,
+                    "{name}: gradient {i}: {} by backward, {numeric} by differences",
+                    analytic[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_op_declines_what_it_does_not_take() {
+    let case = Case::new(2, 4, 6, 4, 3, 1, 4);
+    let device = Device::flex();
+    let (_, conv) = case.layers(DType::F32, &device);
+    let x = tensor(&case.x, case.shape, DType::F32, &device);
+    let one = |n: usize| Tensor::<1>::ones([n], (&device, DType::F32));
+    // γ of the wrong length, and one value per channel: the caller composes the layers.
+    assert!(try_bn_relu_conv2d(x.clone(), one(3), one(4), 1e-5, &conv).is_none());
+    let single = x.slice([0..1, 0..4, 0..1, 0..1]);
+    let (_, conv1) = Case::new(1, 4, 1, 4, 1, 0, 5).layers(DType::F32, &device);
+    assert!(try_bn_relu_conv2d(single, one(4), one(4), 1e-5, &conv1).is_none());
+}
