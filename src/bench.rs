@@ -3,8 +3,10 @@
 //!
 //! | id | workload | figure |
 //! |---|---|---|
+//! | W0 | the best matrix product this CPU runs: gemm, f32, 1024³, all threads | GFLOP/s |
 //! | W1 | LeNet-BN training, SGD lr 1.0, batch 256, one epoch, per `--norm` | examples/s |
-//! | W4 | ResNet-18 on 28×28, batch 128, Adam 1e-3, 30 steps after 3 warm-up | examples/s |
+//! | W4 | ResNet-18 on 28×28, batch 128, Adam 1e-3, 30 steps after 3 warm-up | examples/s, conv GFLOP/s |
+//! | W5 | DenseNet on 96×96, batch 64, Adam 1e-3, 10 steps after 2 warm-up | examples/s, conv GFLOP/s, peak RSS |
 //! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms |
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
@@ -47,6 +49,13 @@ pub struct Record {
     /// RSS: the peak resident memory, in MB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mb: Option<f64>,
+    /// W0: the matrix product's rate; W4, W5: the convolutions' matrix products' floating-point
+    /// operations over the training steps' whole time, in GFLOP/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    /// W4, W5: `gflops` as a share of W0's (measured in the same process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_of_peak: Option<f64>,
     /// W1: the test accuracy after the epoch (a check that the run learned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_acc: Option<f64>,
@@ -71,6 +80,8 @@ impl Record {
             ms_per_fwd_bwd: None,
             ms_per_fwd_bwd_median: None,
             peak_rss_mb: None,
+            gflops: None,
+            share_of_peak: None,
             test_acc: None,
             folded: None,
             seconds,
@@ -90,6 +101,10 @@ pub struct Scale {
     pub densenet_steps: usize,
     /// W6: timed forward and backward passes.
     pub bn_iters: usize,
+    /// W0: the side of the square matrices.
+    pub matmul_side: usize,
+    /// W0: timed products.
+    pub matmul_reps: usize,
     /// W7: test batches (`None`: the whole test set).
     pub inference_batches: Option<usize>,
 }
@@ -102,6 +117,8 @@ impl Scale {
             resnet_steps: 30,
             densenet_steps: 10,
             bn_iters: 50,
+            matmul_side: 1024,
+            matmul_reps: 5,
             inference_batches: None,
         }
     }
@@ -113,6 +130,8 @@ impl Scale {
             resnet_steps: 2,
             densenet_steps: 1,
             bn_iters: 3,
+            matmul_side: 64,
+            matmul_reps: 1,
             inference_batches: Some(2),
         }
     }
@@ -183,6 +202,57 @@ const W5: StepsWorkload = StepsWorkload {
     warmup: 2,
 };
 
+/// W0: the rate of the best matrix product this CPU runs here, the reference for W4's and W5's
+/// GFLOP/s: the `gemm` crate (the convolutions' own, with its AVX-512 kernels where the CPU
+/// has them) on float32 `n × n` by `n × n` with all of rayon's threads, the best of `reps`
+/// after one warm-up. `n` = 1024 unless `--quick`.
+pub fn matmul_peak(scale: Scale) -> Record {
+    let n = scale.matmul_side;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+    let mut c = vec![0.0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let mut product = || {
+        let started = Instant::now();
+        // SAFETY: a, b and c are n × n row-major, as the strides say.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        };
+        started.elapsed().as_secs_f64()
+    };
+    product();
+    let best = (0..scale.matmul_reps)
+        .map(|_| product())
+        .fold(f64::INFINITY, f64::min);
+    let mut r = Record::new(
+        "W0 matmul_peak",
+        best,
+        format!("gemm f32 {n}x{n}x{n}, best of {}", scale.matmul_reps),
+    );
+    r.gflops = Some(2.0 * (n * n * n) as f64 / best / 1e9);
+    r
+}
+
 /// W4: ResNet-18 training steps on fixed in-memory batches, after warm-up.
 pub fn resnet_training(
     data: &FashionMnist,
@@ -239,11 +309,13 @@ fn steps_training(
     for batch in &batches[..w.warmup] {
         model = step(model, batch);
     }
+    let flops_before = crate::ops::conv2d::product_flops();
     let started = Instant::now();
     for batch in &batches[w.warmup..] {
         model = step(model, batch);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let flops = crate::ops::conv2d::product_flops() - flops_before;
     let mut r = Record::new(
         w.name,
         seconds,
@@ -257,6 +329,7 @@ fn steps_training(
     );
     r.norm = Some(norm_label(norm));
     r.examples_per_sec = Some((w.batch * steps) as f64 / seconds);
+    r.gflops = (flops > 0).then(|| flops as f64 / seconds / 1e9);
     Ok(r)
 }
 

@@ -17,7 +17,7 @@ pub(crate) fn bench(
     env: &EnvArgs,
 ) -> anyhow::Result<()> {
     use bnlab::bench::{self, Scale, NORMS};
-    const ALL: [&str; 6] = ["W1", "W4", "W5", "W6", "W7", "RSS"];
+    const ALL: [&str; 7] = ["W0", "W1", "W4", "W5", "W6", "W7", "RSS"];
     let only: Vec<String> = only.iter().map(|w| w.trim().to_uppercase()).collect();
     if let Some(bad) = only.iter().find(|w| !ALL.contains(&w.as_str())) {
         anyhow::bail!(
@@ -40,13 +40,20 @@ pub(crate) fn bench(
         if json {
             println!("{}", serde_json::to_string(&r).expect("record serializes"));
         } else {
-            let figure = match (r.examples_per_sec, r.ms_per_fwd_bwd, r.peak_rss_mb) {
+            let mut figure = match (r.examples_per_sec, r.ms_per_fwd_bwd, r.peak_rss_mb) {
                 (Some(x), _, Some(mb)) => format!("{x:>9.1} examples/s, {mb:.0} MB peak RSS"),
                 (Some(x), _, _) => format!("{x:>9.1} examples/s"),
                 (_, Some(ms), _) => format!("{ms:>9.2} ms per fwd+bwd"),
                 (_, _, Some(mb)) => format!("{mb:>9.0} MB peak RSS"),
                 _ => String::new(),
             };
+            match (r.gflops, r.share_of_peak, figure.is_empty()) {
+                (Some(g), None, true) => figure = format!("{g:>9.1} GFLOP/s"),
+                (Some(g), Some(share), _) => {
+                    figure += &format!(", convs {g:.1} GFLOP/s ({:.0}% of W0)", 100.0 * share)
+                }
+                _ => {}
+            }
             let norm = match (&r.norm, r.folded) {
                 (Some(n), _) => format!(" --norm {n}"),
                 (None, Some(true)) => " folded".into(),
@@ -61,16 +68,34 @@ pub(crate) fn bench(
             );
         }
     };
+    // The matrix product's rate, the reference for the convolutions' share of it.
+    let peak = (wanted("W0") || wanted("W4") || wanted("W5")).then(|| bench::matmul_peak(scale));
+    let peak_gflops = peak.as_ref().and_then(|r| r.gflops);
+    let with_share = |mut r: bench::Record| {
+        r.share_of_peak = r.gflops.zip(peak_gflops).map(|(g, p)| g / p);
+        r
+    };
+    if let Some(r) = peak.clone().filter(|_| wanted("W0")) {
+        emit(r);
+    }
     if wanted("W1") {
         for &norm in norms {
             emit(bench::lenet_training(&data, norm, scale)?);
         }
     }
     if wanted("W4") {
-        emit(bench::resnet_training(&data, NormKind::Fused, scale)?);
+        emit(with_share(bench::resnet_training(
+            &data,
+            NormKind::Fused,
+            scale,
+        )?));
     }
     if wanted("W5") {
-        emit(bench::densenet_training(&data, NormKind::Fused, scale)?);
+        emit(with_share(bench::densenet_training(
+            &data,
+            NormKind::Fused,
+            scale,
+        )?));
     }
     if wanted("W6") {
         for &norm in norms {

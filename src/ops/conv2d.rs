@@ -21,6 +21,7 @@
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -395,10 +396,22 @@ fn transposed<E>(m: Mat<&[E]>) -> Mat<&[E]> {
     }
 }
 
+/// Floating-point operations of the matrix products run so far (see [`product_flops`]).
+static PRODUCT_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// The floating-point operations (`2·m·n·k` per product) of every matrix product the
+/// convolutions of this module have run in this process, forward and backward (and so those
+/// of `ops::bn_relu_conv2d`): what `bnlab bench` divides by the time for the convolutions'
+/// GFLOP/s.
+pub fn product_flops() -> u64 {
+    PRODUCT_FLOPS.load(Ordering::Relaxed)
+}
+
 /// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major `a.rows × b.cols`.
 /// `parallel` lets gemm split the product over rayon's threads.
 fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: bool, parallel: bool) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
+    PRODUCT_FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     assert_eq!(b.rows, k, "matmul: inner dimensions");
     assert_eq!(dst.len(), m * n, "matmul: output size");
     if m == 0 || n == 0 {
