@@ -1,19 +1,24 @@
 //! BN → ReLU → Conv as one op (`bnlab::ops::bn_relu_conv2d`, what `BatchNorm::forward_relu_conv`
-//! runs in training mode with the fused kernel on Flex), on DenseNet's geometries:
+//! runs in training mode with the fused kernel on Flex), on DenseNet's geometries, and BN →
+//! ReLU → an overlapping max pool as one op (`bnlab::ops::bn_relu_max_pool`, the ResNet and
+//! DenseNet stem's 3×3/2 pad 1, what `BatchNorm::forward_relu_max_pool` runs):
 //!
 //! - against the same layers composed (the fused BN op with its ReLU epilogue, then the im2col
-//!   convolution): output, the gradients of x, γ, β, the weight and the bias, and the running
-//!   statistics after the step, equal bit for bit in float32 and float64 (the op runs the same
-//!   arithmetic per value and the same matrix products; it only skips writing the BN output);
+//!   convolution, or Burn's `MaxPool2d`): output, the gradients of x, γ, β (and the weight and
+//!   the bias), and the running statistics after the step, equal bit for bit in float32 and
+//!   float64 (the ops run the same arithmetic per value and the same sums in the same order;
+//!   they only skip keeping the BN output);
 //! - against central finite differences in float64, for the loss `sum(y ⊙ g)`: every gradient
-//!   within 1e-6 of the largest (h = 1e-6; a nudge that crosses a ReLU kink would show, and the
-//!   random data keeps pre-activations away from 0 by far more than h).
+//!   within 1e-6 of the largest (h = 1e-6; a nudge that crosses a ReLU kink or changes a
+//!   window's maximum would show, and the random data keeps both far more than h away).
 
 use bnlab::norm::{BatchNorm, BatchNormConfig, Epilogue, Kernel};
 use bnlab::ops::bn_relu_conv2d::try_bn_relu_conv2d;
+use bnlab::ops::bn_relu_max_pool::{bn_relu_max_pool, MaxPoolWindow};
 use bnlab::ops::conv2d::conv2d;
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -257,4 +262,118 @@ fn the_op_declines_what_it_does_not_take() {
     let single = x.slice([0..1, 0..4, 0..1, 0..1]);
     let (_, conv1) = Case::new(1, 4, 1, 4, 1, 0, 5).layers(DType::F32, &device);
     assert!(try_bn_relu_conv2d(single, one(4), one(4), 1e-5, &conv1).is_none());
+}
+
+/// The stem's pool: 3×3, stride 2, padding 1.
+fn stem_pool() -> MaxPool2d {
+    MaxPool2dConfig::new([3, 3])
+        .with_strides([2, 2])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init()
+}
+
+const STEM_WINDOW: MaxPoolWindow = MaxPoolWindow {
+    kernel: 3,
+    stride: 2,
+    padding: 1,
+};
+
+/// `[y, dx, dγ, dβ, running mean, running var]` of one step of BN → ReLU → the stem's pool.
+fn pool_step(case: &Case, dtype: DType, fused: bool) -> Vec<Vec<f64>> {
+    let device = Device::flex().autodiff();
+    let (bn, _) = case.layers(dtype, &device);
+    let x = tensor(&case.x, case.shape, dtype, &device).require_grad();
+    let pool = stem_pool();
+    let y = if fused {
+        bn.forward_relu_max_pool(x.clone(), &pool)
+    } else {
+        pool.forward(bn.forward_then(x.clone(), Epilogue::RELU))
+    };
+    let g = pool_g(case, &y.dims());
+    let grads = (y.clone() * tensor(&g, y.dims(), dtype, &device))
+        .sum()
+        .backward();
+    let grad = |t: Tensor<1>| values(t.grad(&grads).expect("a gradient"));
+    let (mean, var) = bn.running_stats().expect("kept");
+    vec![
+        values(y),
+        values(x.grad(&grads).expect("a gradient")),
+        grad(bn.gamma.as_ref().unwrap().val()),
+        grad(bn.beta.as_ref().unwrap().val()),
+        values(mean),
+        values(var),
+    ]
+}
+
+/// The upstream gradient of the pooled output: the case's `g`, cycled to the pooled size.
+fn pool_g(case: &Case, dims: &[usize; 4]) -> Vec<f64> {
+    case.g
+        .iter()
+        .cycle()
+        .take(dims.iter().product())
+        .copied()
+        .collect()
+}
+
+fn pool_cases() -> Vec<(&'static str, Case)> {
+    vec![
+        ("stem 3x3/2 on 12x12", Case::new(3, 4, 12, 1, 1, 0, 11)),
+        (
+            "stem 3x3/2 on 7x7 (odd side)",
+            Case::new(2, 3, 7, 1, 1, 0, 12),
+        ),
+    ]
+}
+
+#[test]
+fn fused_max_pool_equals_the_composed_layers_bit_for_bit() {
+    for (name, case) in pool_cases() {
+        for dtype in [DType::F32, DType::F64] {
+            let fused = pool_step(&case, dtype, true);
+            let composed = pool_step(&case, dtype, false);
+            let names = ["y", "dx", "dgamma", "dbeta", "running mean", "running var"];
+            for (i, what) in names.iter().enumerate() {
+                assert_eq!(fused[i], composed[i], "{name} {dtype:?}: {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_max_pool_gradients_match_finite_differences() {
+    let h = 1e-6;
+    for (name, case) in pool_cases() {
+        let got = pool_step(&case, DType::F64, true);
+        let device = Device::flex();
+        let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| {
+            let c = case.shape[1];
+            let (y, _, _) = bn_relu_max_pool(
+                tensor(x, case.shape, DType::F64, &device),
+                tensor(gamma, [c], DType::F64, &device),
+                tensor(beta, [c], DType::F64, &device),
+                1e-5,
+                STEM_WINDOW,
+            );
+            let g = pool_g(&case, &y.dims());
+            values((y.clone() * tensor(&g, y.dims(), DType::F64, &device)).sum())[0]
+        };
+        let params = [&case.x, &case.gamma, &case.beta];
+        for (which, analytic) in got[1..4].iter().enumerate() {
+            let scale = analytic.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            let len = params[which].len();
+            for i in (0..len).step_by((len / 40).max(1)) {
+                let nudged = |d: f64| {
+                    let mut args: Vec<Vec<f64>> = params.iter().map(|v| v.to_vec()).collect();
+                    args[which][i] += d;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let numeric = (nudged(h) - nudged(-h)) / (2.0 * h);
+                assert!(
+                    (numeric - analytic[i]).abs() <= 1e-6 * scale,
+                    "{name}: gradient {which}/{i}: {} by backward, {numeric} by differences",
+                    analytic[i]
+                );
+            }
+        }
+    }
 }

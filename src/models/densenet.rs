@@ -17,7 +17,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network};
-use crate::norm::{norm_relu_conv, norm_then, Epilogue, NormLayer};
+use crate::norm::{norm_relu_conv, norm_then, BatchNorm, Epilogue, NormLayer};
 
 const GROWTH: usize = 32;
 const LAYERS_PER_BLOCK: usize = 4;
@@ -37,6 +37,25 @@ impl ConvBlock {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         norm_relu_conv(&self.bn, x, &self.conv)
     }
+}
+
+/// A dense block: each layer's output concatenated to its input. In training with the fused
+/// kernel, one op that keeps the block in one buffer ([`BatchNorm::dense_block`]).
+fn dense_block(x: Tensor<4>, block: &[ConvBlock]) -> Tensor<4> {
+    let fused: Option<Vec<(&BatchNorm, &Conv2d)>> = block
+        .iter()
+        .map(|layer| match &layer.bn {
+            Some(NormLayer::Scratch(bn)) => Some((bn, &layer.conv)),
+            _ => None,
+        })
+        .collect();
+    if let Some(y) = fused.and_then(|layers| BatchNorm::dense_block(x.clone(), &layers)) {
+        return y;
+    }
+    block.iter().fold(x, |x, layer| {
+        let y = layer.forward(x.clone());
+        Tensor::cat(vec![x, y], 1)
+    })
 }
 
 /// BN → ReLU → Conv 1×1 → AvgPool 2: between two dense blocks, halves the channels and the
@@ -134,10 +153,7 @@ impl Network for DenseNet {
         let mut x = self.stem.forward(x);
         trace.record("stem", &x.dims());
         for (b, block) in self.blocks.iter().enumerate() {
-            for layer in block {
-                let y = layer.forward(x.clone());
-                x = Tensor::cat(vec![x, y], 1);
-            }
+            x = dense_block(x, block);
             trace.record(&format!("dense{}", b + 1), &x.dims());
             if let Some(transition) = self.transitions.get(b) {
                 x = transition.forward(x);

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::norm::{norm_then, Epilogue, NormLayer};
+use crate::norm::{norm_relu_max_pool, NormLayer};
 use crate::ops::conv2d::conv2d;
 
 /// How conv and linear weights are drawn.
@@ -179,9 +179,7 @@ impl Stem {
     /// `(N, 1, H, W)` to `(N, 64, ⌈H/4⌉, ⌈W/4⌉)`: each of the conv and the pool halves the
     /// side, rounding up.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        // A 3×3 pool of stride 2 with padding: not one the fused kernel computes.
-        self.pool
-            .forward(norm_then(&self.bn, conv2d(&self.conv, x), Epilogue::RELU))
+        norm_relu_max_pool(&self.bn, conv2d(&self.conv, x), &self.pool)
     }
 }
 

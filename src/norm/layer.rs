@@ -4,7 +4,9 @@
 use burn::config::Config;
 use burn::module::{Flag, Module, Param, RunningState};
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor};
+use burn::nn::pool::MaxPool2d;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Device, Tensor};
 
 use std::sync::Once;
 
@@ -15,8 +17,11 @@ use super::functional::{
 };
 use crate::ops::batch_norm as fused;
 use crate::ops::bn_relu_conv2d::try_bn_relu_conv2d;
-use crate::ops::conv2d::conv2d;
+use crate::ops::bn_relu_max_pool::{bn_relu_max_pool, MaxPoolWindow};
+use crate::ops::conv2d::{conv2d, geometry_of};
+use crate::ops::dense_block::BlockShape;
 use crate::ops::epilogue::apply_epilogue;
+use crate::ops::{family, Family};
 
 /// Configuration of [`BatchNorm`]. The defaults are PyTorch's: eps 1e-5, momentum 0.1 on the
 /// new batch, unbiased running variance, affine, running statistics kept.
@@ -324,6 +329,113 @@ impl BatchNorm {
             var.update(new_var.detach());
             tracked.update(tracked_now.detach());
         }
+    }
+
+    /// DenseNet's dense block in training mode: layers `l = 0, 1, ...` of `layers` are BN →
+    /// ReLU → `conv`, each adding its `G` output channels to its input, as one op
+    /// ([`crate::ops::dense_block`]) that keeps the block in one buffer. `None` where the op
+    /// does not apply (not every layer has the fused kernel and γ, β; not training on Flex in
+    /// float32 or float64; convolutions that do not keep the side or do not chain as a dense
+    /// block; fewer than two values per channel): run the layers one by one then.
+    ///
+    /// # Panics
+    /// As [`Self::forward_then`].
+    pub fn dense_block(x: Tensor<4>, layers: &[(&BatchNorm, &Conv2d)]) -> Option<Tensor<4>> {
+        let (first, first_conv) = layers.first()?;
+        let [n, c0, h, w] = x.dims();
+        let [growth, _, k, _] = first_conv.weight.dims();
+        let geometry = geometry_of(first_conv, &x)?;
+        let fits = layers.iter().enumerate().all(|(l, (bn, conv))| {
+            let c = c0 + l * growth;
+            bn.kernel == Kernel::Fused
+                && bn.gamma.is_some()
+                && bn.beta.is_some()
+                && bn.eps == first.eps
+                && bn.num_features == c
+                && conv.weight.dims() == [growth, c, k, k]
+                && conv.kernel_size == [k, k]
+                && conv.stride == first_conv.stride
+                && conv.padding == first_conv.padding
+        });
+        let keeps_side = geometry.stride == 1 && 2 * geometry.padding + 1 == k;
+        if !(fits && keeps_side && first.is_training_for(&x) && n * h * w >= 2) {
+            return None;
+        }
+        let device = x.device();
+        let cat = |f: &dyn Fn(&BatchNorm, &Conv2d) -> Tensor<1>| {
+            Tensor::cat(layers.iter().map(|(bn, conv)| f(bn, conv)).collect(), 0)
+        };
+        let params = [
+            cat(&|bn, _| bn.gamma.as_ref().expect("checked").val()),
+            cat(&|bn, _| bn.beta.as_ref().expect("checked").val()),
+            cat(&|_, conv| conv.weight.val().flatten(0, 3)),
+            cat(&|_, conv| match &conv.bias {
+                Some(b) => b.val(),
+                None => Tensor::zeros([growth], (&device, x.dtype())),
+            }),
+        ];
+        let shape = BlockShape {
+            layers: layers.len(),
+            growth,
+            kernel: k,
+            geometry,
+        };
+        let (y, means, vars) = crate::ops::dense_block::dense_block(x, params, first.eps, shape);
+        let mut at = 0;
+        for (bn, _) in layers {
+            let c = bn.num_features;
+            let stats = BatchStats {
+                mean: means.clone().slice(at..at + c),
+                var: vars.clone().slice(at..at + c),
+                count: n * h * w,
+            };
+            bn.track(&stats, &device);
+            at += c;
+        }
+        Some(y)
+    }
+
+    /// The layer, then ReLU, then `pool`: in training mode with the fused kernel on Flex, one
+    /// op ([`crate::ops::bn_relu_max_pool`]) that keeps neither the activations nor the
+    /// pool's indices; otherwise [`Self::forward_then`] and the pool.
+    ///
+    /// # Panics
+    /// As [`Self::forward_then`].
+    pub fn forward_relu_max_pool(&self, x: Tensor<4>, pool: &MaxPool2d) -> Tensor<4> {
+        let [n, c, h, w] = x.dims();
+        let window = match pool.padding {
+            PaddingConfig2d::Explicit(a, b, c, d) if a == b && b == c && c == d => Some(a),
+            PaddingConfig2d::Valid => Some(0),
+            _ => None,
+        }
+        .filter(|_| {
+            pool.kernel_size[0] == pool.kernel_size[1]
+                && pool.stride[0] == pool.stride[1]
+                && pool.dilation == [1, 1]
+                && !pool.ceil_mode
+        })
+        .map(|padding| MaxPoolWindow {
+            kernel: pool.kernel_size[0],
+            stride: pool.stride[0],
+            padding,
+        })
+        .filter(|window| window.output_side(h).is_some() && window.output_side(w).is_some());
+        let applies = self.kernel == Kernel::Fused
+            && self.is_training_for(&x)
+            && c == self.num_features
+            && n * h * w >= 2
+            && family(&x.device()) == Some(Family::Flex)
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        if let (true, Some(window), Some(gamma), Some(beta)) =
+            (applies, window, self.gamma.as_ref(), self.beta.as_ref())
+        {
+            let device = x.device();
+            let (y, mean, var) = bn_relu_max_pool(x, gamma.val(), beta.val(), self.eps, window);
+            let count = n * h * w;
+            self.track(&BatchStats { mean, var, count }, &device);
+            return y;
+        }
+        pool.forward(self.forward_then(x, Epilogue::RELU))
     }
 
     /// The layer, then ReLU, then `conv`: in training mode with the fused kernel on Flex, one

@@ -15,6 +15,7 @@ pub mod layer;
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -235,6 +236,15 @@ pub fn norm_relu_conv(norm: &Option<NormLayer>, x: Tensor<4>, conv: &Conv2d) -> 
     match norm {
         Some(NormLayer::Scratch(bn)) => bn.forward_relu_conv(x, conv),
         _ => conv2d(conv, norm_then(norm, x, Epilogue::RELU)),
+    }
+}
+
+/// Applies an optional norm layer (the identity when the model has none), then ReLU, then
+/// `pool`: one op where `--norm fused` trains on Flex ([`BatchNorm::forward_relu_max_pool`]).
+pub fn norm_relu_max_pool(norm: &Option<NormLayer>, x: Tensor<4>, pool: &MaxPool2d) -> Tensor<4> {
+    match norm {
+        Some(NormLayer::Scratch(bn)) => bn.forward_relu_max_pool(x, pool),
+        _ => pool.forward(norm_then(norm, x, Epilogue::RELU)),
     }
 }
 

@@ -89,10 +89,10 @@ pub fn try_bn_relu_conv2d(
 }
 
 /// BN → ReLU for input channel `c`, as the fused BN op's forward computes it per value.
-struct BnRelu<E>(Vec<(stats::ChannelStats<E>, E, E)>);
+pub(crate) struct BnRelu<E>(Vec<(stats::ChannelStats<E>, E, E)>);
 
 impl<E: Real> BnRelu<E> {
-    fn new(stats: &[stats::ChannelStats<E>], gamma: &[E], beta: &[E]) -> Self {
+    pub(crate) fn new(stats: &[stats::ChannelStats<E>], gamma: &[E], beta: &[E]) -> Self {
         Self(
             stats
                 .iter()
@@ -124,7 +124,8 @@ pub struct Saved {
     geometry: ConvGeometry,
 }
 
-fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<stats::ChannelStats<E>> {
+/// The saved per-channel `[pivot, shifted mean, inverse std]` as the kernels' statistics.
+pub(crate) fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<stats::ChannelStats<E>> {
     saved
         .iter()
         .map(|&[pivot, shifted_mean, inv_std]| stats::ChannelStats {

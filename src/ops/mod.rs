@@ -7,13 +7,19 @@
 //! - [`conv2d`]: the models' im2col convolution (Flex);
 //! - [`bn_relu_conv2d`]: training-mode BN → ReLU → convolution as one op (Flex), DenseNet's
 //!   layer, with the normalised tensor never written;
+//! - [`bn_relu_max_pool`]: training-mode BN → ReLU → an overlapping max pool as one op
+//!   (Flex), the stem of ResNet and DenseNet, keeping neither activations nor indices;
+//! - [`dense_block`]: a whole dense block of such layers in one buffer (Flex), its
+//!   concatenations never copied into tensors of their own;
 //! - [`seeded_backward`]: a backward from a given upstream gradient (W6's benchmark);
 //! - [`cpu`] and [`flex`]: what the CPU kernels share.
 
 pub mod batch_norm;
 pub mod bn_relu_conv2d;
+pub mod bn_relu_max_pool;
 pub mod conv2d;
 pub mod cpu;
+pub mod dense_block;
 pub mod epilogue;
 pub mod flex;
 pub mod seeded_backward;
