@@ -160,6 +160,11 @@ fn cases() -> Vec<(&'static str, Case)> {
             "2 layers on 16x16 (one image per group)",
             Case::new(2, 4, 16, 2, 2, 2),
         ),
+        // 32 channels of 32k values: the layer-by-layer path's BN goes channel by channel.
+        (
+            "channel-major BN: 32 channels of 2x128x128",
+            Case::new(2, 32, 128, 2, 1, 5),
+        ),
     ]
 }
 

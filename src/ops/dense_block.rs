@@ -11,9 +11,10 @@
 //!   im2col forms its columns.
 //! - The backward goes through the layers in reverse with one gradient buffer of the block's
 //!   size: each layer regathers its input, recomputes its activations, runs the convolution's
-//!   and the fused BN op's backward, and adds its input gradient into the buffer's first
-//!   channels. The gradients are summed in the order autodiff sums them on the layer-by-layer
-//!   path, so the results are equal bit for bit.
+//!   and the fused BN op's backward (in place, keeping fewer full-size buffers alive at once),
+//!   and adds its input gradient into the buffer's first channels. The gradients are summed
+//!   in the order autodiff sums them on the layer-by-layer path, so the results are equal bit
+//!   for bit.
 //!
 //! The layers' parameters come in concatenated (γ and β of all layers one after another, the
 //! weights flattened), so that the op has a fixed number of inputs.
@@ -27,12 +28,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch};
 use burn::tensor::{DType, Tensor};
 
-use super::batch_norm::{channels, planes, stats};
+use super::batch_norm::{planes, stats};
 use super::bn_relu_conv2d::{stats_from, BnRelu};
 use super::conv2d::{backward_typed, forward_typed, ConvGeometry, Shape};
 use super::cpu::Dims;
 use super::flex::{contiguous, slice, tensor, Element};
-use crate::norm::epilogue::Epilogue;
+use crate::norm::epilogue::{Activation, Epilogue};
 
 /// The block's sizes: what the op needs besides its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,19 +266,16 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
             let dout = gather(&grads, n, c_total, (c, c + shape.growth), plane);
             let (da, dweight, dbias) =
                 backward_typed(&activations, &weights[wat..][..wlen], &dout, s, true);
-            let da = da.expect("asked for");
-            let (sums, dx) = channels::train_backward(
-                &input,
-                &da,
-                Some(&activations),
-                dims,
-                (h, w),
-                &st,
-                gamma,
-                Epilogue::RELU,
-                true,
-            );
-            let dx = dx.expect("asked for");
+            // Through the ReLU as the fused BN op's epilogue goes, then BN's backward in place:
+            // the same values as `channels::train_backward` with the activations, with one
+            // full-size buffer fewer alive at a time (the block's peak memory is here).
+            let mut dx = da.expect("asked for");
+            for (g, &a) in dx.iter_mut().zip(&activations) {
+                *g = g.mul(Activation::Relu.derivative_from_output(a));
+            }
+            drop(activations);
+            let sums = planes::grad_sums(&input, &dx, dims, &st);
+            planes::input_grad_in_place(&input, &mut dx, dims, &st, gamma, &sums);
             for (image, d) in grads
                 .chunks_exact_mut(c_total * plane)
                 .zip(dx.chunks_exact(c * plane))
