@@ -24,6 +24,7 @@ recipes!(
     "lenet-gluon-bn",
     "resnet18",
     "densenet",
+    "densenet-15",
 );
 
 /// A recipe that cannot be had.
@@ -125,6 +126,7 @@ mod tests {
         assert_eq!(r("lenet-sgdm").model, ModelKind::Lenet);
         assert_eq!(r("lenet-bn-adam-128").batch_size, 128);
         assert_eq!(r("densenet").resize, Some(96));
+        assert_eq!((r("densenet-15").epochs, r("densenet-15").resize), (15, Some(96)));
         assert_eq!((r("resnet18").batch_size, r("resnet18").epochs), (128, 5));
         assert_eq!(r("lenet-gluon-bn").lr, 0.2);
     }
