@@ -126,7 +126,10 @@ mod tests {
         assert_eq!(r("lenet-sgdm").model, ModelKind::Lenet);
         assert_eq!(r("lenet-bn-adam-128").batch_size, 128);
         assert_eq!(r("densenet").resize, Some(96));
-        assert_eq!((r("densenet-15").epochs, r("densenet-15").resize), (15, Some(96)));
+        assert_eq!(
+            (r("densenet-15").epochs, r("densenet-15").resize),
+            (15, Some(96))
+        );
         assert_eq!((r("resnet18").batch_size, r("resnet18").epochs), (128, 5));
         assert_eq!(r("lenet-gluon-bn").lr, 0.2);
     }

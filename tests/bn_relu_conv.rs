@@ -12,6 +12,10 @@
 //!   within 1e-6 of the largest (h = 1e-6; a nudge that crosses a ReLU kink or changes a
 //!   window's maximum would show, and the random data keeps both far more than h away).
 
+mod common;
+
+use common::{random, tensor, values};
+
 use bnlab::norm::{BatchNorm, BatchNormConfig, Epilogue, Kernel};
 use bnlab::ops::bn_relu_conv2d::try_bn_relu_conv2d;
 use bnlab::ops::bn_relu_max_pool::{bn_relu_max_pool, MaxPoolWindow};
@@ -20,30 +24,8 @@ use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
-
-fn random(n: usize, scale: f64, offset: f64, rng: &mut impl Rng) -> Vec<f64> {
-    (0..n)
-        .map(|_| offset + scale * rng.random_range(-1.0..1.0))
-        .collect()
-}
-
-fn tensor<const D: usize>(
-    v: &[f64],
-    shape: [usize; D],
-    dtype: DType,
-    device: &Device,
-) -> Tensor<D> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
-        (device, dtype),
-    )
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().iter::<f64>().collect()
-}
+use burn::tensor::{DType, Device, Tensor};
+use rand::SeedableRng;
 
 /// A DenseNet-like case: `c_in` channels of `hw × hw`, a `k × k` conv with padding `pad` to
 /// `c_out` channels, and the values every run starts from.

@@ -5,32 +5,16 @@
 //! 7×7 stem of stride 2 and padding 3, DenseNet's 3×3 and 1×1 layers of stride 1 (whose dx is a
 //! convolution of dy), and batches that do not fill a group evenly.
 
+mod common;
+
+use common::{random, tensor, values};
+
 use bnlab::ops::conv2d::{applies, conv2d};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
-
-fn random(n: usize, rng: &mut impl Rng) -> Vec<f64> {
-    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
-}
-
-fn tensor<const D: usize>(
-    v: &[f64],
-    shape: [usize; D],
-    dtype: DType,
-    device: &Device,
-) -> Tensor<D> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
-        (device, dtype),
-    )
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().iter::<f64>().collect()
-}
+use burn::tensor::{DType, Device, Tensor};
+use rand::SeedableRng;
 
 fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -65,11 +49,11 @@ fn run(conv: &Conv2d, x: &Tensor<4>, g: &Tensor<4>, ours: bool) -> [Vec<f64>; 4]
 
 fn check(n: usize, c_in: usize, hw: usize, c_out: usize, k: usize, stride: usize, pad: usize) {
     let mut rng = rand_pcg::Pcg64::seed_from_u64((n * 1000 + c_in * 100 + k * 10 + stride) as u64);
-    let x = random(n * c_in * hw * hw, &mut rng);
-    let w = random(c_out * c_in * k * k, &mut rng);
-    let b = random(c_out, &mut rng);
+    let x = random(n * c_in * hw * hw, 1.0, 0.0, &mut rng);
+    let w = random(c_out * c_in * k * k, 1.0, 0.0, &mut rng);
+    let b = random(c_out, 1.0, 0.0, &mut rng);
     let h_out = (hw + 2 * pad - k) / stride + 1;
-    let g = random(n * c_out * h_out * h_out, &mut rng);
+    let g = random(n * c_out * h_out * h_out, 1.0, 0.0, &mut rng);
     for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
         let device = Device::flex().autodiff();
         let mut conv = Conv2dConfig::new([c_in, c_out], [k, k])

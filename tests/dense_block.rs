@@ -9,34 +9,16 @@
 //!   within 1e-6 of the largest (h = 1e-6);
 //! - and it declines what it does not take (the caller then runs the layers one by one).
 
+mod common;
+
+use common::{random, tensor, values};
+
 use bnlab::norm::{BatchNorm, BatchNormConfig, Kernel};
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
-
-fn random(n: usize, scale: f64, offset: f64, rng: &mut impl Rng) -> Vec<f64> {
-    (0..n)
-        .map(|_| offset + scale * rng.random_range(-1.0..1.0))
-        .collect()
-}
-
-fn tensor<const D: usize>(
-    v: &[f64],
-    shape: [usize; D],
-    dtype: DType,
-    device: &Device,
-) -> Tensor<D> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
-        (device, dtype),
-    )
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().iter::<f64>().collect()
-}
+use burn::tensor::{DType, Device, Tensor};
+use rand::SeedableRng;
 
 /// Per layer: γ, β, weight, bias.
 type Params = Vec<[Vec<f64>; 4]>;

@@ -124,20 +124,6 @@ pub struct Saved {
     geometry: ConvGeometry,
 }
 
-/// The saved per-channel `[pivot, shifted mean, inverse std]` as the kernels' statistics.
-pub(crate) fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<stats::ChannelStats<E>> {
-    saved
-        .iter()
-        .map(|&[pivot, shifted_mean, inv_std]| stats::ChannelStats {
-            pivot: E::from_f64(pivot),
-            shifted_mean: E::from_f64(shifted_mean),
-            inv_std: E::from_f64(inv_std),
-            mean: 0.0,
-            var: 0.0,
-        })
-        .collect()
-}
-
 /// The forward on Flex tensors: `(y, mean, var, saved)`.
 fn forward(
     x: FlexTensor,
@@ -163,18 +149,7 @@ fn forward(
         let st = stats::channel_stats(xs, dims, eps);
         let prologue = BnRelu::new(&st, slice(gamma), slice(beta));
         let y = forward_typed(xs, slice(weight), slice(bias), s, &prologue);
-        let mean = st.iter().map(|s| E::from_f64(s.mean)).collect();
-        let var = st.iter().map(|s| E::from_f64(s.var)).collect();
-        let saved = st
-            .iter()
-            .map(|s| {
-                [
-                    s.pivot.to_f64(),
-                    s.shifted_mean.to_f64(),
-                    s.inv_std.to_f64(),
-                ]
-            })
-            .collect();
+        let (mean, var, saved) = stats::batch_outputs(&st);
         (
             tensor(y, s.output_shape()),
             tensor(mean, vec![dims.c]),
@@ -215,7 +190,7 @@ fn backward(
         let shape = saved.x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
         let plane = plane_of(&shape);
-        let st = stats_from::<E>(&saved.stats);
+        let st = stats::from_saved::<E>(&saved.stats);
         let (xs, gamma) = (slice::<E>(&saved.x), slice::<E>(&saved.gamma));
         let (activations, _) = planes::forward(
             xs,

@@ -26,8 +26,7 @@ use rayon::prelude::*;
 use super::batch_norm::planes::{
     epilogue_plane_sums, forward_plane, input_grad_coefficient, input_grad_plane_in_place,
 };
-use super::batch_norm::stats::{channel_stats, ChannelStats};
-use super::bn_relu_conv2d::stats_from;
+use super::batch_norm::stats::{batch_outputs, channel_stats, from_saved, ChannelStats};
 use super::cpu::{assume_init, assume_init_mut, uninit, Dims, Real};
 use super::flex::{contiguous, slice, tensor, Element};
 use crate::norm::epilogue::Epilogue;
@@ -199,18 +198,7 @@ fn forward(
         );
         // SAFETY: every output plane was written above.
         let pooled = unsafe { assume_init(pooled) };
-        let mean = st.iter().map(|s| E::from_f64(s.mean)).collect();
-        let var = st.iter().map(|s| E::from_f64(s.var)).collect();
-        let saved = st
-            .iter()
-            .map(|s| {
-                [
-                    s.pivot.to_f64(),
-                    s.shifted_mean.to_f64(),
-                    s.inv_std.to_f64(),
-                ]
-            })
-            .collect();
+        let (mean, var, saved) = batch_outputs(&st);
         (
             tensor(pooled, vec![dims.n, dims.c, ho, wo]),
             tensor(mean, vec![dims.c]),
@@ -247,7 +235,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
             slice::<E>(&saved.beta),
         );
         let dout = slice::<E>(dout);
-        let st = stats_from::<E>(&saved.stats);
+        let st = from_saved::<E>(&saved.stats);
         let mut dx = uninit::<E>(dims.len());
         let mut planes: Vec<Vec<&mut [MaybeUninit<E>]>> = (0..dims.c).map(|_| Vec::new()).collect();
         for (i, plane) in dx.chunks_mut(dims.s).enumerate() {

@@ -29,7 +29,7 @@ use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispa
 use burn::tensor::{DType, Tensor};
 
 use super::batch_norm::{planes, stats};
-use super::bn_relu_conv2d::{stats_from, BnRelu};
+use super::bn_relu_conv2d::BnRelu;
 use super::conv2d::{backward_typed, forward_typed, ConvGeometry, Shape};
 use super::cpu::Dims;
 use super::flex::{contiguous, slice, tensor, Element};
@@ -194,19 +194,10 @@ fn forward(
             {
                 image[c * plane..][..new].copy_from_slice(out);
             }
-            means.extend(st.iter().map(|s| E::from_f64(s.mean)));
-            vars.extend(st.iter().map(|s| E::from_f64(s.var)));
-            saved.push(
-                st.iter()
-                    .map(|s| {
-                        [
-                            s.pivot.to_f64(),
-                            s.shifted_mean.to_f64(),
-                            s.inv_std.to_f64(),
-                        ]
-                    })
-                    .collect(),
-            );
+            let (mean, var, layer_saved) = stats::batch_outputs(&st);
+            means.extend(mean);
+            vars.extend(var);
+            saved.push(layer_saved);
         }
         let count = means.len();
         (
@@ -255,7 +246,7 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
             let c = shape.channels(c0, l);
             let dims = Dims { n, c, s: plane };
             let input = gather(block, n, c_total, (0, c), plane);
-            let st = stats_from::<E>(&saved.stats[l]);
+            let st = stats::from_saved::<E>(&saved.stats[l]);
             let at = shape.norm_offset(c0, l);
             let (gamma, beta) = (&gammas[at..at + c], &betas[at..at + c]);
             let (activations, _) =

@@ -6,10 +6,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::tensor::DType;
 
 use super::channels;
-use super::stats::ChannelStats;
+use super::stats::{batch_outputs, from_saved};
 use super::{plain_fused_batch_norm, FusedBatchNormBackend, FusedKernels};
 use crate::norm::epilogue::Epilogue;
-use crate::ops::cpu::{Dims, Real};
+use crate::ops::cpu::Dims;
 use crate::ops::flex::{contiguous, plane_of, slice, tensor, Element};
 
 /// What the backward needs: the input, gamma, each channel's statistics, and the epilogue
@@ -23,19 +23,6 @@ pub struct Saved {
     epilogue: Epilogue,
     /// The activations before the pool (full size); `None` for [`Epilogue::NONE`].
     activations: Option<FlexTensor>,
-}
-
-fn stats_from<E: Real>(saved: &[[f64; 3]]) -> Vec<ChannelStats<E>> {
-    saved
-        .iter()
-        .map(|&[pivot, shifted_mean, inv_std]| ChannelStats {
-            pivot: E::from_f64(pivot),
-            shifted_mean: E::from_f64(shifted_mean),
-            inv_std: E::from_f64(inv_std),
-            mean: 0.0,
-            var: 0.0,
-        })
-        .collect()
 }
 
 /// Forward on plain Flex tensors: `(y, mean, var, saved)`.
@@ -75,18 +62,7 @@ fn forward(
             let out_shape = epilogue.output_shape(&shape).expect("checked by applies()");
             tensor(p, out_shape)
         });
-        let mean = stats.iter().map(|s| E::from_f64(s.mean)).collect();
-        let var = stats.iter().map(|s| E::from_f64(s.var)).collect();
-        let saved = stats
-            .iter()
-            .map(|s| {
-                [
-                    s.pivot.to_f64(),
-                    s.shifted_mean.to_f64(),
-                    s.inv_std.to_f64(),
-                ]
-            })
-            .collect();
+        let (mean, var, saved) = batch_outputs(&stats);
         (
             activations,
             pooled,
@@ -124,7 +100,7 @@ fn backward(
     ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
         let shape = saved.x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
-        let stats = stats_from::<E>(&saved.stats);
+        let stats = from_saved::<E>(&saved.stats);
         let (xs, dys, gamma) = (slice::<E>(&saved.x), slice::<E>(dy), slice(&saved.gamma));
         let (sums, dx) = channels::train_backward(
             xs,

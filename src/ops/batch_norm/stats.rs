@@ -77,6 +77,40 @@ pub(crate) fn channel_stat<E: Real>(x: &[E], dims: Dims, c: usize, eps: f64) -> 
     }
 }
 
+/// What a fused op hands on from its statistics: the batch means and biased variances (for
+/// the running statistics), and per channel `[pivot, shifted mean, inverse std]` for its
+/// backward, which [`from_saved`] turns back into the same statistics exactly.
+#[allow(clippy::type_complexity)]
+pub(crate) fn batch_outputs<E: Real>(stats: &[ChannelStats<E>]) -> (Vec<E>, Vec<E>, Vec<[f64; 3]>) {
+    let mean = stats.iter().map(|s| E::from_f64(s.mean)).collect();
+    let var = stats.iter().map(|s| E::from_f64(s.var)).collect();
+    let saved = stats
+        .iter()
+        .map(|s| {
+            [
+                s.pivot.to_f64(),
+                s.shifted_mean.to_f64(),
+                s.inv_std.to_f64(),
+            ]
+        })
+        .collect();
+    (mean, var, saved)
+}
+
+/// The statistics [`batch_outputs`] saved, for a backward (its mean and variance unused).
+pub(crate) fn from_saved<E: Real>(saved: &[[f64; 3]]) -> Vec<ChannelStats<E>> {
+    saved
+        .iter()
+        .map(|&[pivot, shifted_mean, inv_std]| ChannelStats {
+            pivot: E::from_f64(pivot),
+            shifted_mean: E::from_f64(shifted_mean),
+            inv_std: E::from_f64(inv_std),
+            mean: 0.0,
+            var: 0.0,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
