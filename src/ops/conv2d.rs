@@ -630,7 +630,11 @@ fn sum_partials<E: Element>(partials: Vec<(Vec<E>, Vec<E>)>, s: Shape) -> (Vec<E
 /// [`col2im`] has only `C_out` and a scatter of `C_in·k_h·k_w` rows per position (DenseNet's
 /// layers: 32 output channels, up to 248 input ones). `None` for the other geometries.
 fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec<E>> {
-    if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h {
+    // Only where the input has no more positions than the output (a padding that keeps the
+    // size): elsewhere the padded `dy` would cost more products than `Wᵀ · dy` (LeNet's 5×5
+    // without padding: 2.25 times as many).
+    let keeps_size = s.h * s.w <= s.h_out * s.w_out;
+    if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h || !keeps_size {
         return None;
     }
     let window = s.k_h * s.k_w;
