@@ -334,8 +334,10 @@ fn steps_training(
 }
 
 /// Starts this process's peak-RSS count afresh (Linux: `clear_refs` 5), so that a workload's
-/// peak is its own; elsewhere the peak stays the process's.
-fn reset_peak_rss() {
+/// peak is its own; elsewhere the peak stays the process's. Before spawning a process whose
+/// peak is measured too: Linux counts the peak of the image a child replaces at `exec` (a copy
+/// of this process's, peak included) in the child's `ru_maxrss`.
+pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 

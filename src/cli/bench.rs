@@ -68,6 +68,11 @@ pub(crate) fn bench(
             );
         }
     };
+    // First, while this process is small: a child's peak counts this process's resident
+    // memory at the fork (see bench::reset_peak_rss).
+    if wanted("RSS") {
+        emit(peak_rss_of_training(quick, env)?);
+    }
     // The matrix product's rate, the reference for the convolutions' share of it.
     let peak = (wanted("W0") || wanted("W4") || wanted("W5")).then(|| bench::matmul_peak(scale));
     let peak_gflops = peak.as_ref().and_then(|r| r.gflops);
@@ -109,9 +114,6 @@ pub(crate) fn bench(
             }
         }
     }
-    if wanted("RSS") {
-        emit(peak_rss_of_training(quick, env)?);
-    }
     Ok(())
 }
 
@@ -131,6 +133,8 @@ pub(crate) fn peak_rss_of_training(
     if quick {
         cmd.args(["--limit-batches", "3"]);
     }
+    // Else the child's figure would include this process's own peak (W5's, say).
+    bnlab::bench::reset_peak_rss();
     let started = std::time::Instant::now();
     let out = cmd.output().context("cannot run bnlab train")?;
     if !out.status.success() {
