@@ -19,7 +19,6 @@
 //!
 //! Other backends, dilation, groups and asymmetric padding use Burn's `Conv2d::forward`.
 
-use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,6 +38,11 @@ use super::cpu::{assume_init, uninit};
 use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
 
+mod im2col;
+
+use im2col::{col2im, columns};
+pub(crate) use im2col::{Identity, Prologue};
+
 /// Output positions per matrix product, at least (fewer only when the batch runs out).
 pub const MIN_COLUMNS: usize = 256;
 
@@ -49,27 +53,6 @@ pub struct ConvGeometry {
     pub stride: usize,
     /// Zeros added on every side.
     pub padding: usize,
-}
-
-/// What [`im2col`] applies to each input value as it reads it: nothing ([`Identity`]), or the
-/// BN → ReLU that precedes a convolution (`ops::bn_relu_conv2d`), so that its output is never
-/// written.
-pub(crate) trait Prologue<E>: Sync {
-    /// Whether values pass unchanged (then one image under a 1×1 kernel is its own `cols`).
-    const IDENTITY: bool;
-    /// The map for input channel `c`.
-    fn channel(&self, c: usize) -> impl Fn(E) -> E + Copy;
-}
-
-/// The plain convolution's prologue: values pass unchanged.
-pub(crate) struct Identity;
-
-impl<E> Prologue<E> for Identity {
-    const IDENTITY: bool = true;
-    #[inline(always)]
-    fn channel(&self, _: usize) -> impl Fn(E) -> E + Copy {
-        |v| v
-    }
 }
 
 /// The im2col convolution as a backend op: Flex, and autodiff over Flex with its own backward.
@@ -205,157 +188,6 @@ impl Shape {
             .map_or(0, |end| end.div_ceil(self.stride))
             .min(self.w_out);
         (lo, hi.max(lo))
-    }
-}
-
-/// `cols[r][i·P + p]` for the `imgs` images of `x` (a group, contiguous), where row
-/// `r = (c·k_h + ky)·k_w + kx` and `p = oy·W_out + ox`.
-fn im2col<E: Element, P: Prologue<E>>(
-    x: &[E],
-    s: Shape,
-    imgs: usize,
-    cols: &mut [MaybeUninit<E>],
-    prologue: &P,
-) {
-    let (p, width) = (s.p(), imgs * s.p());
-    for c in 0..s.c_in {
-        let f = prologue.channel(c);
-        for ky in 0..s.k_h {
-            for kx in 0..s.k_w {
-                let r = (c * s.k_h + ky) * s.k_w + kx;
-                let row = &mut cols[r * width..][..width];
-                let (lo, hi) = s.columns(kx);
-                for i in 0..imgs {
-                    let plane = &x[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
-                    if s.stride == 1 && s.w_out == s.w {
-                        same_width_row(plane, s, ky, kx, &mut row[i * p..][..p], f);
-                        continue;
-                    }
-                    for oy in 0..s.h_out {
-                        let out = &mut row[i * p + oy * s.w_out..][..s.w_out];
-                        let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
-                        if iy >= s.h {
-                            out.iter_mut().for_each(|o| {
-                                o.write(E::ZERO);
-                            });
-                            continue;
-                        }
-                        let input = &plane[iy * s.w..][..s.w];
-                        out[..lo].iter_mut().for_each(|o| {
-                            o.write(E::ZERO);
-                        });
-                        out[hi..].iter_mut().for_each(|o| {
-                            o.write(E::ZERO);
-                        });
-                        let first = lo * s.stride + kx - s.padding;
-                        // Every column in [lo, hi) reads inside the row (see Shape::columns),
-                        // so the loops below write all of them.
-                        assert!(hi == lo || first + (hi - lo - 1) * s.stride < s.w);
-                        if s.stride == 1 {
-                            for (o, &v) in out[lo..hi].iter_mut().zip(&input[first..]) {
-                                o.write(f(v));
-                            }
-                        } else {
-                            let strided = input[first..].iter().step_by(s.stride);
-                            for (o, &v) in out[lo..hi].iter_mut().zip(strided) {
-                                o.write(f(v));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The group's `cols` ([`im2col`]'s layout). One image under a 1×1 kernel of stride 1
-/// without padding is its own `cols` (`(C_in, P)`, row-major), so it is borrowed, not copied.
-fn columns<'a, E: Element, P: Prologue<E>>(
-    x: &'a [E],
-    s: Shape,
-    imgs: usize,
-    prologue: &P,
-) -> Cow<'a, [E]> {
-    let pointwise = s.k_h == 1 && s.k_w == 1 && s.stride == 1 && s.padding == 0;
-    if P::IDENTITY && imgs == 1 && pointwise {
-        return Cow::Borrowed(x);
-    }
-    let mut cols = uninit::<E>(s.k() * imgs * s.p());
-    im2col(x, s, imgs, &mut cols, prologue);
-    // SAFETY: im2col writes every element.
-    Cow::Owned(unsafe { assume_init(cols) })
-}
-
-/// One image's row `(ky, kx)` of [`im2col`] for a stride-1 convolution that keeps the width
-/// (`W_out = W`: a 3×3 window with padding 1, a 1×1 without): the valid output rows read one
-/// run of the plane, shifted by `(ky - padding)·W + kx - padding`, so they are one copy, after
-/// which the columns that fall in the padding are zeroed (the copy put the neighbouring row's
-/// edge there).
-fn same_width_row<E: Element>(
-    plane: &[E],
-    s: Shape,
-    ky: usize,
-    kx: usize,
-    out: &mut [MaybeUninit<E>],
-    f: impl Fn(E) -> E,
-) {
-    let w = s.w;
-    // iy = oy + ky - padding must lie within [0, h).
-    let first_row = s.padding.saturating_sub(ky).min(s.h_out);
-    let end_row = (s.h + s.padding)
-        .saturating_sub(ky)
-        .clamp(first_row, s.h_out);
-    let (lo, hi) = s.columns(kx);
-    let zero = |o: &mut MaybeUninit<E>| {
-        o.write(E::ZERO);
-    };
-    out[..first_row * w].iter_mut().for_each(zero);
-    out[end_row * w..].iter_mut().for_each(zero);
-    if first_row == end_row || lo == hi {
-        out[first_row * w..end_row * w].iter_mut().for_each(zero);
-        return;
-    }
-    // Output (oy, ox) reads plane[(oy + ky - padding)·W + ox + kx - padding]: one offset.
-    let start = first_row * w + lo;
-    let end = (end_row - 1) * w + hi;
-    let from = (first_row + ky - s.padding) * w + lo + kx - s.padding;
-    let run = &plane[from..from + (end - start)];
-    for (o, &v) in out[start..end].iter_mut().zip(run) {
-        o.write(f(v));
-    }
-    for row in out[first_row * w..end_row * w].chunks_mut(w) {
-        row[..lo].iter_mut().for_each(zero);
-        row[hi..].iter_mut().for_each(zero);
-    }
-}
-
-/// Adds `dcols` (laid out as [`im2col`]'s output) back into the group's input gradient `dx`.
-fn col2im<E: Element>(dcols: &[E], s: Shape, imgs: usize, dx: &mut [E]) {
-    let (p, width) = (s.p(), imgs * s.p());
-    for c in 0..s.c_in {
-        for ky in 0..s.k_h {
-            for kx in 0..s.k_w {
-                let r = (c * s.k_h + ky) * s.k_w + kx;
-                let row = &dcols[r * width..][..width];
-                let (lo, hi) = s.columns(kx);
-                for i in 0..imgs {
-                    let plane = &mut dx[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
-                    for oy in 0..s.h_out {
-                        let iy = (oy * s.stride + ky).wrapping_sub(s.padding);
-                        if iy >= s.h || lo == hi {
-                            continue;
-                        }
-                        let grads = &row[i * p + oy * s.w_out..][lo..hi];
-                        let first = lo * s.stride + kx - s.padding;
-                        let input = &mut plane[iy * s.w..][first..];
-                        for (j, &g) in grads.iter().enumerate() {
-                            let v = &mut input[j * s.stride];
-                            *v = v.add(g);
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
