@@ -1,8 +1,8 @@
 //! Training-mode BN → ReLU → max pool as one op on Flex, for pools whose windows overlap
 //! (the ResNet and DenseNet stem's 3×3 of stride 2 and padding 1), which the fused BN op's
-//! epilogue does not take. The activations are never kept: the backward recomputes them plane
-//! by plane, finds each window's maximum again and takes the gradient back through it, the
-//! ReLU and BN.
+//! epilogue does not take. The activations are never kept, only where each window's maximum
+//! was (a byte per output): the backward recomputes them plane by plane and takes the gradient
+//! back through the maxima, the ReLU and BN.
 //!
 //! The pool is PyTorch's: windows of `k × k` at stride `s`, `p` of padding that no window
 //! takes its maximum from, the output side `⌊(H + 2p - k) / s⌋ + 1`; within a window the first
@@ -43,50 +43,70 @@ pub struct MaxPoolWindow {
 }
 
 impl MaxPoolWindow {
-    /// The output side for an input side `n`, if a window fits.
+    /// The output side for an input side `n`, if a window fits (and is at most 16 wide: each
+    /// output keeps the place of its maximum in its window as one byte).
     pub fn output_side(&self, n: usize) -> Option<usize> {
         let padded = n + 2 * self.padding;
         (self.stride > 0
             && self.kernel > 0
+            && self.kernel * self.kernel <= 256
             && padded >= self.kernel
             && 2 * self.padding <= self.kernel)
             .then(|| (padded - self.kernel) / self.stride + 1)
     }
 
-    /// The input rows (or columns) `[lo, hi)` of output row (or column) `o`.
-    fn span(&self, o: usize, n: usize) -> (usize, usize) {
+    /// The window offsets `[lo, hi)` of output row (or column) `o` that fall inside the input
+    /// (of side `n`), and the input row (or column) of offset 0, which may lie in the padding.
+    fn span(&self, o: usize, n: usize) -> (usize, usize, isize) {
         let start = (o * self.stride) as isize - self.padding as isize;
-        let lo = start.max(0) as usize;
-        let hi = ((start + self.kernel as isize).max(0) as usize).min(n);
-        (lo, hi)
+        let lo = (-start).max(0) as usize;
+        let hi = (n as isize - start).clamp(lo as isize, self.kernel as isize) as usize;
+        (lo, hi, start)
     }
 
-    /// Where each output of a `(h, w)` plane takes its maximum from, in row-major order: the
-    /// first maximum of the window, a NaN if there is one (PyTorch's rule).
-    fn argmax<'a, E: Real>(
-        &'a self,
-        a: &'a [E],
+    /// Max-pools a `(h, w)` plane: each output's value, and where in its window it was taken
+    /// from (`ky·k + kx`): the first maximum in row-major order, a NaN if there is one
+    /// (PyTorch's rule).
+    fn pool_plane<E: Real>(
+        &self,
+        a: &[E],
         (h, w): (usize, usize),
-    ) -> impl Iterator<Item = usize> + 'a {
-        let (ho, wo) = (
-            self.output_side(h).unwrap_or(0),
-            self.output_side(w).unwrap_or(0),
-        );
-        (0..ho * wo).map(move |o| {
-            let ((ylo, yhi), (xlo, xhi)) = (self.span(o / wo, h), self.span(o % wo, w));
-            let mut best = ylo * w + xlo;
-            let mut max = E::from_f64(f64::NEG_INFINITY);
-            for y in ylo..yhi {
-                for x in xlo..xhi {
-                    let v = a[y * w + x];
-                    if v > max || v.is_nan() {
-                        max = v;
-                        best = y * w + x;
+        values: &mut [MaybeUninit<E>],
+        places: &mut [u8],
+    ) {
+        let wo = self.output_side(w).unwrap_or(0);
+        let columns: Vec<(usize, usize, isize)> = (0..wo).map(|ox| self.span(ox, w)).collect();
+        let rows = values
+            .chunks_mut(wo.max(1))
+            .zip(places.chunks_mut(wo.max(1)));
+        for (oy, (values, places)) in rows.enumerate() {
+            let (ylo, yhi, y0) = self.span(oy, h);
+            for ((value, place), &(xlo, xhi, x0)) in values.iter_mut().zip(places).zip(&columns) {
+                let mut best = ylo * self.kernel + xlo;
+                let mut max = E::from_f64(f64::NEG_INFINITY);
+                for ky in ylo..yhi {
+                    let row = &a[(y0 + ky as isize) as usize * w..][..w];
+                    for kx in xlo..xhi {
+                        let v = row[(x0 + kx as isize) as usize];
+                        if v > max || v.is_nan() {
+                            max = v;
+                            best = ky * self.kernel + kx;
+                        }
                     }
                 }
+                value.write(max);
+                *place = best as u8;
             }
-            best
-        })
+        }
+    }
+
+    /// The plane index of output `o`'s maximum, from its place in the window.
+    fn source(&self, o: usize, place: u8, (h, w): (usize, usize)) -> usize {
+        let wo = self.output_side(w).unwrap_or(1);
+        let (_, _, y0) = self.span(o / wo, h);
+        let (_, _, x0) = self.span(o % wo, w);
+        let (ky, kx) = (place as usize / self.kernel, place as usize % self.kernel);
+        (y0 + ky as isize) as usize * w + (x0 + kx as isize) as usize
     }
 }
 
@@ -160,6 +180,8 @@ pub struct Saved {
     /// Per channel: pivot, shifted mean, inverse std.
     stats: Vec<[f64; 3]>,
     window: MaxPoolWindow,
+    /// Per output, where in its window the maximum was (see [`MaxPoolWindow::pool_plane`]).
+    places: Vec<u8>,
 }
 
 fn forward(
@@ -175,7 +197,7 @@ fn forward(
         beta: &FlexTensor,
         eps: f64,
         window: MaxPoolWindow,
-    ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>) {
+    ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>, Vec<u8>) {
         let shape = x.layout().shape().to_vec();
         let (dims, h, w) = (Dims::of(&shape), shape[2], shape[3]);
         let (ho, wo) = (
@@ -185,17 +207,20 @@ fn forward(
         let (xs, gamma, beta) = (slice::<E>(x), slice::<E>(gamma), slice::<E>(beta));
         let st = channel_stats(xs, dims, eps);
         let mut pooled = uninit::<E>(dims.n * dims.c * ho * wo);
-        pooled.par_chunks_mut(ho * wo).enumerate().for_each_init(
-            || uninit::<E>(dims.s),
-            |scratch, (i, out)| {
-                let c = i % dims.c;
-                let input = &xs[i * dims.s..][..dims.s];
-                let a = activations(input, st[c], gamma[c], beta[c], scratch);
-                for (o, at) in out.iter_mut().zip(window.argmax(a, (h, w))) {
-                    o.write(a[at]);
-                }
-            },
-        );
+        let mut places = vec![0u8; pooled.len()];
+        pooled
+            .par_chunks_mut(ho * wo)
+            .zip(places.par_chunks_mut(ho * wo))
+            .enumerate()
+            .for_each_init(
+                || uninit::<E>(dims.s),
+                |scratch, (i, (out, places))| {
+                    let c = i % dims.c;
+                    let input = &xs[i * dims.s..][..dims.s];
+                    let a = activations(input, st[c], gamma[c], beta[c], scratch);
+                    window.pool_plane(a, (h, w), out, places);
+                },
+            );
         // SAFETY: every output plane was written above.
         let pooled = unsafe { assume_init(pooled) };
         let (mean, var, saved) = batch_outputs(&st);
@@ -204,10 +229,11 @@ fn forward(
             tensor(mean, vec![dims.c]),
             tensor(var, vec![dims.c]),
             saved,
+            places,
         )
     }
     let (x, gamma, beta) = (contiguous(&x), contiguous(&gamma), contiguous(&beta));
-    let (y, mean, var, stats) = match x.dtype() {
+    let (y, mean, var, stats, places) = match x.dtype() {
         DType::F64 => typed::<f64>(&x, &gamma, &beta, eps, window),
         _ => typed::<f32>(&x, &gamma, &beta, eps, window),
     };
@@ -217,6 +243,7 @@ fn forward(
         beta,
         stats,
         window,
+        places,
     };
     (y, mean, var, saved)
 }
@@ -255,7 +282,9 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     let a = activations(input, st[c], gamma[c], beta[c], &mut scratch);
                     da.fill(E::ZERO);
                     let g = &dout[i * out_plane..][..out_plane];
-                    for (at, &v) in window.argmax(a, (h, w)).zip(g) {
+                    let places = &saved.places[i * out_plane..][..out_plane];
+                    for (o, (&place, &v)) in places.iter().zip(g).enumerate() {
+                        let at = window.source(o, place, (h, w));
                         da[at] = da[at].add(v);
                     }
                     let (s0, s1) =
@@ -344,5 +373,83 @@ impl<C: CheckpointStrategy> BnReluMaxPoolBackend for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, Self::from_inner(mean), Self::from_inner(var))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch's rule, written plainly: over the window's positions inside the plane in
+    /// row-major order, a greater value or a NaN takes the place.
+    fn naive(window: MaxPoolWindow, a: &[f64], (h, w): (usize, usize)) -> Vec<(f64, usize)> {
+        let (ho, wo) = (
+            window.output_side(h).unwrap(),
+            window.output_side(w).unwrap(),
+        );
+        let mut out = Vec::new();
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut best = (f64::NEG_INFINITY, usize::MAX);
+                for ky in 0..window.kernel {
+                    for kx in 0..window.kernel {
+                        let y = (oy * window.stride + ky) as isize - window.padding as isize;
+                        let x = (ox * window.stride + kx) as isize - window.padding as isize;
+                        if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                            continue;
+                        }
+                        let at = y as usize * w + x as usize;
+                        if best.1 == usize::MAX || a[at] > best.0 || a[at].is_nan() {
+                            best = (a[at], at);
+                        }
+                    }
+                }
+                out.push(best);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pooled_planes_keep_pytorchs_maxima_and_their_places() {
+        let windows = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2), (1, 1, 0)];
+        for (kernel, stride, padding) in windows {
+            let window = MaxPoolWindow {
+                kernel,
+                stride,
+                padding,
+            };
+            for (h, w) in [(7, 7), (8, 5), (3, 4)] {
+                if window.output_side(h).is_none() || window.output_side(w).is_none() {
+                    continue;
+                }
+                // Few distinct values, so windows hold ties; a NaN and an infinity among them.
+                let mut a: Vec<f64> = (0..h * w).map(|i| ((i * 7) % 5) as f64 - 2.0).collect();
+                a[h * w / 2] = f64::NAN;
+                a[h * w / 3] = f64::NEG_INFINITY;
+                let expected = naive(window, &a, (h, w));
+                let mut values = uninit::<f64>(expected.len());
+                let mut places = vec![0u8; expected.len()];
+                window.pool_plane(&a, (h, w), &mut values, &mut places);
+                let values = unsafe { assume_init(values) };
+                for (o, &(value, at)) in expected.iter().enumerate() {
+                    let what =
+                        format!("{kernel}x{kernel}/{stride} pad {padding} on {h}x{w}, output {o}");
+                    assert_eq!(values[o].to_bits(), value.to_bits(), "{what}: value");
+                    assert_eq!(window.source(o, places[o], (h, w)), at, "{what}: place");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn windows_wider_than_sixteen_are_declined() {
+        let window = |kernel| MaxPoolWindow {
+            kernel,
+            stride: 1,
+            padding: 0,
+        };
+        assert_eq!(window(16).output_side(20), Some(5));
+        assert_eq!(window(17).output_side(20), None);
     }
 }
