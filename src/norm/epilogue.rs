@@ -19,6 +19,8 @@ crate::choice_enum! {
     }
 }
 
+// choice_enum! takes no #[default] on a variant.
+#[allow(clippy::derivable_impls)]
 impl Default for Activation {
     fn default() -> Self {
         Self::Identity

@@ -67,6 +67,8 @@ crate::choice_enum! {
     }
 }
 
+// choice_enum! takes no #[default] on a variant.
+#[allow(clippy::derivable_impls)]
 impl Default for Convention {
     fn default() -> Self {
         Self::PyTorch
