@@ -79,9 +79,11 @@ pub struct RunConfig {
     pub limit_batches: Option<usize>,
     /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
     pub recalibrate_bn: bool,
-    /// Start from the weights of this PyTorch state_dict (safetensors) instead of a seeded
-    /// initialisation.
+    /// Start from the weights of this PyTorch state_dict (safetensors or torch.save) instead
+    /// of a seeded initialisation.
     pub init_weights: Option<std::path::PathBuf>,
+    /// `REGEX=REPLACEMENT` renames applied in order to `init_weights`' keys (`--rename`).
+    pub init_renames: Vec<String>,
 }
 
 impl Default for RunConfig {
@@ -112,6 +114,7 @@ impl Default for RunConfig {
             limit_batches: None,
             recalibrate_bn: false,
             init_weights: None,
+            init_renames: Vec::new(),
         }
     }
 }

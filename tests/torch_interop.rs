@@ -10,7 +10,8 @@ use std::path::Path;
 use bnlab::data::input_batch;
 use bnlab::data::{FashionMnist, Split};
 use bnlab::interop::torch::{
-    export, import, import_file, metadata, state_dict_keys, TorchError, META_MODEL,
+    export, export_with_metadata, import, import_file, metadata, state_dict_keys, Layout,
+    TorchError, META_MODEL,
 };
 use bnlab::models::{Model, ModelKind, ModelSpec};
 use bnlab::norm::{NormKind, NormLayer};
@@ -64,6 +65,52 @@ fn every_models_keys_shapes_and_dtypes_are_pytorchs() {
     let fixture: KeyFixture =
         serde_json::from_str(include_str!("fixtures/torch_state_dict_keys.json")).unwrap();
     assert_eq!(fixture.models.len(), 9);
+    keys_shapes_and_dtypes_match(&fixture, Layout::D2l);
+}
+
+/// `tests/fixtures/torch_state_dict_keys_notebook.json`: the chapter notebooks' own ResNet-18
+/// and DenseNet, which name their children (`tools/torch_crosscheck.py --dump-keys --layout
+/// notebook`).
+#[test]
+fn the_notebook_layout_has_the_notebooks_keys_shapes_and_dtypes() {
+    let fixture: KeyFixture =
+        serde_json::from_str(include_str!("fixtures/torch_state_dict_keys_notebook.json")).unwrap();
+    assert_eq!(fixture.models.len(), 4);
+    keys_shapes_and_dtypes_match(&fixture, Layout::Notebook);
+}
+
+/// Each model's export in every layout reads back to the same model (the layout found from
+/// the keys), and exports again to the same bytes; the two layouts hold the same tensors.
+#[test]
+fn every_layout_round_trips_bit_for_bit() {
+    for kind in ALL_KINDS {
+        let spec = spec(kind, NormKind::Scratch);
+        let model = spec.init(3, &eval_device());
+        let extra = std::collections::BTreeMap::new();
+        let mut tensors = Vec::new();
+        for layout in Layout::of(kind) {
+            let bytes = export_with_metadata(&model, &spec, layout, &extra).unwrap();
+            let again = import(&bytes, &spec).unwrap();
+            let bytes_again = export_with_metadata(&again, &spec, layout, &extra).unwrap();
+            assert!(bytes == bytes_again, "{kind} {layout}");
+            assert_eq!(metadata(&bytes).unwrap()["layout"], layout.to_string());
+            let file = SafeTensors::deserialize(&bytes).unwrap();
+            let mut data: Vec<Vec<u8>> = file
+                .tensors()
+                .into_iter()
+                .map(|(_, v)| v.data().to_vec())
+                .collect();
+            data.sort();
+            tensors.push(data);
+        }
+        assert!(tensors.windows(2).all(|w| w[0] == w[1]), "{kind}");
+        let layouts = Layout::of(kind).len();
+        let named = matches!(kind, ModelKind::Resnet18 | ModelKind::Densenet);
+        assert_eq!(layouts, if named { 2 } else { 1 }, "{kind}");
+    }
+}
+
+fn keys_shapes_and_dtypes_match(fixture: &KeyFixture, layout: Layout) {
     for (name, want) in &fixture.models {
         let (kind, norm) = match name.split_once('/') {
             Some((kind, "none")) => (kind, NormKind::None),
@@ -71,14 +118,16 @@ fn every_models_keys_shapes_and_dtypes_are_pytorchs() {
         };
         let kind: ModelKind = kind.parse().unwrap();
         let spec = spec(kind, norm);
-        let got = state_dict_keys(&spec);
+        let got = state_dict_keys(&spec, layout);
         let want_keys: Vec<(String, Vec<usize>)> = want
             .iter()
             .map(|(k, s, _)| (k.clone(), s.clone()))
             .collect();
-        assert_eq!(got, want_keys, "{name}");
+        assert_eq!(got, want_keys, "{name} {layout}");
 
-        let bytes = export(&spec.init(1, &eval_device()), &spec).unwrap();
+        let extra = std::collections::BTreeMap::new();
+        let bytes =
+            export_with_metadata(&spec.init(1, &eval_device()), &spec, layout, &extra).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();
         for (key, shape, dtype) in want {
             let view = file.tensor(key).unwrap();
@@ -122,10 +171,11 @@ fn lenet_bn_keys_are_those_of_the_chapters_sequential() {
         wb(15),
     ]
     .concat();
-    let got: Vec<String> = state_dict_keys(&spec(ModelKind::LenetBn, NormKind::Scratch))
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let got: Vec<String> =
+        state_dict_keys(&spec(ModelKind::LenetBn, NormKind::Scratch), Layout::D2l)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
     assert_eq!(got, want);
 }
 
@@ -270,7 +320,7 @@ fn import_error(bytes: &[u8], spec: &ModelSpec) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weights.safetensors");
     std::fs::write(&path, bytes).unwrap();
-    let err = match import_file(&path, spec) {
+    let err = match import_file(&path, spec, &[]) {
         Ok(_) => panic!("imported a bad file"),
         Err(e) => format!("{e:#}"),
     };
@@ -328,7 +378,9 @@ fn unexpected_keys_are_listed() {
     let err = import_error(&serialize(&t), &spec);
     assert!(err.contains("missing keys 0.weight, 0.bias"), "{err}");
     assert!(
-        err.contains("unexpected keys module.0.bias, module.0.weight"),
+        err.contains(
+            "unexpected keys module.0.bias (closest: 0.bias), module.0.weight (closest: 0.weight)"
+        ),
         "{err}"
     );
     assert!(err.contains("lenet-bn"), "{err}");
@@ -412,7 +464,7 @@ fn corrupt_and_truncated_files_are_named() {
         "{err}"
     );
     let missing = Path::new("/nonexistent/weights.safetensors");
-    let err = format!("{:#}", import_file(missing, &lenet).err().unwrap());
+    let err = format!("{:#}", import_file(missing, &lenet, &[]).err().unwrap());
     assert!(
         err.starts_with("/nonexistent/weights.safetensors: cannot read"),
         "{err}"
@@ -447,8 +499,7 @@ proptest! {
                 prop_assert!(!text.contains('\n'));
                 let known = matches!(
                     e,
-                    TorchError::Corrupt(_) | TorchError::Keys { .. }
-                        | TorchError::Shape { .. } | TorchError::Dtype { .. }
+                    TorchError::Corrupt(_) | TorchError::Mismatch { .. } | TorchError::Dtype { .. }
                 );
                 prop_assert!(known, "{}", text);
             }
@@ -459,14 +510,14 @@ proptest! {
 /// `eval --weights` rebuilds the architecture from bnlab's metadata, and the flags win over it.
 #[test]
 fn the_architecture_comes_from_the_flags_then_the_metadata() {
-    use bnlab::interop::torch::{config_for, export_with_metadata, Architecture, META_IMAGE_SIZE};
+    use bnlab::interop::torch::{config_for, Architecture, META_IMAGE_SIZE};
     use bnlab::norm::epilogue::{Activation, Pool};
     let mut spec = spec(ModelKind::LenetBn, NormKind::Scratch);
     spec.pool = Pool::Max(2);
     spec.activation = Activation::Relu;
     let model = spec.init(0, &eval_device());
     let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), "32".into())]);
-    let bytes = export_with_metadata(&model, &spec, &extra).unwrap();
+    let bytes = export_with_metadata(&model, &spec, Layout::D2l, &extra).unwrap();
     let meta = metadata(&bytes).unwrap();
 
     let config = config_for(&meta, Architecture::default());

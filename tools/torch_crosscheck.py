@@ -10,6 +10,11 @@ largest |logit difference|.
     bnlab eval --weights OUT.safetensors --no-fold --logits OUT.logits.npy
     python tools/torch_crosscheck.py OUT.safetensors --logits OUT.logits.npy
     python tools/torch_crosscheck.py --dump-keys > tests/fixtures/torch_state_dict_keys.json
+    python tools/torch_crosscheck.py --dump-keys --layout notebook \
+        > tests/fixtures/torch_state_dict_keys_notebook.json
+
+bnlab export --layout notebook writes the keys of the chapter notebooks' own ResNet-18 and
+DenseNet (named children); the file's metadata says so and the check builds that definition.
 
 The other direction, a file PyTorch wrote read by bnlab:
 
@@ -140,7 +145,48 @@ def densenet(bn=True, eps=1e-5):
                 nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(c, 10))
 
 
-def build(kind, bn=True, eps=1e-5, pool="avg", activation="sigmoid"):
+# The chapter notebooks' own ResNet-18 and DenseNet (Dive-into-DL-PyTorch): the same layers,
+# with named children added to a top-level Sequential, so other state_dict keys.
+def resnet18_notebook(bn=True, eps=1e-5):
+    net = keep(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+               nn.BatchNorm2d(64, eps=eps) if bn else None, nn.ReLU(),
+               nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    channels = [(64, 64, True), (64, 128, False), (128, 256, False), (256, 512, False)]
+    for s, (cin, cout, first) in enumerate(channels, start=1):
+        net.add_module(f"resnet_block{s}", nn.Sequential(
+            Residual(cin, cout, use_1x1conv=not first, strides=1 if first else 2, bn=bn, eps=eps),
+            Residual(cout, cout, bn=bn, eps=eps)))
+    net.add_module("global_avg_pool", nn.AdaptiveAvgPool2d((1, 1)))
+    net.add_module("fc", nn.Sequential(nn.Flatten(), nn.Linear(512, 10)))
+    return net
+
+
+def densenet_notebook(bn=True, eps=1e-5):
+    net = keep(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+               nn.BatchNorm2d(64, eps=eps) if bn else None, nn.ReLU(),
+               nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    c, growth, layers = 64, 32, [4, 4, 4, 4]
+    for i, n in enumerate(layers):
+        net.add_module(f"DenseBlosk_{i}", DenseBlock(n, c, growth, bn, eps))  # the notebook's spelling
+        c += n * growth
+        if i != len(layers) - 1:
+            net.add_module(f"transition_block_{i}",
+                           keep(nn.BatchNorm2d(c, eps=eps) if bn else None, nn.ReLU(),
+                                nn.Conv2d(c, c // 2, kernel_size=1), nn.AvgPool2d(2, 2)))
+            c //= 2
+    if bn:
+        net.add_module("BN", nn.BatchNorm2d(c, eps=eps))
+    net.add_module("relu", nn.ReLU())
+    net.add_module("global_avg_pool", nn.AdaptiveAvgPool2d((1, 1)))
+    net.add_module("fc", nn.Sequential(nn.Flatten(), nn.Linear(c, 10)))
+    return net
+
+
+def build(kind, bn=True, eps=1e-5, pool="avg", activation="sigmoid", layout="d2l"):
+    if layout == "notebook" and kind == "resnet18":
+        return resnet18_notebook(bn, eps)
+    if layout == "notebook" and kind == "densenet":
+        return densenet_notebook(bn, eps)
     if kind == "lenet":
         return lenet(False, eps, pool, activation)
     if kind == "lenet-bn":
@@ -225,14 +271,16 @@ def find(data_dir, name):
 
 
 # ----------------------------------------------------------------------------- commands
-def dump_keys():
+def dump_keys(layout="d2l"):
     """Every model's state_dict keys, shapes and dtypes as PyTorch makes them, one key a line;
-    `KIND/none` is the model built without batch norm (`--norm none`)."""
-    variants = [(kind, kind, True) for kind in KINDS]
-    variants += [(f"{kind}/none", kind, False) for kind in KINDS if kind != "lenet"]
+    `KIND/none` is the model built without batch norm (`--norm none`). With layout
+    "notebook", the two models whose notebook definitions name their children."""
+    kinds = KINDS if layout == "d2l" else ["resnet18", "densenet"]
+    variants = [(kind, kind, True) for kind in kinds]
+    variants += [(f"{kind}/none", kind, False) for kind in kinds if kind != "lenet"]
     lines = []
     for name, kind, bn in variants:
-        sd = build(kind, bn=bn).state_dict()
+        sd = build(kind, bn=bn, layout=layout).state_dict()
         entries = ",\n".join("    " + json.dumps([k, list(v.shape), str(v.dtype).replace("torch.", "")])
                              for k, v in sd.items())
         lines.append(f'  {json.dumps(name)}: [\n{entries}\n  ]')
@@ -269,8 +317,9 @@ def crosscheck(args):
     norm = args.norm or meta.get("norm", "scratch")
     eps = float(meta.get("bn_eps", "1e-5"))
     size = args.size or int(meta.get("image_size", "28"))
+    layout = args.layout or meta.get("layout", "d2l")
     net = build(kind, bn=norm != "none", eps=eps, pool=meta.get("pool", "avg"),
-                activation=meta.get("activation", "sigmoid"))
+                activation=meta.get("activation", "sigmoid"), layout=layout)
     net.load_state_dict(state, strict=True)
     net.eval()
 
@@ -298,7 +347,7 @@ def crosscheck(args):
     differ = np.nonzero(pred_torch != pred_bnlab)[0]
     scale = float(np.abs(ours).max())
     report = {
-        "model": kind, "norm": norm, "image_size": size, "images": int(n),
+        "model": kind, "norm": norm, "layout": layout, "image_size": size, "images": int(n),
         "predictions_differ": int(len(differ)),
         "max_abs_logit_diff": float(diff.max()),
         "max_abs_logit": scale,
@@ -375,6 +424,10 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--dump-keys", action="store_true",
                     help="print every model's state_dict keys and shapes as JSON, and exit")
+    ap.add_argument("--layout", choices=["d2l", "notebook"],
+                    help="the PyTorch definition: d2l's nn.Sequential, or the chapter notebooks' "
+                         "named children (resnet18, densenet); default: the file's bnlab "
+                         "metadata, or d2l")
     ap.add_argument("--train-epoch", action="store_true",
                     help="train one SGD epoch in file order from STATE and print its train loss")
     ap.add_argument("--lr", type=float, default=1.0, help="with --train-epoch (default 1.0)")
@@ -388,7 +441,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.dump_keys:
-        dump_keys()
+        dump_keys(args.layout or "d2l")
         return 0
     if args.make_torch_file:
         if not args.state:

@@ -82,10 +82,14 @@ pub(crate) struct RunArgs {
     /// Re-estimate BN statistics over the training set before each test pass (precise BN).
     #[arg(long)]
     pub(crate) recalibrate_bn: bool,
-    /// Start from the weights of a PyTorch state_dict saved as safetensors (see
-    /// `bnlab export`) instead of a seeded initialisation.
-    #[arg(long, value_name = "FILE.safetensors")]
+    /// Start from the weights of a PyTorch state_dict (safetensors, as `bnlab export` writes,
+    /// or torch.save's .pt/.pth) instead of a seeded initialisation.
+    #[arg(long, value_name = "FILE")]
     pub(crate) init: Option<PathBuf>,
+    /// Rename the --init file's keys before matching them (repeatable, applied in order), as
+    /// `eval --rename` does.
+    #[arg(long, value_name = "REGEX=REPLACEMENT", requires = "init")]
+    pub(crate) rename: Vec<bnlab::interop::state_dict::Rename>,
 }
 
 impl RunArgs {
@@ -113,6 +117,7 @@ impl RunArgs {
         }
         if self.init.is_some() {
             config.init_weights = self.init.clone();
+            config.init_renames = self.rename.iter().map(|r| r.to_string()).collect();
         }
         config.shuffle &= !self.no_shuffle;
         config.recalibrate_bn |= self.recalibrate_bn;
@@ -150,6 +155,11 @@ pub(crate) struct ArchArgs {
     /// The image side it expects (with --weights) [default: the file's, or 28].
     #[arg(long, value_name = "N", value_parser = at_least_one, conflicts_with = "checkpoint")]
     pub(crate) resize: Option<usize>,
+    /// Rename the file's keys before matching them (with --weights; repeatable, applied in
+    /// order): every match of REGEX is replaced, `$1` naming its first group
+    /// ('^module\.=' drops nn.DataParallel's prefix).
+    #[arg(long, value_name = "REGEX=REPLACEMENT", conflicts_with = "checkpoint")]
+    pub(crate) rename: Vec<bnlab::interop::state_dict::Rename>,
 }
 
 /// `export --format`

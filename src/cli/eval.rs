@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use burn::module::Module;
 
 use bnlab::config::RunConfig;
@@ -30,13 +29,15 @@ pub(crate) enum Source {
     Weights(PathBuf, ArchArgs),
 }
 
-/// A model from a PyTorch state_dict, its architecture from the flags and the file's metadata.
+/// A model from a PyTorch state_dict (safetensors or torch.save), its keys renamed by
+/// `--rename`, its architecture from the flags and the file's metadata.
 pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunConfig, Model)> {
+    use bnlab::interop::state_dict::StateDict;
     use bnlab::interop::torch::{self, Architecture};
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("--weights {}: cannot read", path.display()))?;
-    let meta = torch::metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    let named = |e: torch::TorchError| anyhow::anyhow!("--weights {}: {e}", path.display());
+    let dict = StateDict::read(path)
+        .and_then(|d| d.renamed(&arch.rename))
+        .map_err(named)?;
     let given = Architecture {
         model: arch.model,
         norm: arch.norm,
@@ -44,10 +45,9 @@ pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunC
         activation: arch.activation,
         resize: arch.resize,
     };
-    let config = torch::config_for(&meta, given);
+    let config = torch::config_for(&dict.metadata, given);
     config.validate()?;
-    let model = torch::import(&bytes, &config.model_spec())
-        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    let model = torch::import_state_dict(&dict, &config.model_spec()).map_err(named)?;
     bnlab::models::check_weights(&model)
         .map_err(|e| anyhow::anyhow!("--weights {}: unusable weights: {e}", path.display()))?;
     Ok((config, model))
@@ -101,13 +101,19 @@ pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyh
     Ok(())
 }
 
-pub(crate) fn export_torch(path: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
+pub(crate) fn export_torch(
+    path: &Path,
+    out: &Path,
+    layout: bnlab::interop::torch::Layout,
+    force: bool,
+) -> anyhow::Result<()> {
     check_output("--out", out, force)?;
     use bnlab::interop::torch::{export_with_metadata, META_IMAGE_SIZE};
     let ckpt = checkpoint::load_checkpoint(path)?;
     let size = ckpt.config.image_size().to_string();
     let extra = std::collections::BTreeMap::from([(META_IMAGE_SIZE.to_string(), size)]);
-    let bytes = export_with_metadata(&ckpt.model, &ckpt.config.model_spec(), &extra)?;
+    let spec = ckpt.config.model_spec();
+    let bytes = export_with_metadata(&ckpt.model, &spec, layout, &extra)?;
     write_output("--out", out, &bytes, force)?;
     eprintln!(
         "bnlab: wrote {} (PyTorch state_dict of {})",
@@ -135,6 +141,51 @@ pub(crate) fn inspect(path: &Path, full: bool) -> anyhow::Result<()> {
                 bnlab::report::inspect::format_values(&values, full)
             );
         }
+    }
+    Ok(())
+}
+
+/// `inspect --weights`: the file's keys, shapes and dtypes, then the models they fit.
+pub(crate) fn inspect_weights(
+    path: &Path,
+    renames: &[bnlab::interop::state_dict::Rename],
+) -> anyhow::Result<()> {
+    use bnlab::interop::state_dict::StateDict;
+    use bnlab::interop::torch;
+    let dict = StateDict::read(path)
+        .and_then(|d| d.renamed(renames))
+        .map_err(|e| anyhow::anyhow!("--weights {}: {e}", path.display()))?;
+    println!(
+        "{}: {}, {} tensors",
+        path.display(),
+        dict.format,
+        dict.tensors.len()
+    );
+    let width = dict.tensors.keys().map(String::len).max().unwrap_or(0);
+    for (key, t) in &dict.tensors {
+        let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
+        println!(
+            "  {key:<width$}  {:<4} [{}]",
+            format!("{:?}", t.dtype),
+            dims.join(",")
+        );
+    }
+    let fits = torch::fitting_models(&dict);
+    match fits.first() {
+        Some(best) if best.differences == 0 => {
+            let names: Vec<String> = fits
+                .iter()
+                .filter(|f| f.differences == 0)
+                .map(|f| f.to_string())
+                .collect();
+            println!("the state_dict of: {}", names.join("; "));
+        }
+        Some(best) => println!(
+            "the state_dict of no bnlab model; closest: {best} ({} keys missing, {} unexpected, \
+             {} of another shape; `eval --weights` lists them)",
+            best.missing, best.unexpected, best.shapes
+        ),
+        None => println!("the state_dict of no bnlab model"),
     }
     Ok(())
 }

@@ -104,7 +104,7 @@ enum Command {
         /// A run directory (its final model) or a .bpk file inside one.
         #[arg(long, value_name = "PATH")]
         checkpoint: Option<PathBuf>,
-        /// A PyTorch state_dict saved as safetensors; the architecture comes from the file's
+        /// A PyTorch state_dict: safetensors, or torch.save's .pt/.pth; the architecture comes from the file's
         /// bnlab metadata, or from --model and the other flags below.
         #[arg(long, value_name = "FILE.safetensors")]
         weights: Option<PathBuf>,
@@ -161,14 +161,27 @@ enum Command {
         /// The file to write.
         #[arg(long, value_name = "FILE.safetensors")]
         out: PathBuf,
+        /// The keys' names: d2l's nn.Sequential indices, or the chapter notebooks' named
+        /// children (ResNet-18 and DenseNet; the same for the LeNets).
+        #[arg(long, default_value = "d2l", value_parser = choice::<bnlab::interop::torch::Layout>())]
+        layout: bnlab::interop::torch::Layout,
         /// Replace an existing --out file (never a link, FIFO or device).
         #[arg(long)]
         force: bool,
     },
-    /// Print gamma, beta and the running statistics of each BN layer of a saved model.
+    /// Print gamma, beta and the running statistics of each BN layer of a saved model, or the
+    /// keys of a state_dict file and the model they fit.
+    #[command(group(clap::ArgGroup::new("inspected").required(true).args(["path", "weights"])))]
     Inspect {
         /// A run directory (its final model) or a .bpk file inside one.
-        path: PathBuf,
+        path: Option<PathBuf>,
+        /// A PyTorch state_dict (safetensors or torch.save's .pt/.pth): list its keys, shapes
+        /// and dtypes, and the bnlab models whose state_dict they are.
+        #[arg(long, value_name = "FILE", conflicts_with = "path")]
+        weights: Option<PathBuf>,
+        /// Rename the file's keys first, as `eval --rename` does (with --weights; repeatable).
+        #[arg(long, value_name = "REGEX=REPLACEMENT", requires = "weights")]
+        rename: Vec<bnlab::interop::state_dict::Rename>,
         /// Print every value instead of a summary.
         #[arg(long)]
         full: bool,
@@ -273,9 +286,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint,
             format: ExportFormat::Torch,
             out,
+            layout,
             force,
-        } => export_torch(&checkpoint, &out, force),
-        Command::Inspect { path, full } => inspect(&path, full),
+        } => export_torch(&checkpoint, &out, layout, force),
+        Command::Inspect {
+            path,
+            weights,
+            rename,
+            full,
+        } => match (path, weights) {
+            (_, Some(weights)) => inspect_weights(&weights, &rename),
+            (Some(path), None) => inspect(&path, full),
+            (None, None) => unreachable!("clap requires one of them"),
+        },
         Command::Bench {
             json,
             quick,

@@ -1,7 +1,9 @@
-//! Talking to other frameworks: PyTorch state_dicts ([`torch`]), and bnlab's predictions as
+//! Talking to other frameworks: PyTorch state_dicts ([`state_dict`] reads their files,
+//! [`torch`] matches them to models and writes them), and bnlab's predictions as
 //! NumPy files so that another framework's can be compared with them ([`predict`], [`npy`]).
 
 pub mod npy;
+pub mod state_dict;
 pub mod torch;
 
 use crate::data::{batches, input_batch, Split};

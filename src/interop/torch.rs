@@ -1,4 +1,5 @@
-//! PyTorch `state_dict`s as safetensors files, in and out.
+//! PyTorch `state_dict`s in and out: written as safetensors, read from safetensors or
+//! `torch.save` files ([`super::state_dict`]).
 //!
 //! [`export`] writes a model's weights under the names PyTorch gives the same architecture;
 //! [`import`] reads such a file back into a bnlab [`Model`]. The PyTorch side of each model is
@@ -13,6 +14,11 @@
 //! | `lenet-gluon` | conv `0`, bn `1`, conv `4`, bn `5`, linear `9`, linear `11` |
 //! | `resnet18` | stem conv `0.0`, bn `0.1`; block `j` of stage `s` (1..=4) `s.j.conv1`, `s.j.bn1`, `s.j.conv2`, `s.j.bn2`, shortcut `s.0.conv3` (s ≥ 2); linear `7` |
 //! | `densenet` | stem conv `0.0`, bn `0.1`; dense block `b` (1, 3, 5, 7) layer `i`: bn `b.net.i.0`, conv `b.net.i.2`; transition `t` (2, 4, 6): bn `t.0`, conv `t.2`; bn `8`; linear `12` |
+//!
+//! That is [`Layout::D2l`]. [`Layout::Notebook`] names the layers as the chapter notebooks'
+//! own ResNet-18 and DenseNet do (named children: `resnet_block1.0.conv1`,
+//! `DenseBlosk_0.net.0.0`, `fc.1`); each model's file maps its d2l keys to those
+//! (`Network::notebook_key`). An import finds the layout from the file's keys.
 //!
 //! Each conv and linear has `.weight` and `.bias`; each batch norm `.weight` (gamma), `.bias`
 //! (beta), `.running_mean`, `.running_var` and `.num_batches_tracked`. A model built without batch
@@ -31,7 +37,10 @@ use anyhow::Context;
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+
+pub use super::state_dict::{metadata, ShapeMismatch, TorchError, META_KEY};
+use super::state_dict::{FileTensor, Rename, StateDict};
+use crate::choice::Choice;
 
 use crate::config::RunConfig;
 use crate::models::{LayerMut, Model, ModelKind, ModelSpec, NamedLayer};
@@ -39,10 +48,6 @@ use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::NormKind;
 use crate::norm::NormLayer;
 
-/// The one `__metadata__` key bnlab writes: a JSON object of the fields below, for tools
-/// that rebuild the model. One key, because safetensors writes several in hash order and the
-/// same model should give the same bytes.
-pub const META_KEY: &str = "bnlab";
 /// The network, as `--model` names it (`lenet-bn`).
 pub const META_MODEL: &str = "model";
 /// The batch-norm implementation, as `--norm` names it (`none` for a model without BN).
@@ -60,89 +65,46 @@ pub const META_ACTIVATION: &str = "activation";
 /// without it is read as 28.
 pub const META_IMAGE_SIZE: &str = "image_size";
 
-/// How many key names an error lists before it says "and N more".
-const LISTED_KEYS: usize = 8;
+/// The key layout the file was written in, as `--layout` names it. Written for every model.
+pub const META_LAYOUT: &str = "layout";
 
-/// What is wrong with a state_dict file. Each message is one line naming the key, and the
-/// caller prefixes the file ([`import_file`] does).
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum TorchError {
-    /// The bytes are not a readable safetensors file; holds safetensors' own message.
-    #[error(
-        "not a safetensors file, or truncated or corrupt ({0}); write one with \
-         safetensors.torch.save_file(model.state_dict(), PATH)"
-    )]
-    Corrupt(String),
-    /// The file's keys are not exactly those of the model's state_dict.
-    #[error("{}", keys_message(.model, .missing, .unexpected))]
-    Keys {
-        /// The expected architecture, as `--model` names it.
-        model: String,
-        /// Keys of the model that the file lacks, in PyTorch's order.
-        missing: Vec<String>,
-        /// Keys of the file that the model lacks, sorted.
-        unexpected: Vec<String>,
-    },
-    /// A tensor of the file has another shape than the model's.
-    #[error(
-        "{key}: shape {} expected {} (a state_dict of another architecture: check --model)",
-        shape_text(.found),
-        shape_text(.expected)
-    )]
-    Shape {
-        /// The tensor's state_dict key.
-        key: String,
-        /// Its shape in the file.
-        found: Vec<usize>,
-        /// Its shape in the model, in PyTorch's layout.
-        expected: Vec<usize>,
-    },
-    /// A tensor of the file has a dtype its slot cannot take: weights and running statistics
-    /// must be F32 or F64, `num_batches_tracked` I64.
-    #[error("{key}: dtype {found}, expected {expected} ({fix})")]
-    Dtype {
-        /// The tensor's state_dict key.
-        key: String,
-        /// Its dtype in the file, as safetensors names it (`F16`).
-        found: String,
-        /// The dtypes the slot takes (`F32 or F64`, `I64`).
-        expected: &'static str,
-        /// How to save the file so that it loads.
-        fix: &'static str,
-    },
+crate::choice_enum! {
+    /// Which PyTorch definition of a network the state_dict's keys are those of.
+    pub enum Layout {
+        /// d2l's `nn.Sequential` definitions, keyed by index (`0.0.weight`, `1.0.conv1.weight`).
+        D2l = "d2l",
+        /// The chapter notebooks' own definitions of ResNet-18 and DenseNet, which name their
+        /// children (`resnet_block1.0.conv1.weight`, `DenseBlosk_0.net.0.0.weight`); for the
+        /// LeNets the same as `d2l`.
+        Notebook = "notebook",
+    }
 }
 
-fn shape_text(shape: &[usize]) -> String {
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    format!("[{}]", dims.join(","))
+impl Layout {
+    /// The layouts `kind`'s state_dict can be in: `d2l`, and `notebook` where it differs.
+    pub fn of(kind: ModelKind) -> Vec<Layout> {
+        match kind.notebook_key("0").is_some() {
+            true => vec![Layout::D2l, Layout::Notebook],
+            false => vec![Layout::D2l],
+        }
+    }
+
+    /// A layer's key prefix in this layout, from its d2l key.
+    fn key(self, kind: ModelKind, d2l: &str) -> String {
+        match self {
+            Layout::D2l => d2l.to_string(),
+            Layout::Notebook => kind.notebook_key(d2l).unwrap_or_else(|| d2l.to_string()),
+        }
+    }
 }
 
-fn key_list(keys: &[String]) -> String {
-    let mut text = keys
-        .iter()
-        .take(LISTED_KEYS)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if keys.len() > LISTED_KEYS {
-        text.push_str(&format!(" and {} more", keys.len() - LISTED_KEYS));
-    }
-    text
-}
-
-fn keys_message(model: &str, missing: &[String], unexpected: &[String]) -> String {
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        parts.push(format!("missing keys {}", key_list(missing)));
-    }
-    if !unexpected.is_empty() {
-        parts.push(format!("unexpected keys {}", key_list(unexpected)));
-    }
-    format!(
-        "not a state_dict of bnlab's {model}: {} (check --model and --norm; keys must be \
-         exactly those of model.state_dict(), with no prefix such as `module.`)",
-        parts.join("; ")
-    )
+/// The model's key nearest to `key` by edit distance, among `candidates` (the first of
+/// equals).
+fn closest<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
+    candidates
+        .map(|c| (strsim::levenshtein(key, c), c))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c.to_string())
 }
 
 /// One tensor of the state_dict and where it lives in the Burn model.
@@ -156,11 +118,13 @@ enum Slot<'a> {
     Count(Option<&'a mut RunningState<Tensor<1>>>),
 }
 
-/// Every tensor of the state_dict, keyed by its PyTorch name, in PyTorch's order.
-fn slots(model: &mut Model) -> Vec<(String, Slot<'_>)> {
+/// Every tensor of the state_dict of `kind`'s `model`, keyed by its PyTorch name in `layout`,
+/// in PyTorch's order.
+fn slots(model: &mut Model, kind: ModelKind, layout: Layout) -> Vec<(String, Slot<'_>)> {
     let mut out = Vec::new();
     for NamedLayer { torch, layer, .. } in model.layers().layers {
-        let key = |name: &str| format!("{torch}.{name}");
+        let prefix = layout.key(kind, &torch);
+        let key = |name: &str| format!("{prefix}.{name}");
         match layer {
             LayerMut::Conv(conv) => {
                 out.push((key("weight"), Slot::Conv(&mut conv.weight)));
@@ -250,51 +214,50 @@ impl Slot<'_> {
         }
     }
 
-    /// Whether the file's tensor can go into this slot: dtype, then shape.
-    fn check(&self, key: &str, view: &TensorView<'_>) -> Result<(), TorchError> {
+    /// Whether the file's tensor, of the slot's shape, has a dtype the slot takes.
+    fn check_dtype(&self, key: &str, tensor: &FileTensor) -> Result<(), TorchError> {
         let dtype_error = |expected, fix| TorchError::Dtype {
             key: key.to_string(),
-            found: format!("{:?}", view.dtype()),
+            found: format!("{:?}", tensor.dtype),
             expected,
             fix,
         };
         if self.is_count() {
-            if view.dtype() != Dtype::I64 {
+            if tensor.dtype != Dtype::I64 {
                 return Err(dtype_error(
                     "I64",
                     "PyTorch saves num_batches_tracked as int64: do not convert it",
                 ));
             }
-        } else if !matches!(view.dtype(), Dtype::F32 | Dtype::F64) {
+        } else if !matches!(tensor.dtype, Dtype::F32 | Dtype::F64) {
             return Err(dtype_error(
                 "F32 or F64",
                 "convert the weights with model.float() before saving",
             ));
         }
-        let expected = self.torch_shape();
-        if view.shape() != expected.as_slice() {
-            return Err(TorchError::Shape {
-                key: key.to_string(),
-                found: view.shape().to_vec(),
-                expected,
-            });
+        let size = if tensor.dtype == Dtype::F32 { 4 } else { 8 };
+        let count: usize = tensor.shape.iter().product();
+        if tensor.bytes.len() != count * size {
+            return Err(TorchError::Corrupt(format!(
+                "{key}: {} bytes for {count} values",
+                tensor.bytes.len()
+            )));
         }
         Ok(())
     }
 
-    /// Stores a tensor that passed [`Self::check`].
-    fn store(self, view: &TensorView<'_>) {
+    /// Stores a tensor that passed [`Self::check_dtype`].
+    fn store(self, tensor: &FileTensor) {
         let shape = self.torch_shape();
-        // Safetensors has checked that the byte count matches dtype and shape.
         let floats = || -> Vec<f32> {
-            match view.dtype() {
-                Dtype::F64 => view
-                    .data()
+            match tensor.dtype {
+                Dtype::F64 => tensor
+                    .bytes
                     .chunks_exact(8)
                     .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
                     .collect(),
-                _ => view
-                    .data()
+                _ => tensor
+                    .bytes
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
                     .collect(),
@@ -329,7 +292,7 @@ impl Slot<'_> {
                 *s = RunningState::new(value);
             }
             Slot::Count(Some(s)) => {
-                let count = view.data().try_into().map_or(0, i64::from_le_bytes);
+                let count = tensor.bytes[..].try_into().map_or(0, i64::from_le_bytes);
                 let device = s.value().device();
                 *s = RunningState::new(Tensor::from_data(
                     TensorData::new(vec![count as f32], [1]),
@@ -348,10 +311,11 @@ fn replace_param<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>)
     *param = param.clone().map(|_| value);
 }
 
-/// The state_dict keys of `spec`'s model and their PyTorch shapes, in PyTorch's order.
-pub fn state_dict_keys(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+/// The state_dict keys of `spec`'s model in `layout` and their PyTorch shapes, in PyTorch's
+/// order.
+pub fn state_dict_keys(spec: &ModelSpec, layout: Layout) -> Vec<(String, Vec<usize>)> {
     let mut model = spec.init(0, &crate::device::inference_device());
-    slots(&mut model)
+    slots(&mut model, spec.kind, layout)
         .into_iter()
         .map(|(key, slot)| {
             let shape = slot.torch_shape();
@@ -371,21 +335,23 @@ fn spec_metadata(spec: &ModelSpec) -> BTreeMap<String, String> {
     ])
 }
 
-/// `model` as a safetensors file holding the PyTorch state_dict of the same architecture.
+/// `model` as a safetensors file holding the PyTorch state_dict of the same architecture, in
+/// d2l's layout.
 pub fn export(model: &Model, spec: &ModelSpec) -> anyhow::Result<Vec<u8>> {
-    export_with_metadata(model, spec, &BTreeMap::new())
+    export_with_metadata(model, spec, Layout::D2l, &BTreeMap::new())
 }
 
-/// [`export`] with extra metadata fields (such as [`META_IMAGE_SIZE`]).
+/// [`export`] in `layout`, with extra metadata fields (such as [`META_IMAGE_SIZE`]).
 pub fn export_with_metadata(
     model: &Model,
     spec: &ModelSpec,
+    layout: Layout,
     extra: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<u8>> {
     // `valid()` merges running-statistic updates still pending on any thread (Burn's
     // RunningState keeps them per thread until read) and copies handles, not weights.
     let mut model = model.valid();
-    let tensors: Vec<(String, Encoded)> = slots(&mut model)
+    let tensors: Vec<(String, Encoded)> = slots(&mut model, spec.kind, layout)
         .into_iter()
         .map(|(key, slot)| (key, slot.export()))
         .collect();
@@ -398,6 +364,7 @@ pub fn export_with_metadata(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut fields = spec_metadata(spec);
+    fields.insert(META_LAYOUT.to_string(), layout.to_string());
     fields.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     let json = serde_json::to_string(&fields).expect("a map of strings serializes");
     safetensors::serialize(views, Some(HashMap::from([(META_KEY.to_string(), json)])))
@@ -424,59 +391,187 @@ pub fn export_file(
 /// A model of `spec`'s architecture with the weights of a PyTorch state_dict in safetensors
 /// form, on the evaluation device. Keys must match exactly, as `load_state_dict(strict=True)`.
 pub fn import(bytes: &[u8], spec: &ModelSpec) -> Result<Model, TorchError> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| TorchError::Corrupt(e.to_string()))?;
-    let mut model = spec.init(0, &crate::device::inference_device());
-    let wanted = slots(&mut model);
+    import_state_dict(&StateDict::from_safetensors(bytes)?, spec)
+}
 
-    let file_keys: BTreeSet<&str> = file.names().into_iter().collect();
+/// A model of `spec`'s architecture with the weights of `dict`, on the evaluation device. As
+/// `load_state_dict(strict=True)`: every key of the model must be in the file with its shape,
+/// and the file must hold no other; all that differs is listed, and nothing is loaded then.
+/// The layout is the one whose keys the file's are (for an error, the nearer one).
+pub fn import_state_dict(dict: &StateDict, spec: &ModelSpec) -> Result<Model, TorchError> {
+    let mut nearest: Option<TorchError> = None;
+    for layout in Layout::of(spec.kind) {
+        let mut model = spec.init(0, &crate::device::inference_device());
+        let wanted = slots(&mut model, spec.kind, layout);
+        match mismatch(dict, spec.kind, &wanted) {
+            None => {
+                // Check every tensor before storing any, so that the error reported is the
+                // first in PyTorch's key order.
+                for (key, slot) in &wanted {
+                    slot.check_dtype(key, &dict.tensors[key])?;
+                }
+                for (key, slot) in wanted {
+                    slot.store(&dict.tensors[&key]);
+                }
+                return Ok(model);
+            }
+            Some(err) => {
+                if nearest
+                    .as_ref()
+                    .is_none_or(|n| differences(&err) < differences(n))
+                {
+                    nearest = Some(err);
+                }
+            }
+        }
+    }
+    Err(nearest.expect("every model has a layout"))
+}
+
+fn differences(err: &TorchError) -> usize {
+    match err {
+        TorchError::Mismatch {
+            missing,
+            unexpected,
+            shapes,
+            ..
+        } => missing.len() + unexpected.len() + shapes.len(),
+        _ => 0,
+    }
+}
+
+/// What keeps `dict` from being the state_dict whose tensors are `wanted`, if anything.
+fn mismatch(
+    dict: &StateDict,
+    kind: ModelKind,
+    wanted: &[(String, Slot<'_>)],
+) -> Option<TorchError> {
     let want_keys: BTreeSet<&str> = wanted.iter().map(|(k, _)| k.as_str()).collect();
     let missing: Vec<String> = wanted
         .iter()
-        .filter(|(k, _)| !file_keys.contains(k.as_str()))
+        .filter(|(k, _)| !dict.tensors.contains_key(k))
         .map(|(k, _)| k.clone())
         .collect();
-    let unexpected: Vec<String> = file_keys
-        .difference(&want_keys)
-        .map(|k| k.to_string())
+    // The closest key among those the file lacks, if it lacks any: a renamed key's own.
+    let candidates: Vec<&str> = match missing.is_empty() {
+        true => want_keys.iter().copied().collect(),
+        false => missing.iter().map(String::as_str).collect(),
+    };
+    let unexpected: Vec<(String, Option<String>)> = dict
+        .tensors
+        .keys()
+        .filter(|k| !want_keys.contains(k.as_str()))
+        .map(|k| (k.clone(), closest(k, candidates.iter().copied())))
         .collect();
-    if !missing.is_empty() || !unexpected.is_empty() {
-        return Err(TorchError::Keys {
-            model: spec.kind.to_string(),
-            missing,
-            unexpected,
-        });
-    }
-
-    // Check every tensor before storing any, so that the error reported is the first in
-    // PyTorch's key order.
-    let mut views = Vec::with_capacity(wanted.len());
-    for (key, slot) in &wanted {
-        let view = file
-            .tensor(key)
-            .map_err(|e| TorchError::Corrupt(e.to_string()))?;
-        slot.check(key, &view)?;
-        views.push(view);
-    }
-    for ((_, slot), view) in wanted.into_iter().zip(&views) {
-        slot.store(view);
-    }
-    Ok(model)
+    let shapes: Vec<ShapeMismatch> = wanted
+        .iter()
+        .filter_map(|(key, slot)| {
+            let tensor = dict.tensors.get(key)?;
+            let expected = slot.torch_shape();
+            (tensor.shape != expected).then(|| ShapeMismatch {
+                key: key.clone(),
+                found: tensor.shape.clone(),
+                expected,
+            })
+        })
+        .collect();
+    let fits = missing.is_empty() && unexpected.is_empty() && shapes.is_empty();
+    (!fits).then(|| TorchError::Mismatch {
+        model: kind.to_string(),
+        missing,
+        unexpected,
+        shapes,
+    })
 }
 
-/// [`import`] from a file; errors name it.
-pub fn import_file(path: &Path, spec: &ModelSpec) -> anyhow::Result<Model> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    import(&bytes, spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+/// [`import_state_dict`] from a file of either format, its keys renamed first; errors name
+/// the file.
+pub fn import_file(path: &Path, spec: &ModelSpec, renames: &[Rename]) -> anyhow::Result<Model> {
+    let dict = StateDict::read(path)
+        .and_then(|d| d.renamed(renames))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    import_state_dict(&dict, spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The fields bnlab wrote in a file's metadata (empty for a file from elsewhere).
-pub fn metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, TorchError> {
-    let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|e| TorchError::Corrupt(e.to_string()))?;
-    let json = meta.metadata().as_ref().and_then(|m| m.get(META_KEY));
-    Ok(json
-        .and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_default())
+/// How far a state_dict is from one model's: what `load_state_dict(strict=True)` would list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fit {
+    /// The model, as `--model` names it.
+    pub model: ModelKind,
+    /// Whether its batch-norm layers are in (`--norm none` leaves them out).
+    pub batch_norm: bool,
+    /// The key layout.
+    pub layout: Layout,
+    /// The model's keys the file lacks.
+    pub missing: usize,
+    /// The file's keys the model lacks.
+    pub unexpected: usize,
+    /// Keys of both with another shape.
+    pub shapes: usize,
+    /// The three together.
+    pub differences: usize,
+}
+
+impl std::fmt::Display for Fit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--model {}", self.model)?;
+        if !self.batch_norm {
+            write!(f, " --norm none")?;
+        }
+        if Layout::of(self.model).len() > 1 {
+            write!(f, " (layout {})", self.layout)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every bnlab model, with and without batch norm, in each of its layouts, by how far `dict`
+/// is from its state_dict, nearest first (the models' order among equals).
+pub fn fitting_models(dict: &StateDict) -> Vec<Fit> {
+    let mut fits: Vec<Fit> = Vec::new();
+    for &model in ModelKind::ALL {
+        for norm in [NormKind::Scratch, NormKind::None] {
+            let batch_norm = norm != NormKind::None;
+            if !batch_norm && !model.has_batch_norm() {
+                continue;
+            }
+            for layout in Layout::of(model) {
+                let keys = state_dict_keys(&ModelSpec::of(model, norm), layout);
+                let known: BTreeSet<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+                let missing = keys
+                    .iter()
+                    .filter(|(k, _)| !dict.tensors.contains_key(k))
+                    .count();
+                let unexpected = dict
+                    .tensors
+                    .keys()
+                    .filter(|k| !known.contains(k.as_str()))
+                    .count();
+                let shapes = keys
+                    .iter()
+                    .filter(|(k, shape)| dict.tensors.get(k).is_some_and(|t| &t.shape != shape))
+                    .count();
+                let fit = Fit {
+                    model,
+                    batch_norm,
+                    layout,
+                    missing,
+                    unexpected,
+                    shapes,
+                    differences: missing + unexpected + shapes,
+                };
+                // The same keys with and without BN (a model whose BN is its own choice) once.
+                if !fits
+                    .iter()
+                    .any(|f| f.model == model && f.differences == 0 && fit.differences == 0)
+                {
+                    fits.push(fit);
+                }
+            }
+        }
+    }
+    fits.sort_by_key(|f| f.differences);
+    fits
 }
 
 /// What a state_dict alone does not say about its architecture, as the command line gives it

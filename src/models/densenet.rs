@@ -202,4 +202,25 @@ impl Network for DenseNet {
         list.linear("fc", top.next_key(), &mut self.fc);
         list
     }
+
+    /// The notebook's DenseNet names its children: the stem's conv and BN are `0` and `1` at
+    /// the top level, dense block `k` is `DenseBlosk_k` (the notebook's spelling), transition
+    /// `k` is `transition_block_k`, the last BN is `BN` and the linear layer `fc.1` (inside
+    /// `nn.Sequential(Flatten, Linear)`).
+    fn notebook_key(d2l: &str) -> Option<String> {
+        let (top, rest) = d2l.split_once('.').unwrap_or((d2l, ""));
+        let index: usize = top.parse().ok()?;
+        let child = match index {
+            0 => return Some(rest.to_string()),
+            1 | 3 | 5 | 7 => format!("DenseBlosk_{}", (index - 1) / 2),
+            2 | 4 | 6 => format!("transition_block_{}", (index - 2) / 2),
+            // The last BN; without BN, index 8 is the ReLU and holds no keys.
+            8 => "BN".to_string(),
+            _ => "fc.1".to_string(),
+        };
+        Some(match rest {
+            "" => child,
+            _ => format!("{child}.{rest}"),
+        })
+    }
 }

@@ -42,6 +42,13 @@ pub trait Network: Module + Sized {
     /// Every layer with weights, in PyTorch's `state_dict` order, with its names and BN
     /// partner: what interop, folding and `inspect` walk.
     fn layers(&mut self) -> LayerList<'_>;
+
+    /// A layer's key in the chapter notebook's own definition of the network, from its key in
+    /// d2l's numeric `nn.Sequential` (as [`Self::layers`] names it): `None` where the notebook
+    /// defines the network as d2l does (the LeNets).
+    fn notebook_key(_d2l: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The facts about an architecture that the configuration's checks and defaults need.
@@ -113,6 +120,14 @@ macro_rules! networks {
             pub fn facts(self) -> Facts {
                 match self {
                     $( $(Self::$kind)|+ => <$network as Network>::facts(self), )+
+                }
+            }
+
+            /// A layer's key in the chapter notebook's definition, from its d2l key (see
+            /// [`Network::notebook_key`]); `None` where the two layouts are the same.
+            pub fn notebook_key(self, d2l: &str) -> Option<String> {
+                match self {
+                    $( $(Self::$kind)|+ => <$network as Network>::notebook_key(d2l), )+
                 }
             }
         }

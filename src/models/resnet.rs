@@ -163,4 +163,15 @@ impl Network for ResNet18 {
         list.linear("fc", "7".into(), &mut self.fc);
         list
     }
+
+    /// The notebook's ResNet-18 names its children: the stem's conv and BN are `0` and `1` at
+    /// the top level, stage `S` is `resnet_blockS`, and the linear layer is `fc.1` (inside
+    /// `nn.Sequential(Flatten, Linear)`).
+    fn notebook_key(d2l: &str) -> Option<String> {
+        Some(match d2l.split_once('.') {
+            Some(("0", stem)) => stem.to_string(),
+            Some((stage, rest)) => format!("resnet_block{stage}.{rest}"),
+            None => "fc.1".to_string(),
+        })
+    }
 }

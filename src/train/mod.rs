@@ -79,7 +79,13 @@ pub fn initial_model(config: &RunConfig, device: &Device) -> anyhow::Result<Mode
     match &config.init_weights {
         None => Ok(config.model_spec().init(config.seed, device)),
         Some(path) => {
-            let model = crate::interop::torch::import_file(path, &config.model_spec())
+            let renames = config
+                .init_renames
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<Vec<crate::interop::state_dict::Rename>, String>>()
+                .map_err(|e| anyhow::anyhow!("--rename {e}"))?;
+            let model = crate::interop::torch::import_file(path, &config.model_spec(), &renames)
                 .map_err(|e| anyhow::anyhow!("--init {e:#}"))?;
             crate::models::check_weights(&model)
                 .map_err(|e| anyhow::anyhow!("--init {}: unusable weights: {e}", path.display()))?;
