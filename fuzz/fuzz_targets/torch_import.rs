@@ -18,4 +18,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(dict) = StateDict::read(&path) {
         let _ = import_state_dict(&dict, &spec);
     }
+    let _ = std::fs::remove_file(&path);
 });
