@@ -225,11 +225,12 @@ impl std::str::FromStr for Rename {
         if pattern.is_empty() {
             return Err(format!("'{text}': the pattern before '=' is empty"));
         }
-        KeyRemapper::new()
-            .add_pattern(pattern, replacement)
-            .map_err(|e| format!("'{pattern}' is not a regular expression: {e}"))
-            .map(|_| ())
-            .map_err(|e| e.replace('\n', " "))?;
+        if let Err(e) = KeyRemapper::new().add_pattern(pattern, replacement) {
+            return Err(format!(
+                "'{pattern}' is not a regular expression: {}",
+                one_line(&e)
+            ));
+        }
         Ok(Self {
             pattern: pattern.to_string(),
             replacement: replacement.to_string(),
@@ -243,35 +244,17 @@ impl std::fmt::Display for Rename {
     }
 }
 
-/// `key` after `renames`, in order.
-fn renamed(key: &str, remapper: &KeyRemapper) -> String {
-    let mut key = key.to_string();
-    for (pattern, replacement) in remapper.to_regex_pairs() {
-        key = pattern.replace_all(&key, replacement.as_str()).into_owned();
-    }
-    key
-}
-
 impl StateDict {
     /// Reads a state_dict file of either format.
     pub fn read(path: &Path) -> Result<Self, TorchError> {
-        let mut head = [0u8; 9];
-        let n = {
-            use std::io::Read;
-            let mut file = std::fs::File::open(path).map_err(|e| TorchError::Io(e.to_string()))?;
-            let mut n = 0;
-            while n < head.len() {
-                match file.read(&mut head[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) => return Err(TorchError::Io(e.to_string())),
-                }
-            }
-            n
-        };
-        if looks_like_safetensors(&head[..n]) {
-            let bytes = std::fs::read(path).map_err(|e| TorchError::Io(e.to_string()))?;
-            return Self::from_safetensors(&bytes);
+        use std::io::Read;
+        let io = |e: std::io::Error| TorchError::Io(e.to_string());
+        let mut head = Vec::with_capacity(9);
+        std::fs::File::open(path)
+            .and_then(|file| file.take(9).read_to_end(&mut head))
+            .map_err(io)?;
+        if looks_like_safetensors(&head) {
+            return Self::from_safetensors(&std::fs::read(path).map_err(io)?);
         }
         Self::from_torch_file(path)
     }
@@ -337,10 +320,15 @@ impl StateDict {
                 .map(|r| (r.pattern.as_str(), r.replacement.as_str())),
         )
         .map_err(|e| TorchError::Rename(one_line(&e)))?;
+        let patterns = remapper.to_regex_pairs();
         let mut tensors = BTreeMap::new();
         let mut sources: BTreeMap<String, String> = BTreeMap::new();
         for (key, tensor) in self.tensors {
-            let new = renamed(&key, &remapper);
+            // Every pattern in order, every match replaced: as the remapper's own `remap`.
+            let mut new = key.clone();
+            for (pattern, replacement) in &patterns {
+                new = pattern.replace_all(&new, replacement.as_str()).into_owned();
+            }
             if let Some(first) = sources.insert(new.clone(), key.clone()) {
                 return Err(TorchError::Rename(format!(
                     "--rename maps both {first} and {key} to {new}"

@@ -400,8 +400,8 @@ pub fn import(bytes: &[u8], spec: &ModelSpec) -> Result<Model, TorchError> {
 /// The layout is the one whose keys the file's are (for an error, the nearer one).
 pub fn import_state_dict(dict: &StateDict, spec: &ModelSpec) -> Result<Model, TorchError> {
     let mut nearest: Option<TorchError> = None;
+    let mut model = spec.init(0, &crate::device::inference_device());
     for layout in Layout::of(spec.kind) {
-        let mut model = spec.init(0, &crate::device::inference_device());
         let wanted = slots(&mut model, spec.kind, layout);
         match mismatch(dict, spec.kind, &wanted) {
             None => {
