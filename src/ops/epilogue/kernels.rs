@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::norm::epilogue::{Activation, Epilogue, Pool};
-use crate::ops::cpu::{assume_init, fill, planes_per_task, simd_fn, uninit, Dims, Real};
+use crate::ops::cpu::{
+    assume_init, assume_init_mut, fill, planes_per_task, simd_fn, uninit, Dims, Real,
+};
 
 // The activation's maths on the kernels' element types.
 impl Activation {
@@ -116,6 +118,12 @@ pub(crate) fn epilogue_grad_plane<'a, E: Real>(
                 grads.map(|(&g, &a)| g.mul(act.derivative_from_output(a))),
             );
         }
+        // ReLU (or nothing) then a 2 × 2 max pool, the chapter's and speednet's block: each
+        // window's four gradients are written at once, with no zeroing or second pass. (Their
+        // derivative is finite, so the zeros off the maximum stay zeros, as below.)
+        Pool::Max(2) if act != Activation::Sigmoid => {
+            return unpool_max2(a, dout, (h, w), act, dz);
+        }
         Pool::Avg(k) | Pool::Max(k) => (k, fill(dz, std::iter::repeat(E::ZERO))),
     };
     // A literal `k` per arm lets the window loops unroll (LeNet's pools are 2×2).
@@ -131,6 +139,49 @@ pub(crate) fn epilogue_grad_plane<'a, E: Real>(
         }
     }
     dz
+}
+
+/// The backward of `act` then a 2 × 2 max pool over one `(h, w)` plane: the gradient goes to
+/// each window's first maximum in row-major order (NaN first), times the activation's
+/// derivative there; every other place, leftover rows and columns included, gets 0.
+#[inline(always)]
+fn unpool_max2<'a, E: Real>(
+    a: &[E],
+    dout: &[E],
+    (h, w): (usize, usize),
+    act: Activation,
+    dz: &'a mut [MaybeUninit<E>],
+) -> &'a mut [E] {
+    let (ho, wo) = (h / 2, w / 2);
+    let zero = MaybeUninit::new(E::ZERO);
+    for (r, dout_row) in dout[..ho * wo].chunks_exact(wo).enumerate() {
+        let (top, bottom) = dz[2 * r * w..(2 * r + 2) * w].split_at_mut(w);
+        let (a_top, a_bottom) = a[2 * r * w..(2 * r + 2) * w].split_at(w);
+        for (j, &g) in dout_row.iter().enumerate() {
+            let c = 2 * j;
+            let v = [a_top[c], a_top[c + 1], a_bottom[c], a_bottom[c + 1]];
+            let mut best = 0;
+            for i in 1..4 {
+                if v[i] > v[best] || (v[i].is_nan() && !v[best].is_nan()) {
+                    best = i;
+                }
+            }
+            let grad = g.mul(act.derivative_from_output(v[best]));
+            let at = |i: usize| MaybeUninit::new(if i == best { grad } else { E::ZERO });
+            top[c] = at(0);
+            top[c + 1] = at(1);
+            bottom[c] = at(2);
+            bottom[c + 1] = at(3);
+        }
+        if w % 2 == 1 {
+            top[w - 1] = zero;
+            bottom[w - 1] = zero;
+        }
+    }
+    debug_assert_eq!(dz.len(), h * w);
+    dz[2 * ho * w..].fill(zero);
+    // SAFETY: the loops above wrote every element of the plane.
+    unsafe { assume_init_mut(dz) }
 }
 
 /// The pool's backward into `dz` (zeroed): each output's gradient spread over its `k × k`
