@@ -20,6 +20,20 @@ crate::choice_enum! {
 }
 
 crate::choice_enum! {
+    /// `lr_schedule`: how the learning rate moves within the run, step by step.
+    pub enum LrSchedule {
+        /// PyTorch's OneCycleLR (cosine, two phases, `cycle_momentum=False`): from lr/25 up to
+        /// lr over the first `lr_warmup` of the steps, then down to lr/25e4 at the last.
+        OneCycle = "one-cycle",
+        /// A linear warm-up from 0 to lr over the first `lr_warmup` of the steps, then a
+        /// cosine down to 0 at the end.
+        Cosine = "cosine",
+        /// None: lr throughout (or StepLR's steps, with `lr_step_size`).
+        Constant = "constant",
+    }
+}
+
+crate::choice_enum! {
     /// `init`: how conv and linear weights start.
     pub enum InitKind {
         /// Xavier-uniform, as the d2l PyTorch notebooks.
@@ -59,6 +73,25 @@ pub struct RunConfig {
     pub lr_step_size: Option<usize>,
     /// StepLR's factor.
     pub lr_gamma: f64,
+    /// A learning rate that moves every step, instead of StepLR's per-epoch steps (or a
+    /// constant rate).
+    pub lr_schedule: Option<LrSchedule>,
+    /// The fraction of the steps `lr_schedule` spends rising. Default: 0.3 for one-cycle (as
+    /// PyTorch's `pct_start`), 0 for cosine.
+    pub lr_warmup: Option<f64>,
+    /// L2 penalty added to each weight's gradient (PyTorch's `weight_decay`: BN's γ and β and
+    /// the biases included).
+    pub weight_decay: f64,
+    /// Nesterov momentum for `sgd-momentum` (PyTorch's `nesterov=True`).
+    pub nesterov: bool,
+    /// Label smoothing of the cross-entropy: the target puts `label_smoothing / 10` on every
+    /// class and the rest on the right one (PyTorch's `label_smoothing`).
+    pub label_smoothing: f64,
+    /// Random crop: pad each training image by this many zero pixels and cut a 28 × 28 window
+    /// at a random offset (0: off).
+    pub augment_crop: usize,
+    /// Mirror each training image left to right with probability 1/2.
+    pub augment_flip: bool,
     /// Examples per training (and test) batch.
     pub batch_size: usize,
     /// Passes over the training set.
@@ -79,6 +112,13 @@ pub struct RunConfig {
     pub limit_batches: Option<usize>,
     /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
     pub recalibrate_bn: bool,
+    /// Precise BN over the first N training batches only (default: all of them).
+    pub recalibrate_batches: Option<usize>,
+    /// Test on each image and its mirror image, summing the two logits.
+    pub tta_flip: bool,
+    /// Stop training once this many seconds have passed, keeping time for the last test pass
+    /// (as long as the one before it took), then test.
+    pub time_budget: Option<f64>,
     /// Start from the weights of this PyTorch state_dict (safetensors or torch.save) instead
     /// of a seeded initialisation.
     pub init_weights: Option<std::path::PathBuf>,
@@ -103,6 +143,13 @@ impl Default for RunConfig {
             momentum: 0.9,
             lr_step_size: None,
             lr_gamma: 0.1,
+            lr_schedule: None,
+            lr_warmup: None,
+            weight_decay: 0.0,
+            nesterov: false,
+            label_smoothing: 0.0,
+            augment_crop: 0,
+            augment_flip: false,
             batch_size: 256,
             epochs: 10,
             resize: None,
@@ -113,6 +160,9 @@ impl Default for RunConfig {
             shuffle: true,
             limit_batches: None,
             recalibrate_bn: false,
+            recalibrate_batches: None,
+            tta_flip: false,
+            time_budget: None,
             init_weights: None,
             init_renames: Vec::new(),
         }
@@ -186,6 +236,60 @@ impl RunConfig {
         }
     }
 
+    /// The learning rate of 0-based `step` of 1-based `epoch`, in a run of `steps_per_epoch`
+    /// steps per epoch: [`Self::lr_at`] unless `lr_schedule` is set.
+    pub fn lr_at_step(&self, epoch: usize, step: usize, steps_per_epoch: usize) -> f64 {
+        let schedule = match self.lr_schedule {
+            None | Some(LrSchedule::Constant) => return self.lr_at(epoch),
+            Some(schedule) => schedule,
+        };
+        let total = (self.epochs * steps_per_epoch).max(1);
+        let t = ((epoch - 1) * steps_per_epoch + step).min(total - 1);
+        let warmup = self.warmup_fraction();
+        // cos_anneal of PyTorch's OneCycleLR: from `start` at pct 0 to `end` at pct 1.
+        let anneal = |start: f64, end: f64, pct: f64| {
+            end + (start - end) / 2.0 * ((std::f64::consts::PI * pct).cos() + 1.0)
+        };
+        match schedule {
+            LrSchedule::OneCycle => {
+                // PyTorch: phase ends at step pct_start·total − 1 and total − 1.
+                let initial = self.lr / 25.0;
+                let min = initial / 1e4;
+                let end_up = warmup * total as f64 - 1.0;
+                let end_down = total as f64 - 1.0;
+                let t = t as f64;
+                if end_up > 0.0 && t <= end_up {
+                    anneal(initial, self.lr, t / end_up)
+                } else {
+                    anneal(self.lr, min, (t - end_up) / (end_down - end_up))
+                }
+            }
+            LrSchedule::Constant => unreachable!("returned above"),
+            LrSchedule::Cosine => {
+                let up = (warmup * total as f64).round() as usize;
+                if t < up {
+                    self.lr * (t + 1) as f64 / up as f64
+                } else {
+                    let span = (total - up).max(1) as f64;
+                    anneal(self.lr, 0.0, (t - up) as f64 / span)
+                }
+            }
+        }
+    }
+
+    /// The schedule that moves the learning rate every step, if any.
+    pub fn per_step_schedule(&self) -> Option<LrSchedule> {
+        self.lr_schedule.filter(|s| *s != LrSchedule::Constant)
+    }
+
+    /// `lr_warmup` after its default.
+    pub fn warmup_fraction(&self) -> f64 {
+        self.lr_warmup.unwrap_or(match self.lr_schedule {
+            Some(LrSchedule::OneCycle) => 0.3,
+            _ => 0.0,
+        })
+    }
+
     /// Rejects settings that make no sense, naming the flag.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
@@ -212,6 +316,52 @@ impl RunConfig {
         }
         if !positive(self.lr_gamma) {
             return err(format!("--lr-gamma must be > 0, got {}", self.lr_gamma));
+        }
+        if let (Some(schedule), Some(_)) = (self.per_step_schedule(), self.lr_step_size) {
+            return err(format!(
+                "--lr-step-size and --lr-schedule {schedule} both move the learning rate: keep one"
+            ));
+        }
+        if let Some(w) = self.lr_warmup {
+            if !(0.0..1.0).contains(&w)
+                || (self.lr_schedule == Some(LrSchedule::OneCycle) && w == 0.0)
+            {
+                return err(format!(
+                    "--lr-warmup is a fraction of the steps, within (0, 1) for one-cycle and [0, 1) for cosine; got {w}"
+                ));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return err(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.nesterov && self.optimizer != OptimizerKind::SgdMomentum {
+            return err(format!(
+                "--nesterov applies to --optimizer sgd-momentum (this run uses {})",
+                self.optimizer
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return err(format!(
+                "--label-smoothing must be within [0, 1), got {}",
+                self.label_smoothing
+            ));
+        }
+        if self.augment_crop > 8 {
+            return err(format!(
+                "--augment-crop pads by at most 8 pixels, got {}",
+                self.augment_crop
+            ));
+        }
+        if self.recalibrate_batches == Some(0) {
+            return err("--recalibrate-batches must be at least 1");
+        }
+        if let Some(t) = self.time_budget {
+            if !(t.is_finite() && t > 0.0) {
+                return err(format!("--time-budget must be > 0 seconds, got {t}"));
+            }
         }
         if !positive(self.init_std) {
             return err(format!("--init-std must be > 0, got {}", self.init_std));

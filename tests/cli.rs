@@ -52,12 +52,14 @@ fn help_explains_every_flag() {
         "--json", "--metrics", "--limit-batches", "--no-shuffle", "--bn-eps", "--bn-momentum",
         "--bn-convention", "--pool", "--activation", "--weight-init", "--init-std", "--init", "--optimizer",
         "--momentum", "--lr-step-size", "--lr-gamma", "--resize", "--recalibrate-bn", "--out",
-        "--save-every", "--device",
+        "--save-every", "--device", "--lr-schedule", "--lr-warmup", "--weight-decay", "--nesterov",
+        "--label-smoothing", "--augment-crop", "--augment-flip", "--tta-flip", "--time-budget",
+        "--recalibrate-batches",
     ];
     for flag in flags {
         let at = lines
             .iter()
-            .position(|l| l.trim_start().split([' ', '=']).next() == Some(flag))
+            .position(|l| l.trim_start().split([' ', '=', '[']).next() == Some(flag))
             .unwrap_or_else(|| panic!("{flag} missing from help:\n{help}"));
         // Its explanation: the rest of its line and the lines up to the next flag.
         let rest: Vec<&str> = std::iter::once(lines[at].trim_start().trim_start_matches(flag))
@@ -124,6 +126,17 @@ fn invalid_values_are_one_line_errors() {
             "--momentum: only --optimizer sgd-momentum",
         ),
         (&["run", "lenet", "--momentum", "0.5"], "--momentum"),
+        (&["train", "--nesterov"], "--nesterov"),
+        (&["train", "--lr-warmup", "0.3"], "--lr-warmup"),
+        (&["train", "--lr-schedule", "linear"], "--lr-schedule"),
+        (&["train", "--label-smoothing", "1"], "--label-smoothing"),
+        (&["train", "--augment-flip=maybe"], "--augment-flip"),
+        (&["train", "--augment-crop", "12"], "--augment-crop"),
+        (&["train", "--time-budget", "0"], "--time-budget"),
+        (
+            &["train", "--recalibrate-batches", "3"],
+            "--recalibrate-batches",
+        ),
         (
             &["eval", "--checkpoint", "runs/x", "--model", "lenet"],
             "--model",
@@ -191,7 +204,8 @@ fn unwritable_outputs_fail_before_training() {
     );
 }
 
-const KEYS: [&str; 6] = [
+const KEYS: [&str; 7] = [
+    "elapsed",
     "epoch",
     "train_loss",
     "train_acc",
@@ -266,7 +280,7 @@ fn readable_mode_prints_one_line_per_epoch_and_saves_the_run() {
     assert_eq!(lines.len(), 2, "{stdout}");
     for (i, line) in lines.iter().enumerate() {
         assert!(line.starts_with(&format!("epoch {}/2", i + 1)), "{line}");
-        for part in ["loss", "train acc", "test acc", "examples/s"] {
+        for part in ["loss", "train acc", "test acc", "examples/s", "elapsed"] {
             assert!(line.contains(part), "{line}");
         }
     }
@@ -322,4 +336,90 @@ fn no_arguments_prints_the_help_as_laid_out() {
         stderr.lines().any(|l| l.trim_start().starts_with("train")),
         "{stderr}"
     );
+}
+
+/// The training options reach the run's config.json from flags, and `=false` turns a recipe's
+/// switches off.
+#[test]
+fn training_options_are_recorded_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |run: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.path().join(run).join("config.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let a = dir.path().join("a");
+    let out = bnlab(&[
+        "train",
+        "--optimizer",
+        "sgd-momentum",
+        "--nesterov",
+        "--lr-schedule",
+        "one-cycle",
+        "--lr-warmup",
+        "0.2",
+        "--weight-decay",
+        "1e-4",
+        "--label-smoothing",
+        "0.1",
+        "--augment-crop",
+        "2",
+        "--augment-flip",
+        "--tta-flip",
+        "--recalibrate-bn",
+        "--recalibrate-batches",
+        "2",
+        "--time-budget",
+        "100",
+        "--model",
+        "speednet",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "3",
+        "--batch-size",
+        "32",
+        "--json",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let c = config("a");
+    for (key, want) in [
+        ("nesterov", serde_json::json!(true)),
+        ("lr_schedule", serde_json::json!("one-cycle")),
+        ("lr_warmup", serde_json::json!(0.2)),
+        ("weight_decay", serde_json::json!(1e-4)),
+        ("label_smoothing", serde_json::json!(0.1)),
+        ("augment_crop", serde_json::json!(2)),
+        ("augment_flip", serde_json::json!(true)),
+        ("tta_flip", serde_json::json!(true)),
+        ("recalibrate_bn", serde_json::json!(true)),
+        ("recalibrate_batches", serde_json::json!(2)),
+        ("time_budget", serde_json::json!(100.0)),
+    ] {
+        assert_eq!(c[key], want, "{key} in {c}");
+    }
+    let b = dir.path().join("b");
+    let out = bnlab(&[
+        "run",
+        "speedrun",
+        "--augment-flip=false",
+        "--tta-flip=false",
+        "--recalibrate-bn=false",
+        "--nesterov=false",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "2",
+        "--json",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let c = config("b");
+    for key in ["augment_flip", "tta_flip", "recalibrate_bn", "nesterov"] {
+        assert_eq!(c[key], serde_json::json!(false), "{key} in {c}");
+    }
+    assert_eq!(c["model"], serde_json::json!("speednet"));
+    assert_eq!(c["lr_schedule"], serde_json::json!("one-cycle"));
 }

@@ -6,7 +6,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use bnlab::choice::Choice;
-use bnlab::config::{InitKind, OptimizerKind, RunConfig};
+use bnlab::config::{InitKind, LrSchedule, OptimizerKind, RunConfig};
 use bnlab::data::DEFAULT_DATA_DIR;
 use bnlab::models::ModelKind;
 use bnlab::norm::epilogue::{Activation, Pool};
@@ -50,6 +50,38 @@ pub(crate) struct RunArgs {
     /// The factor StepLR multiplies the learning rate by [default: 0.1].
     #[arg(long, value_name = "GAMMA", value_parser = positive_float)]
     pub(crate) lr_gamma: Option<f64>,
+    /// Move the learning rate every step: one-cycle (PyTorch's OneCycleLR) or cosine (linear
+    /// warm-up, then cosine to 0); constant turns a recipe's off [default: constant, or StepLR
+    /// with --lr-step-size].
+    #[arg(long, value_parser = choice::<LrSchedule>())]
+    pub(crate) lr_schedule: Option<LrSchedule>,
+    /// Fraction of the steps --lr-schedule spends rising [default: 0.3 for one-cycle, 0 for
+    /// cosine].
+    #[arg(long, value_name = "FRACTION", value_parser = unit_interval)]
+    pub(crate) lr_warmup: Option<f64>,
+    /// L2 penalty added to the gradients, as PyTorch's weight_decay [default: 0].
+    #[arg(long, value_name = "WD", value_parser = unit_interval)]
+    pub(crate) weight_decay: Option<f64>,
+    /// Nesterov momentum for --optimizer sgd-momentum (=false to turn a recipe's off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) nesterov: Option<bool>,
+    /// Label smoothing of the cross-entropy, in [0, 1) [default: 0].
+    #[arg(long, value_name = "EPS", value_parser = unit_interval)]
+    pub(crate) label_smoothing: Option<f64>,
+    /// Shift training images by up to N pixels each way (pad, random crop; 0 = off) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub(crate) augment_crop: Option<usize>,
+    /// Mirror training images left to right at random (=false to turn a recipe's off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) augment_flip: Option<bool>,
+    /// Test each image and its mirror image, summing the logits (=false to turn a recipe's
+    /// off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) tta_flip: Option<bool>,
+    /// Stop training after this many seconds of wall time, keeping time for the last test
+    /// pass [default: none].
+    #[arg(long, value_name = "SECONDS", value_parser = positive_float)]
+    pub(crate) time_budget: Option<f64>,
     /// Examples per mini-batch, ≥ 1 (≥ 2 with batch norm) [default: 256].
     #[arg(long, value_parser = at_least_one)]
     pub(crate) batch_size: Option<usize>,
@@ -79,9 +111,13 @@ pub(crate) struct RunArgs {
     /// Stop each epoch after N training batches and N test batches (quick runs).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub(crate) limit_batches: Option<usize>,
-    /// Re-estimate BN statistics over the training set before each test pass (precise BN).
-    #[arg(long)]
-    pub(crate) recalibrate_bn: bool,
+    /// Re-estimate BN statistics over the training set before each test pass (precise BN;
+    /// =false to turn a recipe's off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) recalibrate_bn: Option<bool>,
+    /// Precise BN over the first N training batches only [default: all].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) recalibrate_batches: Option<usize>,
     /// Start from the weights of a PyTorch state_dict (safetensors, as `bnlab export` writes,
     /// or torch.save's .pt/.pth) instead of a seeded initialisation.
     #[arg(long, value_name = "FILE")]
@@ -102,7 +138,15 @@ impl RunArgs {
             ($($field:ident),*) => { $(if self.$field.is_some() { config.$field = self.$field; })* };
         }
         set!(model, init_std, optimizer, lr, momentum, lr_gamma, batch_size, epochs, bn_eps);
-        set!(bn_convention, seed);
+        set!(
+            bn_convention,
+            seed,
+            weight_decay,
+            nesterov,
+            label_smoothing,
+            augment_crop
+        );
+        set!(augment_flip, tta_flip, recalibrate_bn);
         set_option!(
             norm,
             pool,
@@ -110,7 +154,11 @@ impl RunArgs {
             lr_step_size,
             resize,
             bn_momentum,
-            limit_batches
+            limit_batches,
+            lr_schedule,
+            lr_warmup,
+            recalibrate_batches,
+            time_budget
         );
         if self.weight_init.is_some() {
             config.init = self.weight_init;
@@ -120,7 +168,6 @@ impl RunArgs {
             config.init_renames = self.rename.iter().map(|r| r.to_string()).collect();
         }
         config.shuffle &= !self.no_shuffle;
-        config.recalibrate_bn |= self.recalibrate_bn;
         config
     }
 
@@ -131,6 +178,18 @@ impl RunArgs {
                 "--momentum: only --optimizer sgd-momentum uses it (this run uses {}); add \
                  --optimizer sgd-momentum or drop --momentum",
                 config.optimizer
+            );
+        }
+        if self.lr_warmup.is_some() && config.per_step_schedule().is_none() {
+            anyhow::bail!(
+                "--lr-warmup: only --lr-schedule one-cycle or cosine uses it; add one or drop \
+                 --lr-warmup"
+            );
+        }
+        if self.recalibrate_batches.is_some() && !config.recalibrate_bn {
+            anyhow::bail!(
+                "--recalibrate-batches: only precise BN uses it; add --recalibrate-bn or drop \
+                 --recalibrate-batches"
             );
         }
         Ok(())

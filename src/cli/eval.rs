@@ -9,13 +9,15 @@ use bnlab::data::FashionMnist;
 use bnlab::models::Model;
 use bnlab::report::{check_output, write_output};
 use bnlab::train::checkpoint;
-use bnlab::train::{evaluate, recalibrate_bn};
+use bnlab::train::{evaluate, recalibrate_bn, EvalOptions};
 
 use super::args::*;
 use super::set_up;
 
-pub(crate) struct EvalOptions {
+pub(crate) struct EvalCommand {
     pub(crate) recalibrate: bool,
+    pub(crate) recalibrate_batches: Option<usize>,
+    pub(crate) tta_flip: Option<bool>,
     pub(crate) fold: bool,
     pub(crate) limit: Option<usize>,
     pub(crate) json: bool,
@@ -53,7 +55,7 @@ pub(crate) fn from_weights(path: &Path, arch: &ArchArgs) -> anyhow::Result<(RunC
     Ok((config, model))
 }
 
-pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyhow::Result<()> {
+pub(crate) fn eval(source: Source, options: &EvalCommand, env: &EnvArgs) -> anyhow::Result<()> {
     set_up(env)?;
     if let Some(out) = &options.logits {
         check_output("--logits", out, options.force)?;
@@ -71,12 +73,19 @@ pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyh
     let data = FashionMnist::load(&env.data)?;
     let (size, limit) = (config.image_size(), options.limit);
     if options.recalibrate {
-        model = recalibrate_bn(model, &data.train, config.batch_size, size, limit).valid();
+        let batches = options.recalibrate_batches.or(limit);
+        model = recalibrate_bn(model, &data.train, config.batch_size, size, batches).valid();
     }
     if options.fold {
         model = bnlab::models::fold_bn(model);
     }
-    let acc = evaluate(&model, &data.test, config.batch_size, size, limit);
+    let tta_flip = options.tta_flip.unwrap_or(config.tta_flip);
+    let eval_options = EvalOptions {
+        limit,
+        tta_flip,
+        ..EvalOptions::of(&config)
+    };
+    let acc = evaluate(&model, &data.test, &eval_options);
     let examples = limit.map_or(data.test.len(), |l| {
         (l * config.batch_size).min(data.test.len())
     });
@@ -89,7 +98,7 @@ pub(crate) fn eval(source: Source, options: &EvalOptions, env: &EnvArgs) -> anyh
     if options.json {
         let v = serde_json::json!({
             "model": path, "test_acc": acc, "examples": examples,
-            "recalibrate_bn": options.recalibrate, "folded": options.fold,
+            "recalibrate_bn": options.recalibrate, "folded": options.fold, "tta_flip": tta_flip,
         });
         println!("{v}");
     } else {

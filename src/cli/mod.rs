@@ -119,6 +119,14 @@ enum Command {
         /// Re-estimate the BN statistics over the training set first (precise BN).
         #[arg(long)]
         recalibrate_bn: bool,
+        /// Precise BN over the first N training batches only [default: all, or
+        /// --limit-batches].
+        #[arg(long, value_name = "N", value_parser = at_least_one, requires = "recalibrate_bn")]
+        recalibrate_batches: Option<usize>,
+        /// Sum the logits of each test image and of its mirror image [default: the run's
+        /// setting, for a checkpoint; off for --weights].
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        tta_flip: Option<bool>,
         /// Keep BN layers as they are instead of folding them into the conv or linear layer
         /// before them (folding changes no output beyond 1e-5 and is faster).
         #[arg(long)]
@@ -262,13 +270,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             logits,
             force,
             recalibrate_bn,
+            recalibrate_batches,
+            tta_flip,
             no_fold,
             limit_batches,
             json,
             env,
         } => {
-            let options = EvalOptions {
+            let options = EvalCommand {
                 recalibrate: recalibrate_bn,
+                recalibrate_batches,
+                tta_flip,
                 fold: !no_fold,
                 limit: limit_batches,
                 json,

@@ -8,7 +8,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 pub use idx::{read_idx, IdxArray, IdxError};
 
@@ -211,14 +211,27 @@ impl Split {
 
     /// Images `indices` as an `(n, 1, rows, cols)` tensor scaled to [0, 1], and their labels.
     pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        self.augmented_batch(indices, Augment::default(), 0, device)
+    }
+
+    /// As [`Self::batch`], each image moved and mirrored as `augment` says, at random from a
+    /// generator seeded with `seed` (the same seed, the same batch).
+    pub fn augmented_batch(
+        &self,
+        indices: &[usize],
+        augment: Augment,
+        seed: u64,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<1, Int>) {
         let pixels = self.rows * self.cols;
         let mut values = Vec::with_capacity(indices.len() * pixels);
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
         for &i in indices {
-            values.extend(
-                self.images[i * pixels..(i + 1) * pixels]
-                    .iter()
-                    .map(|&p| p as f32 / 255.0),
-            );
+            let image = &self.images[i * pixels..(i + 1) * pixels];
+            match augment.is_off() {
+                true => values.extend(image.iter().map(|&p| p as f32 / 255.0)),
+                false => augment.apply(image, (self.rows, self.cols), &mut rng, &mut values),
+            }
         }
         let images = Tensor::from_data(
             TensorData::new(values, [indices.len(), 1, self.rows, self.cols]),
@@ -227,6 +240,55 @@ impl Split {
         let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
         let labels = Tensor::from_data(TensorData::new(labels, [indices.len()]), device);
         (images, labels)
+    }
+}
+
+/// Random changes to training images: a shift (zero padding then a random crop back to the
+/// original size) and a left-right mirror.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Augment {
+    /// Pad by this many pixels on each side, then crop at a random offset: a shift of up to
+    /// `crop` pixels each way, the uncovered border black (0 = off).
+    pub crop: usize,
+    /// Mirror left to right with probability 1/2.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// Whether it leaves every image as it is.
+    pub fn is_off(self) -> bool {
+        self.crop == 0 && !self.flip
+    }
+
+    /// Appends `image` (`rows × cols` bytes), shifted and mirrored at random, scaled to [0, 1].
+    fn apply(
+        self,
+        image: &[u8],
+        (rows, cols): (usize, usize),
+        rng: &mut impl Rng,
+        out: &mut Vec<f32>,
+    ) {
+        let pad = self.crop as i64;
+        let (dy, dx) = match pad {
+            0 => (0, 0),
+            _ => (
+                rng.random_range(-pad..=pad) as isize,
+                rng.random_range(-pad..=pad) as isize,
+            ),
+        };
+        let flip = self.flip && rng.random_bool(0.5);
+        for r in 0..rows as isize {
+            let sr = r + dy;
+            for c in 0..cols as isize {
+                let c = if flip { cols as isize - 1 - c } else { c };
+                let sc = c + dx;
+                let inside = (0..rows as isize).contains(&sr) && (0..cols as isize).contains(&sc);
+                out.push(match inside {
+                    true => image[sr as usize * cols + sc as usize] as f32 / 255.0,
+                    false => 0.0,
+                });
+            }
+        }
     }
 }
 
@@ -261,11 +323,24 @@ pub fn input_batch(
     size: usize,
     device: &Device,
 ) -> (Tensor<4>, Tensor<1, Int>) {
+    augmented_input_batch(split, indices, size, Augment::default(), 0, device)
+}
+
+/// As [`input_batch`], the images changed by `augment` (drawn from `seed`) before the resize.
+pub fn augmented_input_batch(
+    split: &Split,
+    indices: &[usize],
+    size: usize,
+    augment: Augment,
+    seed: u64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<1, Int>) {
     if size == split.rows {
-        return split.batch(indices, device);
+        return split.augmented_batch(indices, augment, seed, device);
     }
     // Resize on the plain device: nothing of it needs a gradient.
-    let (images, labels) = split.batch(indices, &crate::device::inference_device());
+    let inference = crate::device::inference_device();
+    let (images, labels) = split.augmented_batch(indices, augment, seed, &inference);
     let options = InterpolateOptions::new(InterpolateMode::Bilinear)
         .with_align_corners(false)
         .with_output_size([size, size]);
@@ -287,6 +362,70 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
         assert_eq!(epoch_order(5, 7, 3, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    /// The shift moves pixels by whole places and fills with black; the mirror reverses each
+    /// row; both come from the seed alone.
+    #[test]
+    fn augmentation_shifts_and_mirrors_whole_pixels() {
+        let (rows, cols) = (4, 5);
+        let image: Vec<u8> = (1..=20).collect();
+        let scaled = |v: u8| v as f32 / 255.0;
+        let run = |augment: Augment, seed: u64| {
+            let mut out = Vec::new();
+            let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+            augment.apply(&image, (rows, cols), &mut rng, &mut out);
+            out
+        };
+        let flip = Augment {
+            crop: 0,
+            flip: true,
+        };
+        let (mut mirrored, mut kept) = (0, 0);
+        for seed in 0..64 {
+            let out = run(flip, seed);
+            assert_eq!(out, run(flip, seed), "seed {seed}");
+            let straight: Vec<f32> = image.iter().map(|&v| scaled(v)).collect();
+            let mirror: Vec<f32> = image
+                .chunks(cols)
+                .flat_map(|row| row.iter().rev().map(|&v| scaled(v)))
+                .collect();
+            match (out == mirror, out == straight) {
+                (true, false) => mirrored += 1,
+                (false, true) => kept += 1,
+                _ => panic!("seed {seed}: neither the image nor its mirror"),
+            }
+        }
+        assert!(
+            mirrored > 16 && kept > 16,
+            "{mirrored} mirrored, {kept} kept"
+        );
+
+        let crop = Augment {
+            crop: 2,
+            flip: false,
+        };
+        for seed in 0..64 {
+            let out = run(crop, seed);
+            // Some shift (dy, dx) within ±2 explains every output pixel.
+            let explains = |dy: isize, dx: isize| {
+                (0..rows as isize).all(|r| {
+                    (0..cols as isize).all(|c| {
+                        let (sr, sc) = (r + dy, c + dx);
+                        let want = match (0..rows as isize).contains(&sr)
+                            && (0..cols as isize).contains(&sc)
+                        {
+                            true => scaled(image[sr as usize * cols + sc as usize]),
+                            false => 0.0,
+                        };
+                        out[r as usize * cols + c as usize] == want
+                    })
+                })
+            };
+            let found = (-2..=2).any(|dy| (-2..=2).any(|dx| explains(dy, dx)));
+            assert!(found, "seed {seed}: no shift within 2 pixels gives {out:?}");
+        }
+        assert!(Augment::default().is_off());
     }
 
     #[test]

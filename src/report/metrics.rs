@@ -21,19 +21,24 @@ pub struct EpochMetrics {
     pub examples_per_sec: f64,
     /// Wall time of the whole epoch, test pass included.
     pub seconds: f64,
+    /// Wall time of the run up to the end of this epoch, test passes included (0 in files
+    /// written before bnlab recorded it).
+    #[serde(default)]
+    pub elapsed: f64,
 }
 
 impl EpochMetrics {
     /// The readable line printed per epoch.
     pub fn line(&self, epochs: usize) -> String {
         format!(
-            "epoch {:>width$}/{epochs}  loss {:.4}  train acc {:.3}  test acc {:.3}  {:>7.0} examples/s  {:.1} s",
+            "epoch {:>width$}/{epochs}  loss {:.4}  train acc {:.3}  test acc {:.3}  {:>7.0} examples/s  {:.1} s  elapsed {:.1} s",
             self.epoch,
             self.train_loss,
             self.train_acc,
             self.test_acc,
             self.examples_per_sec,
             self.seconds,
+            self.elapsed,
             width = epochs.to_string().len(),
         )
     }

@@ -175,6 +175,7 @@ mod tests {
                 test_acc: 0.5,
                 examples_per_sec: 1.0,
                 seconds: 1.0,
+                elapsed: (i + 1) as f64,
             })
             .collect();
         ("run".to_string(), metrics)

@@ -83,6 +83,7 @@ mod tests {
             test_acc,
             examples_per_sec: 1000.0 * epoch as f64,
             seconds: 2.0,
+            elapsed: 2.0 * epoch as f64,
         }
     }
 

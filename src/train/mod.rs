@@ -17,7 +17,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::RunConfig;
-use crate::data::{batches, epoch_order, input_batch, FashionMnist, Split};
+use crate::data::{augmented_input_batch, batches, epoch_order, input_batch, Augment};
+use crate::data::{FashionMnist, Split};
 use crate::models::Model;
 use crate::report::EpochMetrics;
 
@@ -149,41 +150,62 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainOutcome> {
     let device = train_device();
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let mut schedule = optim::scheduler(config);
-    for _ in 1..progress.epoch {
-        schedule.step();
-    }
+    let smoothing = (config.label_smoothing > 0.0).then_some(config.label_smoothing as f32);
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing(smoothing)
+        .init(&device);
     let size = config.image_size();
-    let stop_requested = || options.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let augment = Augment {
+        crop: config.augment_crop,
+        flip: config.augment_flip,
+    };
+    // The time budget counts the epochs before a resume too.
+    let clock = Clock {
+        start: Instant::now(),
+        before: progress.metrics.iter().map(|m| m.seconds).sum::<f64>()
+            + progress.partial.train_seconds,
+        budget: config.time_budget,
+        reserve: std::cell::Cell::new(0.0),
+        last_check: std::cell::Cell::new(None),
+        step: std::cell::Cell::new(0.0),
+    };
+    let stop_signalled = || options.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let stop_requested = || stop_signalled() || clock.spent();
 
     while progress.epoch <= config.epochs {
         let epoch = progress.epoch;
         let started = Instant::now();
-        let lr = schedule.step().base();
         let order = epoch_order(data.train.len(), config.seed, epoch, config.shuffle);
         let mut train_batches = batches(&order, config.batch_size, true);
         if let Some(limit) = config.limit_batches {
             train_batches.truncate(limit);
         }
         observer.epoch_started(epoch, train_batches.len());
+        clock.last_check.set(None);
 
         let steps = Steps {
             epoch,
-            lr,
+            config,
             batches: &train_batches,
             first: progress.steps_done,
         };
         let (trained, mut sums, stopped) = std::thread::scope(|scope| {
             // The next batch is decoded (and resized) on another thread while a step runs.
             let (tx, rx) = std::sync::mpsc::sync_channel(2);
-            let pending = &train_batches[progress.steps_done..];
+            let first = progress.steps_done;
+            let pending = &train_batches[first..];
             scope.spawn(move || {
-                for indices in pending {
-                    if tx
-                        .send(input_batch(&data.train, indices, size, &eval_device()))
-                        .is_err()
-                    {
+                for (step, indices) in (first..).zip(pending) {
+                    let seed = augment_seed(config.seed, epoch, step);
+                    let batch = augmented_input_batch(
+                        &data.train,
+                        indices,
+                        size,
+                        augment,
+                        seed,
+                        &eval_device(),
+                    );
+                    if tx.send(batch).is_err() {
                         break; // the steps ended early
                     }
                 }
@@ -201,7 +223,9 @@ pub fn run(
             )
         })?;
         model = trained;
-        if let Some(steps_done) = stopped {
+        // Out of time: the epoch ends here, and the run after its test pass.
+        let out_of_time = clock.spent();
+        if let Some(steps_done) = stopped.filter(|_| !out_of_time) {
             sums.train_seconds += started.elapsed().as_secs_f64();
             progress.steps_done = steps_done;
             progress.partial = sums;
@@ -216,24 +240,25 @@ pub fn run(
         }
         sums.train_seconds += started.elapsed().as_secs_f64();
 
+        let testing = Instant::now();
         if config.recalibrate_bn {
-            model = recalibrate_bn(
-                model,
-                &data.train,
-                config.batch_size,
-                size,
-                config.limit_batches,
-            );
+            let limit = match (config.recalibrate_batches, config.limit_batches) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            model = recalibrate_bn(model, &data.train, config.batch_size, size, limit);
         }
-        let limit = config.limit_batches;
-        let test_acc = evaluate(&model.valid(), &data.test, config.batch_size, size, limit);
+        let test_acc = evaluate(&model.valid(), &data.test, &EvalOptions::of(config));
+        clock.reserve.set(testing.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
         let m = EpochMetrics {
             epoch,
             train_loss: sums.loss_sum / sums.seen as f64,
             train_acc: sums.correct as f64 / sums.seen as f64,
             test_acc,
             examples_per_sec: sums.seen as f64 / sums.train_seconds,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
+            elapsed: clock.before + clock.start.elapsed().as_secs_f64(),
         };
         progress.metrics.push(m.clone());
         progress.epoch += 1;
@@ -243,7 +268,10 @@ pub fn run(
             resume::save(dir, &progress, &model, &optim)?;
         }
         observer.epoch_done(&m, &model)?;
-        if stop_requested() && progress.epoch <= config.epochs {
+        if out_of_time {
+            break;
+        }
+        if stop_signalled() && progress.epoch <= config.epochs {
             return Ok(TrainOutcome {
                 model,
                 metrics: progress.metrics,
@@ -258,10 +286,51 @@ pub fn run(
     })
 }
 
+/// Wall time against `--time-budget`.
+struct Clock {
+    /// When this process started training.
+    start: Instant,
+    /// Seconds spent on the run before (a resumed run's finished epochs).
+    before: f64,
+    budget: Option<f64>,
+    /// Seconds the last test pass took: kept back from the budget for the last one.
+    reserve: std::cell::Cell<f64>,
+    /// When [`Self::spent`] was last asked in this epoch (it is asked after every step).
+    last_check: std::cell::Cell<Option<Instant>>,
+    /// The longest time between two asks: a step, which may still run before a stop.
+    step: std::cell::Cell<f64>,
+}
+
+impl Clock {
+    /// Whether training must stop now to finish within the budget: whether another step and
+    /// a test pass would pass it.
+    fn spent(&self) -> bool {
+        let Some(budget) = self.budget else {
+            return false;
+        };
+        let now = Instant::now();
+        if let Some(last) = self.last_check.replace(Some(now)) {
+            self.step
+                .set(self.step.get().max((now - last).as_secs_f64()));
+        }
+        let elapsed = self.before + (now - self.start).as_secs_f64();
+        elapsed + self.step.get() + self.reserve.get() >= budget
+    }
+}
+
+/// The seed of the augmentation of step `step` (0-based) of `epoch`: a function of the three
+/// alone, so that a resumed epoch sees the same images.
+fn augment_seed(seed: u64, epoch: usize, step: usize) -> u64 {
+    let stream = seed ^ 0xA076_1D64_78BD_642F;
+    stream
+        .wrapping_add((epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add((step as u64).wrapping_mul(0xE703_7ED1_A0B4_28DB))
+}
+
 /// The training steps of one epoch.
 struct Steps<'a> {
     epoch: usize,
-    lr: f64,
+    config: &'a RunConfig,
     batches: &'a [&'a [usize]],
     /// Steps already done (on resume).
     first: usize,
@@ -282,7 +351,9 @@ fn run_steps(
     stop_requested: &dyn Fn() -> bool,
 ) -> anyhow::Result<(Model, Partial, Option<usize>)> {
     let device = train_device();
-    for step in steps.first..steps.batches.len() {
+    let per_epoch = steps.batches.len();
+    for step in steps.first..per_epoch {
+        let lr = steps.config.lr_at_step(steps.epoch, step, per_epoch);
         let (images, labels) = next();
         let (images, labels) = (images.to_device(&device), labels.to_device(&device));
         let batch = labels.dims()[0];
@@ -302,7 +373,7 @@ fn run_steps(
         sums.seen += batch;
 
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(steps.lr, model, grads);
+        model = optim.step(lr, model, grads);
         observer.step_done();
         if stop_requested() && step + 1 < steps.batches.len() {
             return Ok((model, sums, Some(step + 1)));
@@ -318,24 +389,47 @@ pub fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
     predicted.equal(labels).int().sum().into_scalar::<i64>() as usize
 }
 
-/// Accuracy of an eval-mode model on `split` (the first `limit` batches if given).
-pub fn evaluate(
-    model: &Model,
-    split: &Split,
-    batch_size: usize,
-    size: usize,
-    limit: Option<usize>,
-) -> f64 {
+/// How a test pass runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// Examples per batch.
+    pub batch_size: usize,
+    /// The image side the model takes.
+    pub size: usize,
+    /// Only the first `limit` batches.
+    pub limit: Option<usize>,
+    /// Sum the logits of each image and of its mirror image (test-time augmentation).
+    pub tta_flip: bool,
+}
+
+impl EvalOptions {
+    /// The test pass of a run with `config`.
+    pub fn of(config: &RunConfig) -> Self {
+        Self {
+            batch_size: config.batch_size,
+            size: config.image_size(),
+            limit: config.limit_batches,
+            tta_flip: config.tta_flip,
+        }
+    }
+}
+
+/// Accuracy of an eval-mode model on `split`.
+pub fn evaluate(model: &Model, split: &Split, options: &EvalOptions) -> f64 {
     let device = eval_device();
     let order: Vec<usize> = (0..split.len()).collect();
-    let mut chunks = batches(&order, batch_size, false);
-    if let Some(limit) = limit {
+    let mut chunks = batches(&order, options.batch_size, false);
+    if let Some(limit) = options.limit {
         chunks.truncate(limit);
     }
     let (mut correct, mut seen) = (0usize, 0usize);
     for indices in chunks {
-        let (images, labels) = input_batch(split, indices, size, &device);
-        correct += count_correct(model.forward(images), labels);
+        let (images, labels) = input_batch(split, indices, options.size, &device);
+        let logits = match options.tta_flip {
+            true => model.forward(images.clone()) + model.forward(images.flip([3])),
+            false => model.forward(images),
+        };
+        correct += count_correct(logits, labels);
         seen += indices.len();
     }
     correct as f64 / seen.max(1) as f64
