@@ -25,6 +25,8 @@ recipes!(
     "resnet18",
     "densenet",
     "densenet-15",
+    "speedrun",
+    "speedrun-long",
 );
 
 /// A recipe that cannot be had.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use bnlab::choice::Choice;
 use bnlab::data::input_batch;
 use bnlab::data::{FashionMnist, Split};
 use bnlab::interop::torch::{
@@ -64,7 +65,9 @@ struct KeyFixture {
 fn every_models_keys_shapes_and_dtypes_are_pytorchs() {
     let fixture: KeyFixture =
         serde_json::from_str(include_str!("fixtures/torch_state_dict_keys.json")).unwrap();
-    assert_eq!(fixture.models.len(), 9);
+    // Every model, and each with BN also without it (`KIND/none`).
+    let with_bn = ModelKind::ALL.iter().filter(|k| k.has_batch_norm()).count();
+    assert_eq!(fixture.models.len(), ModelKind::ALL.len() + with_bn);
     keys_shapes_and_dtypes_match(&fixture, Layout::D2l);
 }
 

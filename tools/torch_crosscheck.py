@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
-KINDS = ["lenet", "lenet-bn", "lenet-gluon", "resnet18", "densenet"]
+KINDS = ["lenet", "lenet-bn", "lenet-gluon", "resnet18", "densenet", "speednet", "speednet-wide"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -71,6 +71,29 @@ def lenet(bn, eps=1e-5, pool="avg", activation="sigmoid"):
                 nn.Linear(16 * 4 * 4, 120), b1(120), act(),
                 nn.Linear(120, 84), b1(84), act(),
                 nn.Linear(84, 10))
+
+
+# bnlab's src/models/speednet.rs: (in, out, max pool after) of each 3x3 conv block.
+SPEEDNET_BLOCKS = {
+    "speednet": [(1, 24, True), (24, 48, False), (48, 48, True), (48, 96, True)],
+    "speednet-wide": [(1, 32, True), (32, 64, False), (64, 64, True), (64, 128, True)],
+}
+
+
+def speednet(bn, eps=1e-5, kind="speednet"):
+    """bnlab's speedrun network: Conv 3x3 (pad 1) -> BN -> ReLU (-> MaxPool 2) per block, then
+    Flatten -> Linear, one nn.Sequential."""
+    layers, blocks = [], SPEEDNET_BLOCKS[kind]
+    for cin, cout, pooled in blocks:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1),
+                   nn.BatchNorm2d(cout, eps=eps) if bn else None, nn.ReLU()]
+        if pooled:
+            layers.append(nn.MaxPool2d(2, 2))
+    side = 28
+    for _, _, pooled in blocks:
+        side = side // 2 if pooled else side
+    layers += [nn.Flatten(), nn.Linear(blocks[-1][1] * side * side, 10)]
+    return keep(*layers)
 
 
 def lenet_gluon(bn, eps=1e-5):
@@ -193,6 +216,8 @@ def build(kind, bn=True, eps=1e-5, pool="avg", activation="sigmoid", layout="d2l
         return lenet(bn, eps, pool, activation)
     if kind == "lenet-gluon":
         return lenet_gluon(bn, eps)
+    if kind.startswith("speednet"):
+        return speednet(bn, eps, kind)
     if kind == "resnet18":
         return resnet18(bn, eps)
     if kind == "densenet":

@@ -7,6 +7,7 @@ pub mod gluon;
 pub mod layers;
 pub mod lenet;
 pub mod resnet;
+pub mod speednet;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -19,6 +20,7 @@ pub use gluon::GluonLeNet;
 pub use layers::{LayerList, LayerMut, NamedLayer, Trace, WeightInit};
 pub use lenet::LeNet;
 pub use resnet::ResNet18;
+pub use speednet::SpeedNet;
 
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{NormConfig, NormKind, NormLayer};
@@ -187,6 +189,13 @@ networks! {
     DenseNet(DenseNet) => {
         /// d2l's DenseNet (4 dense blocks of 4 layers, growth rate 32).
         Densenet = "densenet",
+    }
+    /// `speednet`.
+    Speed(SpeedNet) => {
+        /// A small BN CNN for the speedrun recipe: four 3×3 convs (24 to 96 channels), BN after each.
+        Speednet = "speednet",
+        /// speednet with 32 to 128 channels, for speedrun-long.
+        SpeednetWide = "speednet-wide",
     }
 }
 
