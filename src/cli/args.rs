@@ -122,6 +122,10 @@ pub(crate) struct RunArgs {
     /// or torch.save's .pt/.pth) instead of a seeded initialisation.
     #[arg(long, value_name = "FILE")]
     pub(crate) init: Option<PathBuf>,
+    /// Set any setting by its recipe-file name, as a line of a recipe would (repeatable;
+    /// applied before the flags above): --set lr=0.5 --set norm=none.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) set: Vec<String>,
     /// Rename the --init file's keys before matching them (repeatable, applied in order), as
     /// `eval --rename` does.
     #[arg(long, value_name = "REGEX=REPLACEMENT", requires = "init")]
@@ -129,6 +133,23 @@ pub(crate) struct RunArgs {
 }
 
 impl RunArgs {
+    /// The run's settings: `base` (a recipe or the defaults), then `--set`, then the flags;
+    /// refuses flags the result would ignore.
+    pub(crate) fn configure(&self, base: RunConfig) -> anyhow::Result<RunConfig> {
+        let settings = self
+            .set
+            .iter()
+            .map(|s| {
+                s.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("--set {s}: expected KEY=VALUE (--set lr=0.5)"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = self.apply(bnlab::train::sweep::with_settings(&base, &settings)?);
+        self.check_against(&config)?;
+        Ok(config)
+    }
+
     /// `config` with every flag that was given written over it.
     pub(crate) fn apply(&self, mut config: RunConfig) -> RunConfig {
         macro_rules! set {

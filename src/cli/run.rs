@@ -78,11 +78,10 @@ pub(crate) fn compare(
     let configs: Vec<(String, RunConfig)> = names
         .iter()
         .map(|name| {
-            let config = run.apply(recipes::load(name)?);
+            let config = run.configure(recipes::load(name)?)?;
             config
                 .validate()
                 .with_context(|| format!("recipe {name}"))?;
-            run.check_against(&config)?;
             Ok((name.clone(), config))
         })
         .collect::<anyhow::Result<_>>()?;

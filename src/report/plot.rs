@@ -160,6 +160,106 @@ pub fn write_curves(
     Ok([svg_path, png_path])
 }
 
+/// One line of [`band_svg`]: its name and `(x, mean, std)` per swept value.
+pub type BandSeries = (String, Vec<(f64, f64, f64)>);
+
+/// A metric against a swept value: a line through the means of each series with a band of ±
+/// one standard deviation; the x axis is logarithmic when `log_x` (learning rates).
+pub fn band_svg(
+    series: &[BandSeries],
+    x_label: &str,
+    y_label: &str,
+    log_x: bool,
+) -> anyhow::Result<String> {
+    let (width, height) = (800u32, 520u32);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let points = || series.iter().flat_map(|(_, p)| p.iter());
+        let bounds = |f: fn(&(f64, f64, f64)) -> (f64, f64)| {
+            points()
+                .map(f)
+                .filter(|(a, b)| a.is_finite() && b.is_finite())
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (a, b)| {
+                    (lo.min(a), hi.max(b))
+                })
+        };
+        let (x_lo, x_hi) = bounds(|p| (p.0, p.0));
+        let (y_lo, y_hi) = bounds(|p| (p.1 - p.2, p.1 + p.2));
+        let (x_lo, x_hi) = if x_lo.is_finite() {
+            (x_lo, x_hi)
+        } else {
+            (1.0, 2.0)
+        };
+        let (y_lo, y_hi) = if y_lo.is_finite() {
+            (y_lo, y_hi)
+        } else {
+            (0.0, 1.0)
+        };
+        let y_pad = ((y_hi - y_lo) * 0.08).max(0.005);
+        let x = |v: f64| if log_x { v.max(1e-300).log10() } else { v };
+        let x_pad = ((x(x_hi) - x(x_lo)) * 0.05).max(0.05);
+        let mut chart = ChartBuilder::on(&root)
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(
+                (x(x_lo) - x_pad)..(x(x_hi) + x_pad),
+                (y_lo - y_pad)..(y_hi + y_pad),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc(if log_x {
+                format!("{x_label} (log scale)")
+            } else {
+                x_label.to_string()
+            })
+            .y_desc(y_label)
+            .x_label_formatter(&|v| match log_x {
+                true => format!("{:.3}", 10f64.powf(*v)),
+                false => format!("{v:.3}"),
+            })
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .draw()?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let pts: Vec<(f64, f64, f64)> = pts
+                .iter()
+                .filter(|p| p.1.is_finite() && p.2.is_finite())
+                .map(|&(a, m, s)| (x(a), m, s))
+                .collect();
+            let mut band: Vec<(f64, f64)> = pts.iter().map(|&(a, m, s)| (a, m + s)).collect();
+            band.extend(pts.iter().rev().map(|&(a, m, s)| (a, m - s)));
+            chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.2).filled())))?;
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|&(a, m, _)| (a, m)),
+                    color.stroke_width(2),
+                ))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart.draw_series(
+                pts.iter()
+                    .map(|&(a, m, _)| Circle::new((a, m), 3, color.filled())),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .label_font(("sans-serif", 15))
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +294,20 @@ mod tests {
             let svg = curves_svg(&[run(losses)]).unwrap();
             assert!(svg.contains("train loss"), "{losses:?}");
         }
+    }
+
+    #[test]
+    fn bands_draw_with_one_point_and_with_non_finite_values() {
+        let series = vec![
+            ("a".to_string(), vec![(0.1, 0.8, 0.01), (1.0, 0.85, 0.02)]),
+            ("b".to_string(), vec![(0.1, f64::NAN, 0.0)]),
+            ("c".to_string(), vec![(3.0, 0.5, 0.0)]),
+        ];
+        let svg = band_svg(&series, "lr", "final test accuracy", true).unwrap();
+        assert!(
+            svg.contains("lr (log scale)") && svg.contains("<polygon"),
+            "{svg}"
+        );
+        svg_to_png(&svg).unwrap();
     }
 }

@@ -7,6 +7,7 @@ pub mod recalibrate;
 pub mod resume;
 pub mod rundir;
 pub mod session;
+pub mod sweep;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;

@@ -1,0 +1,329 @@
+//! `sweep`: a recipe over a grid of settings and seeds, run as child `bnlab` processes (or
+//! printed as command lines for a scheduler), and the table of what they say together.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bnlab::recipes;
+use bnlab::report::metrics::read_jsonl;
+use bnlab::train::resume::has_resume_point;
+use bnlab::train::sweep::{self, finished, run_dir, Grid, Point, SWEEP_FILE};
+
+use super::args::EnvArgs;
+
+/// What `bnlab sweep` was asked.
+pub(crate) struct SweepCommand {
+    pub(crate) recipe: Option<String>,
+    pub(crate) set: Vec<String>,
+    pub(crate) seeds: String,
+    pub(crate) jobs: Option<usize>,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) plan: bool,
+    pub(crate) report: Option<PathBuf>,
+    pub(crate) threshold: f64,
+}
+
+pub(crate) fn sweep(command: SweepCommand, env: &EnvArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &command.report {
+        return report(dir, command.threshold);
+    }
+    let recipe = command
+        .recipe
+        .clone()
+        .expect("clap requires RECIPE or --report");
+    let axes = command
+        .set
+        .iter()
+        .map(|s| sweep::parse_axis(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grid = Grid {
+        recipe,
+        axes,
+        seeds: sweep::parse_seeds(&command.seeds)?,
+    };
+    grid.check(&recipes::load(&grid.recipe)?)?;
+    let dir = command.out.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--out DIR: name the sweep's directory (its runs, sweep.json and table.md go there)"
+        )
+    })?;
+    record_grid(&dir, &grid)?;
+
+    let points = grid.points();
+    let pending: Vec<&Point> = points
+        .iter()
+        .filter(|p| !finished(&run_dir(&dir, p)))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = command.jobs.unwrap_or(cores).clamp(1, cores.max(1));
+    // Each run gets its share of the cores, so the machine is not oversubscribed.
+    let threads = (cores / jobs).max(1);
+    if command.plan {
+        // Another machine has its own cores: threads are named only if --jobs was.
+        let plan_threads = command.jobs.map(|_| threads);
+        for point in &pending {
+            println!(
+                "{}",
+                shell_line(&run_command(&grid, &dir, point, plan_threads, env))
+            );
+        }
+        return Ok(());
+    }
+    eprintln!(
+        "sweep: {} runs in {} ({} finished before), {jobs} at a time, {threads} threads each",
+        points.len(),
+        dir.display(),
+        points.len() - pending.len()
+    );
+    let failed = run_all(&grid, &dir, &pending, jobs, threads, env, points.len())?;
+    report(&dir, command.threshold)?;
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of the sweep's runs failed (their logs: {}); run the same sweep again to retry \
+             them",
+            failed.len(),
+            failed
+                .iter()
+                .map(|d| log_path(d).display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Writes `DIR/sweep.json`, or checks that the one there is this grid's.
+fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
+    let path = dir.join(SWEEP_FILE);
+    if path.exists() {
+        let there = Grid::load(dir)?;
+        if &there != grid {
+            anyhow::bail!(
+                "--out {}: it holds another sweep (of {} over {:?}); choose another --out",
+                dir.display(),
+                there.recipe,
+                there.axes
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir.join("runs"))
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
+    let text = serde_json::to_string_pretty(grid)? + "\n";
+    bnlab::report::output::write_output("--out", &path, text.as_bytes(), false)
+}
+
+/// The log of the run in `run_dir`: beside it, so that the run directory holds only the run.
+fn log_path(run_dir: &Path) -> PathBuf {
+    run_dir.with_extension("log")
+}
+
+/// The `bnlab` command that runs (or continues) `point`; `threads` if set.
+fn run_command(
+    grid: &Grid,
+    dir: &Path,
+    point: &Point,
+    threads: Option<usize>,
+    env: &EnvArgs,
+) -> Vec<String> {
+    let exe = std::env::current_exe().map_or("bnlab".into(), |p| p.display().to_string());
+    let out = run_dir(dir, point);
+    let mut args = vec![exe];
+    if has_resume_point(&out) {
+        args.extend(["train".into(), "--resume".into(), out.display().to_string()]);
+    } else {
+        args.extend(["run".into(), grid.recipe.clone()]);
+        for (key, value) in &point.settings {
+            args.extend(["--set".into(), format!("{key}={value}")]);
+        }
+        args.extend(["--seed".into(), point.seed.to_string()]);
+        args.extend(["--out".into(), out.display().to_string()]);
+    }
+    args.extend([
+        "--json".into(),
+        "--data".into(),
+        env.data.display().to_string(),
+    ]);
+    if let Some(threads) = threads {
+        args.extend(["--threads".into(), threads.to_string()]);
+    }
+    args
+}
+
+/// One shell line: each argument quoted where the shell would read it otherwise.
+fn shell_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            let plain = a
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "=,._/-:+".contains(c));
+            match plain && !a.is_empty() {
+                true => a.clone(),
+                false => format!("'{}'", a.replace('\'', r"'\''")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `pending`, `jobs` at a time, each with its log; returns the directories of the runs
+/// that failed.
+fn run_all(
+    grid: &Grid,
+    dir: &Path,
+    pending: &[&Point],
+    jobs: usize,
+    threads: usize,
+    env: &EnvArgs,
+    total: usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut queue = pending.iter();
+    let mut running: Vec<(PathBuf, Child)> = Vec::new();
+    let mut failed = Vec::new();
+    let mut done = total - pending.len();
+    loop {
+        while running.len() < jobs {
+            let Some(point) = queue.next() else { break };
+            let out = run_dir(dir, point);
+            let args = run_command(grid, dir, point, Some(threads), env);
+            let log = std::fs::File::create(log_path(&out))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", log_path(&out).display()))?;
+            let child = Command::new(&args[0])
+                .args(&args[1..])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args[0]))?;
+            running.push((out, child));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (out, mut child) in running {
+            match child.try_wait()? {
+                None => still.push((out, child)),
+                Some(status) => {
+                    done += 1;
+                    if !status.success() {
+                        failed.push(out);
+                    }
+                }
+            }
+        }
+        running = still;
+        eprint!(
+            "\rsweep: {done}/{total} runs done, {} running, {} failed   ",
+            running.len(),
+            failed.len()
+        );
+    }
+    eprintln!();
+    Ok(failed)
+}
+
+/// Reads the runs of the sweep in `dir` and writes (and prints) `DIR/table.md`.
+fn report(dir: &Path, threshold: f64) -> anyhow::Result<()> {
+    let grid = Grid::load(dir)?;
+    let metrics = |p: &Point| {
+        let run = run_dir(dir, p);
+        finished(&run)
+            .then(|| read_jsonl(&run.join("metrics.jsonl")).ok())
+            .flatten()
+    };
+    let rows = sweep::summarize(&grid, metrics, threshold);
+    let table = format!(
+        "Sweep of `{}` over {} seeds ({}); mean ± std over the finished runs of each \
+         setting.\n\n{}",
+        grid.recipe,
+        grid.seeds.len(),
+        grid.seeds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        sweep::markdown(&rows, threshold)
+    );
+    // The table and plots are the sweep's own files: rewritten each time.
+    bnlab::report::output::write_output("--report", &dir.join("table.md"), table.as_bytes(), true)?;
+    plots(dir, &grid, &rows, &metrics)?;
+    print!("{table}");
+    Ok(())
+}
+
+/// `curves.svg/png`: each setting's training curves averaged over its seeds; and, when a swept
+/// setting has numbers for values, `final-acc.svg/png`: the final test accuracy against it,
+/// mean ± std over seeds, a line per combination of the other settings.
+fn plots(
+    dir: &Path,
+    grid: &Grid,
+    rows: &[sweep::SettingSummary],
+    metrics: &dyn Fn(&Point) -> Option<Vec<bnlab::report::EpochMetrics>>,
+) -> anyhow::Result<()> {
+    use bnlab::report::plot::{band_svg, curves_svg, svg_to_png};
+    let write = |stem: &str, svg: String| -> anyhow::Result<()> {
+        let png = svg_to_png(&svg)?;
+        let out = |ext: &str| dir.join(format!("{stem}.{ext}"));
+        bnlab::report::output::write_output("--report", &out("svg"), svg.as_bytes(), true)?;
+        bnlab::report::output::write_output("--report", &out("png"), &png, true)
+    };
+    let points = grid.points();
+    let curves: Vec<(String, Vec<bnlab::report::EpochMetrics>)> = points
+        .chunks(grid.seeds.len().max(1))
+        .filter_map(|group| {
+            let runs: Vec<_> = group.iter().filter_map(metrics).collect();
+            (!runs.is_empty()).then(|| (group[0].setting_name(), sweep::mean_curve(&runs)))
+        })
+        .collect();
+    if curves.is_empty() {
+        return Ok(());
+    }
+    write("curves", curves_svg(&curves)?)?;
+    let numeric = grid.axes.iter().position(|(_, values)| {
+        values.len() > 1
+            && values
+                .iter()
+                .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite))
+    });
+    let Some(axis) = numeric else {
+        return Ok(());
+    };
+    let mut series: Vec<bnlab::report::plot::BandSeries> = Vec::new();
+    for row in rows {
+        let x: f64 = row.settings[axis].1.parse()?;
+        let others: Vec<String> = row
+            .settings
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != axis)
+            .map(|(_, (k, v))| format!("{k}={v}"))
+            .collect();
+        let name = match others.is_empty() {
+            true => "mean ± std over seeds".to_string(),
+            false => others.join(","),
+        };
+        let point = (x, row.final_acc.mean, row.final_acc.std);
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, pts)) => pts.push(point),
+            None => series.push((name, vec![point])),
+        }
+    }
+    let xs: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .collect();
+    let (lo, hi) = xs
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let log_x = lo > 0.0 && hi / lo >= 10.0;
+    let key = &grid.axes[axis].0;
+    write(
+        "final-acc",
+        band_svg(&series, key, "final test accuracy", log_x)?,
+    )
+}

@@ -1,0 +1,493 @@
+//! Sweeps: a recipe run over a grid of settings and seeds, one run directory per point, and
+//! what the runs say together (mean ± std, min and max over seeds, per setting).
+//!
+//! The grid lives in `DIR/sweep.json`; run `i` of the grid lives in `DIR/runs/NAME`, where
+//! NAME spells its settings and seed. A run is finished when its directory holds `model.bpk`
+//! (the session writes it last), so a killed sweep knows what is left, and runs made elsewhere
+//! (a scheduler running `--plan`'s commands on a shared filesystem) count the same.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::report::EpochMetrics;
+
+/// The file in a sweep directory that records its grid.
+pub const SWEEP_FILE: &str = "sweep.json";
+
+/// A recipe, the settings to vary and the seeds to run each with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    /// The recipe every run starts from.
+    pub recipe: String,
+    /// `(key, values)` per swept setting, as `--set KEY=V1,V2` gave them: the keys are those
+    /// of a recipe file, the values TOML values written as on the command line.
+    pub axes: Vec<(String, Vec<String>)>,
+    /// The seeds each setting runs with.
+    pub seeds: Vec<u64>,
+}
+
+/// One point of the grid: a value for each swept key, and a seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// `(key, value)` in the grid's key order.
+    pub settings: Vec<(String, String)>,
+    /// The seed.
+    pub seed: u64,
+}
+
+impl Point {
+    /// The settings as `key=value` joined by `,` (`lr=0.5,batch_size=64`): the setting's name
+    /// in tables, `default` where nothing is swept.
+    pub fn setting_name(&self) -> String {
+        match self.settings.is_empty() {
+            true => "default".to_string(),
+            false => self
+                .settings
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// The run directory's name: the setting and the seed, with characters a path should not
+    /// hold replaced.
+    pub fn dir_name(&self) -> String {
+        let name = format!("{},seed={}", self.setting_name(), self.seed);
+        name.chars()
+            .map(|c| match c.is_ascii_alphanumeric() || "=,.-_".contains(c) {
+                true => c,
+                false => '_',
+            })
+            .collect()
+    }
+}
+
+/// What is wrong with a sweep's arguments.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SweepError(pub String);
+
+/// Parses `KEY=V1,V2,...`.
+pub fn parse_axis(text: &str) -> Result<(String, Vec<String>), SweepError> {
+    let (key, values) = text.split_once('=').ok_or_else(|| {
+        SweepError(format!(
+            "--set {text}: expected KEY=V1,V2,... (--set lr=0.1,1.0)"
+        ))
+    })?;
+    let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
+    if key.trim().is_empty() || values.iter().any(String::is_empty) {
+        return Err(SweepError(format!(
+            "--set {text}: expected KEY=V1,V2,... with no empty key or value"
+        )));
+    }
+    Ok((key.trim().to_string(), values))
+}
+
+/// Parses seeds: `0-4`, `0,3,7`, or a mix (`0-2,9`).
+pub fn parse_seeds(text: &str) -> Result<Vec<u64>, SweepError> {
+    let bad = || {
+        SweepError(format!(
+            "--seeds {text}: expected A-B or A,B,C (--seeds 0-4)"
+        ))
+    };
+    let mut seeds = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a > b || b - a >= 10_000 {
+                    return Err(bad());
+                }
+                seeds.extend(a..=b);
+            }
+            None => seeds.push(part.trim().parse().map_err(|_| bad())?),
+        }
+    }
+    seeds.dedup();
+    Ok(seeds)
+}
+
+impl Grid {
+    /// Every point: the settings' product (the first key varying slowest), each with every
+    /// seed.
+    pub fn points(&self) -> Vec<Point> {
+        let mut settings: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (key, values) in &self.axes {
+            settings = settings
+                .into_iter()
+                .flat_map(|s| {
+                    values.iter().map(move |v| {
+                        let mut s = s.clone();
+                        s.push((key.clone(), v.clone()));
+                        s
+                    })
+                })
+                .collect();
+        }
+        settings
+            .into_iter()
+            .flat_map(|s| {
+                self.seeds.iter().map(move |&seed| Point {
+                    settings: s.clone(),
+                    seed,
+                })
+            })
+            .collect()
+    }
+
+    /// Checks that every point makes a valid run of the recipe, so that a bad value fails
+    /// before the first run starts.
+    pub fn check(&self, recipe: &RunConfig) -> Result<(), SweepError> {
+        if self.seeds.is_empty() {
+            return Err(SweepError("--seeds names no seed".into()));
+        }
+        for point in self.points() {
+            let config = with_settings(recipe, &point.settings)?;
+            config
+                .validate()
+                .map_err(|e| SweepError(format!("{}: {e}", point.setting_name())))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `DIR/sweep.json`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(SWEEP_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (is {} a sweep directory? bnlab sweep RECIPE --out DIR makes one)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
+/// `recipe` with `settings` written over it, as a recipe file's `key = value` lines would:
+/// each value is read as TOML (`0.5`, `true`, `none`), a bare word as a string.
+pub fn with_settings(
+    recipe: &RunConfig,
+    settings: &[(String, String)],
+) -> Result<RunConfig, SweepError> {
+    let mut table =
+        toml::Value::try_from(recipe).map_err(|e| SweepError(format!("the recipe: {e}")))?;
+    let map = table.as_table_mut().expect("a config is a table");
+    for (key, value) in settings {
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        map.insert(key.clone(), parsed);
+    }
+    table.try_into().map_err(|e: toml::de::Error| {
+        let names: Vec<(String, String)> = settings.to_vec();
+        SweepError(format!(
+            "--set {}: {}",
+            names
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            e.message()
+        ))
+    })
+}
+
+/// Where a point's run lives in sweep directory `dir`.
+pub fn run_dir(dir: &Path, point: &Point) -> PathBuf {
+    dir.join("runs").join(point.dir_name())
+}
+
+/// Whether the run in `run_dir` finished (its final model is written last).
+pub fn finished(run_dir: &Path) -> bool {
+    run_dir.join("model.bpk").is_file()
+}
+
+/// Mean, sample standard deviation (0 for one value), min and max.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// The mean.
+    pub mean: f64,
+    /// The sample standard deviation (n − 1), 0 for a single value.
+    pub std: f64,
+    /// The smallest value.
+    pub min: f64,
+    /// The largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`, `None` if there are none.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let var = match n {
+            1 => 0.0,
+            _ => values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64,
+        };
+        Some(Self {
+            mean,
+            std: var.sqrt(),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
+/// What the finished runs of one setting say together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingSummary {
+    /// The setting ([`Point::setting_name`]).
+    pub setting: String,
+    /// Its `(key, value)` pairs.
+    pub settings: Vec<(String, String)>,
+    /// Its finished runs, out of `planned`.
+    pub runs: usize,
+    /// Its runs in the grid.
+    pub planned: usize,
+    /// The last epoch's test accuracy.
+    pub final_acc: Spread,
+    /// The best epoch's test accuracy.
+    pub best_acc: Spread,
+    /// The first epoch reaching the threshold, over the runs that reached it.
+    pub epoch_to_threshold: Option<Spread>,
+    /// How many runs reached the threshold.
+    pub reached: usize,
+    /// Wall time of the run, test passes included.
+    pub seconds: Spread,
+}
+
+/// The summaries of each setting from the runs' metrics (`None` for a run not finished), in
+/// grid order; settings with no finished run are left out.
+pub fn summarize(
+    grid: &Grid,
+    metrics: impl Fn(&Point) -> Option<Vec<EpochMetrics>>,
+    threshold: f64,
+) -> Vec<SettingSummary> {
+    let points = grid.points();
+    let per_setting = grid.seeds.len().max(1);
+    points
+        .chunks(per_setting)
+        .filter_map(|group| {
+            let runs: Vec<Vec<EpochMetrics>> = group
+                .iter()
+                .filter_map(&metrics)
+                .filter(|m| !m.is_empty())
+                .collect();
+            let finals: Vec<f64> = runs.iter().map(|m| m[m.len() - 1].test_acc).collect();
+            let bests: Vec<f64> = runs
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|e| e.test_acc)
+                        .fold(f64::NEG_INFINITY, f64::max)
+                })
+                .collect();
+            let firsts: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.iter().find(|e| e.test_acc >= threshold))
+                .map(|e| e.epoch as f64)
+                .collect();
+            let seconds: Vec<f64> = runs
+                .iter()
+                .map(|m| m.iter().map(|e| e.seconds).sum())
+                .collect();
+            Some(SettingSummary {
+                setting: group[0].setting_name(),
+                settings: group[0].settings.clone(),
+                runs: runs.len(),
+                planned: group.len(),
+                final_acc: Spread::of(&finals)?,
+                best_acc: Spread::of(&bests)?,
+                epoch_to_threshold: Spread::of(&firsts),
+                reached: firsts.len(),
+                seconds: Spread::of(&seconds)?,
+            })
+        })
+        .collect()
+}
+
+/// The runs' metrics averaged epoch by epoch (each epoch over the runs that have it): a
+/// setting's curve.
+pub fn mean_curve(runs: &[Vec<EpochMetrics>]) -> Vec<EpochMetrics> {
+    let epochs = runs.iter().map(Vec::len).max().unwrap_or(0);
+    (0..epochs)
+        .map(|i| {
+            let at: Vec<&EpochMetrics> = runs.iter().filter_map(|m| m.get(i)).collect();
+            let mean = |f: fn(&EpochMetrics) -> f64| {
+                at.iter().map(|m| f(m)).sum::<f64>() / at.len() as f64
+            };
+            EpochMetrics {
+                epoch: i + 1,
+                train_loss: mean(|m| m.train_loss),
+                train_acc: mean(|m| m.train_acc),
+                test_acc: mean(|m| m.test_acc),
+                examples_per_sec: mean(|m| m.examples_per_sec),
+                seconds: mean(|m| m.seconds),
+                elapsed: mean(|m| m.elapsed),
+            }
+        })
+        .collect()
+}
+
+/// The Markdown table of [`summarize`]'s rows.
+pub fn markdown(rows: &[SettingSummary], threshold: f64) -> String {
+    let mut out = format!(
+        "| setting | runs | final test acc | min | max | best test acc | min | max | \
+         first epoch ≥ {threshold} | time, s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let pm = |s: &Spread| format!("{:.4} ± {:.4}", s.mean, s.std);
+    for r in rows {
+        let first = match &r.epoch_to_threshold {
+            Some(s) => format!("{:.1} ± {:.1} ({}/{})", s.mean, s.std, r.reached, r.runs),
+            None => format!("never (0/{})", r.runs),
+        };
+        out.push_str(&format!(
+            "| {} | {}/{} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {first} | {:.1} ± {:.1} |\n",
+            r.setting,
+            r.runs,
+            r.planned,
+            pm(&r.final_acc),
+            r.final_acc.min,
+            r.final_acc.max,
+            pm(&r.best_acc),
+            r.best_acc.min,
+            r.best_acc.max,
+            r.seconds.mean,
+            r.seconds.std,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: usize, test_acc: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            train_loss: 1.0,
+            train_acc: 0.5,
+            test_acc,
+            examples_per_sec: 100.0,
+            seconds: 2.0,
+            elapsed: 2.0 * epoch as f64,
+        }
+    }
+
+    #[test]
+    fn a_mean_curve_averages_each_epoch_over_the_runs_that_have_it() {
+        let curve = mean_curve(&[
+            vec![epoch(1, 0.5), epoch(2, 0.7)],
+            vec![epoch(1, 0.7), epoch(2, 0.9), epoch(3, 0.95)],
+        ]);
+        let accs: Vec<f64> = curve.iter().map(|m| m.test_acc).collect();
+        assert_eq!(accs.len(), 3);
+        assert!((accs[0] - 0.6).abs() < 1e-12 && (accs[1] - 0.8).abs() < 1e-12);
+        assert_eq!(accs[2], 0.95);
+    }
+
+    #[test]
+    fn the_grid_is_the_product_of_the_settings_times_the_seeds() {
+        let grid = Grid {
+            recipe: "lenet-bn-scratch".into(),
+            axes: vec![
+                parse_axis("lr=0.1,1.0").unwrap(),
+                parse_axis("norm=fused,none").unwrap(),
+            ],
+            seeds: parse_seeds("0-1").unwrap(),
+        };
+        let names: Vec<String> = grid.points().iter().map(Point::dir_name).collect();
+        assert_eq!(
+            names,
+            [
+                "lr=0.1,norm=fused,seed=0",
+                "lr=0.1,norm=fused,seed=1",
+                "lr=0.1,norm=none,seed=0",
+                "lr=0.1,norm=none,seed=1",
+                "lr=1.0,norm=fused,seed=0",
+                "lr=1.0,norm=fused,seed=1",
+                "lr=1.0,norm=none,seed=0",
+                "lr=1.0,norm=none,seed=1",
+            ]
+        );
+        assert_eq!(parse_seeds("0-2,9").unwrap(), [0, 1, 2, 9]);
+        assert!(parse_seeds("4-1").is_err() && parse_seeds("x").is_err());
+        assert!(parse_axis("lr").is_err() && parse_axis("lr=0.1,").is_err());
+    }
+
+    #[test]
+    fn settings_are_read_as_a_recipe_file_reads_them() {
+        let base = RunConfig::default();
+        let set = |k: &str, v: &str| with_settings(&base, &[(k.into(), v.into())]);
+        assert_eq!(set("lr", "0.25").unwrap().lr, 0.25);
+        assert_eq!(set("batch_size", "64").unwrap().batch_size, 64);
+        assert!(set("recalibrate_bn", "true").unwrap().recalibrate_bn);
+        assert_eq!(
+            set("norm", "none").unwrap().norm,
+            Some(crate::norm::NormKind::None)
+        );
+        let e = set("learning_rate", "0.1").unwrap_err().to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = set("norm", "nonsense").unwrap_err().to_string();
+        assert!(e.contains("norm=nonsense"), "{e}");
+    }
+
+    /// The table's figures, against values worked out by hand.
+    #[test]
+    fn the_summary_is_the_hand_computed_one() {
+        let grid = Grid {
+            recipe: "lenet-bn-scratch".into(),
+            axes: vec![parse_axis("lr=0.1,1.0").unwrap()],
+            seeds: vec![0, 1, 2],
+        };
+        let metrics = |p: &Point| -> Option<Vec<EpochMetrics>> {
+            match (p.settings[0].1.as_str(), p.seed) {
+                ("0.1", 0) => Some(vec![epoch(1, 0.80), epoch(2, 0.86)]),
+                ("0.1", 1) => Some(vec![epoch(1, 0.86), epoch(2, 0.84)]),
+                ("0.1", 2) => Some(vec![epoch(1, 0.70), epoch(2, 0.82)]),
+                ("1.0", 0) => Some(vec![epoch(1, 0.50), epoch(2, 0.60), epoch(3, 0.90)]),
+                _ => None, // not finished
+            }
+        };
+        let rows = summarize(&grid, metrics, 0.85);
+        assert_eq!(rows.len(), 2);
+        let a = &rows[0];
+        assert_eq!((a.setting.as_str(), a.runs, a.planned), ("lr=0.1", 3, 3));
+        // Finals 0.86, 0.84, 0.82: mean 0.84, sample std 0.02.
+        assert!((a.final_acc.mean - 0.84).abs() < 1e-12);
+        assert!((a.final_acc.std - 0.02).abs() < 1e-12);
+        assert_eq!((a.final_acc.min, a.final_acc.max), (0.82, 0.86));
+        // Bests 0.86, 0.86, 0.82.
+        assert!((a.best_acc.mean - 2.54 / 3.0).abs() < 1e-12);
+        // Two runs reach 0.85: at epochs 2 and 1.
+        assert_eq!(a.reached, 2);
+        assert_eq!(a.epoch_to_threshold.unwrap().mean, 1.5);
+        assert_eq!(a.seconds.mean, 4.0);
+        let b = &rows[1];
+        assert_eq!((b.runs, b.planned, b.reached), (1, 3, 1));
+        assert_eq!((b.final_acc.mean, b.final_acc.std), (0.90, 0.0));
+        assert_eq!(b.epoch_to_threshold.unwrap().mean, 3.0);
+        let table = markdown(&rows, 0.85);
+        assert!(
+            table.contains("| lr=0.1 | 3/3 | 0.8400 ± 0.0200 | 0.8200 | 0.8600 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| lr=1.0 | 1/3 | 0.9000 ± 0.0000 |"),
+            "{table}"
+        );
+    }
+}
