@@ -116,8 +116,8 @@ pub struct RunConfig {
     pub recalibrate_batches: Option<usize>,
     /// Test on each image and its mirror image, summing the two logits.
     pub tta_flip: bool,
-    /// Stop training once this many seconds have passed, keeping time for the last test pass
-    /// (as long as the one before it took), then test.
+    /// Stop training when another step and the last test pass (taken to last a quarter longer
+    /// than the one before) would pass this many seconds of wall time, then test.
     pub time_budget: Option<f64>,
     /// Start from the weights of this PyTorch state_dict (safetensors or torch.save) instead
     /// of a seeded initialisation.

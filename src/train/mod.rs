@@ -315,7 +315,9 @@ impl Clock {
                 .set(self.step.get().max((now - last).as_secs_f64()));
         }
         let elapsed = self.before + (now - self.start).as_secs_f64();
-        elapsed + self.step.get() + self.reserve.get() >= budget
+        // A quarter more for the last test pass: on a shared machine one pass can take longer
+        // than the one before (a run of speedrun-long ended 0.9 s past its 600 s without it).
+        elapsed + self.step.get() + 1.25 * self.reserve.get() >= budget
     }
 }
 
