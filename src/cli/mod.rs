@@ -81,37 +81,7 @@ enum Command {
     },
     /// Run a recipe over a grid of settings and seeds, several runs at a time, and write the
     /// table of each setting's mean ± std, min and max over seeds (DIR/table.md).
-    #[command(group(clap::ArgGroup::new("what").required(true).args(["recipe", "report"])))]
-    Sweep {
-        /// Recipe name (see `bnlab recipes`).
-        recipe: Option<String>,
-        /// A setting to vary, by its recipe-file name, and its values (repeatable; the grid is
-        /// every combination): --set lr=0.1,1.0 --set norm=fused,none.
-        #[arg(long = "set", value_name = "KEY=V1,V2,...", requires = "recipe")]
-        set: Vec<String>,
-        /// The seeds each setting runs with: A-B or A,B,C.
-        #[arg(long, value_name = "SEEDS", default_value = "0-4")]
-        seeds: String,
-        /// Runs at a time, each with an equal share of the cores [default: one per core].
-        #[arg(long, value_name = "N", value_parser = at_least_one)]
-        jobs: Option<usize>,
-        /// The sweep's directory: sweep.json, runs/ (one run directory and log per run),
-        /// table.md. Runs finished there are not run again.
-        #[arg(long, value_name = "DIR")]
-        out: Option<PathBuf>,
-        /// Print each pending run as one self-contained bnlab command line and run nothing
-        /// (for GNU parallel or a Slurm array on a shared filesystem; then --report DIR).
-        #[arg(long, requires = "recipe")]
-        plan: bool,
-        /// Rewrite the table from the runs in a sweep directory.
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["recipe", "plan", "out"])]
-        report: Option<PathBuf>,
-        /// Test accuracy of the "first epoch ≥" column.
-        #[arg(long, value_name = "ACC", default_value_t = 0.85, value_parser = unit_interval)]
-        threshold: f64,
-        #[command(flatten)]
-        env: EnvArgs,
-    },
+    Sweep(SweepCommand),
     /// Redraw training-curve plots (SVG and PNG) from metrics files.
     Plot {
         /// Metrics files (JSON lines, as `--metrics` and run directories hold).
@@ -290,29 +260,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             env,
         } => compare(&recipes, &run, out.as_deref(), force, &env),
-        Command::Sweep {
-            recipe,
-            set,
-            seeds,
-            jobs,
-            out,
-            plan,
-            report,
-            threshold,
-            env,
-        } => {
-            let command = SweepCommand {
-                recipe,
-                set,
-                seeds,
-                jobs,
-                out,
-                plan,
-                report,
-                threshold,
-            };
-            sweep(command, &env)
-        }
+        Command::Sweep(command) => sweep(command),
         Command::Plot {
             metrics,
             out,

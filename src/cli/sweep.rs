@@ -10,21 +10,44 @@ use bnlab::report::metrics::read_jsonl;
 use bnlab::train::resume::has_resume_point;
 use bnlab::train::sweep::{self, finished, run_dir, Grid, Point, SWEEP_FILE};
 
-use super::args::EnvArgs;
+use super::args::{at_least_one, unit_interval, EnvArgs};
 
 /// What `bnlab sweep` was asked.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["recipe", "report"])))]
 pub(crate) struct SweepCommand {
+    /// Recipe name (see `bnlab recipes`).
     pub(crate) recipe: Option<String>,
+    /// A setting to vary, by its recipe-file name, and its values (repeatable; the grid is
+    /// every combination): --set lr=0.1,1.0 --set norm=fused,none.
+    #[arg(long = "set", value_name = "KEY=V1,V2,...", requires = "recipe")]
     pub(crate) set: Vec<String>,
+    /// The seeds each setting runs with: A-B or A,B,C.
+    #[arg(long, value_name = "SEEDS", default_value = "0-4")]
     pub(crate) seeds: String,
+    /// Runs at a time, each with an equal share of the cores [default: one per core].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub(crate) jobs: Option<usize>,
+    /// The sweep's directory: sweep.json, runs/ (one run directory and log per run),
+    /// table.md. Runs finished there are not run again.
+    #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
+    /// Print each pending run as one self-contained bnlab command line and run nothing
+    /// (for GNU parallel or a Slurm array on a shared filesystem; then --report DIR).
+    #[arg(long, requires = "recipe")]
     pub(crate) plan: bool,
+    /// Rewrite the table from the runs in a sweep directory.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["recipe", "plan", "out"])]
     pub(crate) report: Option<PathBuf>,
+    /// Test accuracy of the "first epoch ≥" column.
+    #[arg(long, value_name = "ACC", default_value_t = 0.85, value_parser = unit_interval)]
     pub(crate) threshold: f64,
+    #[command(flatten)]
+    pub(crate) env: EnvArgs,
 }
 
-pub(crate) fn sweep(command: SweepCommand, env: &EnvArgs) -> anyhow::Result<()> {
+pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
+    let env = &command.env;
     if let Some(dir) = &command.report {
         return report(dir, command.threshold);
     }

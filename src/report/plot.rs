@@ -108,21 +108,37 @@ pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String
                         .map(|p| Circle::new(p, 3, color.filled())),
                 )?;
             }
-            chart
-                .configure_series_labels()
-                .position(if title.contains("loss") {
-                    SeriesLabelPosition::UpperRight
-                } else {
-                    SeriesLabelPosition::LowerRight
-                })
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.4))
-                .label_font(("sans-serif", 15))
-                .draw()?;
+            let corner = match title.contains("loss") {
+                true => SeriesLabelPosition::UpperRight,
+                false => SeriesLabelPosition::LowerRight,
+            };
+            legend(&mut chart, corner)?;
         }
         root.present()?;
     }
     Ok(svg)
+}
+
+/// A chart of this module: f64 on both axes, drawn as SVG.
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The series' names in a box at `corner`.
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    corner: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(corner)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
 }
 
 /// Rasterises an SVG document to PNG, with DejaVu Sans (built in) for the text.
@@ -248,13 +264,7 @@ pub fn band_svg(
                     .map(|&(a, m, _)| Circle::new((a, m), 3, color.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .label_font(("sans-serif", 15))
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
         root.present()?;
     }
     Ok(svg)

@@ -76,15 +76,7 @@ mod tests {
     use super::*;
 
     fn epoch(epoch: usize, test_acc: f64) -> EpochMetrics {
-        EpochMetrics {
-            epoch,
-            train_loss: 1.0,
-            train_acc: 0.5,
-            test_acc,
-            examples_per_sec: 1000.0 * epoch as f64,
-            seconds: 2.0,
-            elapsed: 2.0 * epoch as f64,
-        }
+        EpochMetrics::example(epoch, test_acc)
     }
 
     #[test]
