@@ -117,7 +117,8 @@ pub struct RunConfig {
     /// Test on each image and its mirror image, summing the two logits.
     pub tta_flip: bool,
     /// Stop training when another step and the last test pass (taken to last a quarter longer
-    /// than the one before) would pass this many seconds of wall time, then test.
+    /// than the one before, or guessed from the step time before the first) would pass this
+    /// many seconds of wall time, then test.
     pub time_budget: Option<f64>,
     /// Start from the weights of this PyTorch state_dict (safetensors or torch.save) instead
     /// of a seeded initialisation.

@@ -221,8 +221,7 @@ fn flip_tta_sees_an_image_and_its_mirror_alike() {
     assert_ne!(plain, evaluate(&model, &flipped, &options(false)));
 }
 
-/// A run told to stop after 2 s stops in its first epoch, tests, and ends within the budget and
-/// one test pass.
+/// A run told to stop after 2 s stops in its first epoch, tests, and ends at the budget.
 #[test]
 fn the_time_budget_ends_training_and_still_tests() {
     let config = RunConfig {
@@ -242,7 +241,9 @@ fn the_time_budget_ends_training_and_still_tests() {
     );
     let last = out.metrics.last().unwrap();
     assert!(last.test_acc > 0.5, "{last:?}");
-    assert!(last.elapsed >= 2.0 && last.elapsed < 2.0 + 5.0, "{last:?}");
+    // The first test pass is guessed from the step time (a third of a step per batch), so the
+    // run ends at the budget, give or take that guess.
+    assert!(last.elapsed > 1.0 && last.elapsed < 2.5, "{last:?}");
     assert!(wall < 2.0 + 10.0, "{wall} s");
 }
 

@@ -166,7 +166,8 @@ pub fn run(
         before: progress.metrics.iter().map(|m| m.seconds).sum::<f64>()
             + progress.partial.train_seconds,
         budget: config.time_budget,
-        reserve: std::cell::Cell::new(0.0),
+        reserve: std::cell::Cell::new(None),
+        test_steps: test_pass_in_steps(config, data),
         last_check: std::cell::Cell::new(None),
         step: std::cell::Cell::new(0.0),
     };
@@ -250,7 +251,7 @@ pub fn run(
             model = recalibrate_bn(model, &data.train, config.batch_size, size, limit);
         }
         let test_acc = evaluate(&model.valid(), &data.test, &EvalOptions::of(config));
-        clock.reserve.set(testing.elapsed().as_secs_f64());
+        clock.reserve.set(Some(testing.elapsed().as_secs_f64()));
         let seconds = started.elapsed().as_secs_f64();
         let m = EpochMetrics {
             epoch,
@@ -295,7 +296,9 @@ struct Clock {
     before: f64,
     budget: Option<f64>,
     /// Seconds the last test pass took: kept back from the budget for the last one.
-    reserve: std::cell::Cell<f64>,
+    reserve: std::cell::Cell<Option<f64>>,
+    /// Before any test pass, its time guessed in training steps.
+    test_steps: f64,
     /// When [`Self::spent`] was last asked in this epoch (it is asked after every step).
     last_check: std::cell::Cell<Option<Instant>>,
     /// The longest time between two asks: a step, which may still run before a stop.
@@ -317,8 +320,29 @@ impl Clock {
         let elapsed = self.before + (now - self.start).as_secs_f64();
         // A quarter more for the last test pass: on a shared machine one pass can take longer
         // than the one before (a run of speedrun-long ended 0.9 s past its 600 s without it).
-        elapsed + self.step.get() + 1.25 * self.reserve.get() >= budget
+        let test_pass = match self.reserve.get() {
+            Some(seconds) => seconds,
+            None => self.test_steps * self.step.get(),
+        };
+        elapsed + self.step.get() + 1.25 * test_pass >= budget
     }
+}
+
+/// A test pass (and the precise-BN pass before it) in training steps: each of its batches is a
+/// forward pass, about a third of a training step's work.
+fn test_pass_in_steps(config: &RunConfig, data: &FashionMnist) -> f64 {
+    let batch = config.batch_size.max(1);
+    let limit = |n: usize| config.limit_batches.map_or(n, |l| n.min(l));
+    let test = limit(data.test.len().div_ceil(batch)) * (1 + config.tta_flip as usize);
+    let recalibrate = match config.recalibrate_bn {
+        true => limit(
+            config
+                .recalibrate_batches
+                .map_or(data.train.len().div_ceil(batch), |b| b),
+        ),
+        false => 0,
+    };
+    (test + recalibrate) as f64 / 3.0
 }
 
 /// The seed of the augmentation of step `step` (0-based) of `epoch`: a function of the three
