@@ -148,6 +148,27 @@ fn a_sweep_runs_its_grid_resumes_and_reports_as_gnu_parallel_does() {
     // Nothing is left to plan.
     let plan = ok(&args(&plan_args));
     assert!(plan.stdout.is_empty());
+
+    // More seeds for the same grid join it: only the new ones run.
+    let mut more = grid_args(&built_in);
+    let at = more.iter().position(|a| a == "0-1").unwrap();
+    more[at] = "0-2".into();
+    let grown = ok(&args(&more));
+    assert!(String::from_utf8_lossy(&grown.stderr).contains("(4 finished before)"));
+    let table = std::fs::read_to_string(built_in.join("table.md")).unwrap();
+    assert_eq!(accuracy_columns(&table).len(), 2);
+    assert!(
+        accuracy_columns(&table)
+            .iter()
+            .all(|r| r.contains("| 3/3 |")),
+        "{table}"
+    );
+    // Another grid there is refused.
+    let mut other = grid_args(&built_in);
+    other[3] = "lr=0.1".into();
+    let refused = bnlab(&args(&other));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("another sweep"));
 }
 
 #[test]

@@ -121,15 +121,28 @@ fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
     let path = dir.join(SWEEP_FILE);
     if path.exists() {
         let there = Grid::load(dir)?;
-        if &there != grid {
+        if (&there.recipe, &there.axes) != (&grid.recipe, &grid.axes) {
+            let axes: Vec<String> = there
+                .axes
+                .iter()
+                .map(|(k, v)| format!("--set {k}={}", v.join(",")))
+                .collect();
             anyhow::bail!(
-                "--out {}: it holds another sweep (of {} over {:?}); choose another --out",
+                "--out {}: it holds another sweep ({} {}); choose another --out",
                 dir.display(),
                 there.recipe,
-                there.axes
+                axes.join(" ")
             );
         }
-        return Ok(());
+        if there.seeds == grid.seeds {
+            return Ok(());
+        }
+        // The same grid with other seeds: the sweep now covers both.
+        let mut seeds = there.seeds.clone();
+        seeds.extend(grid.seeds.iter().filter(|s| !there.seeds.contains(s)));
+        let grown = Grid { seeds, ..there };
+        let text = serde_json::to_string_pretty(&grown)? + "\n";
+        return bnlab::report::output::write_output("--out", &path, text.as_bytes(), true);
     }
     std::fs::create_dir_all(dir.join("runs"))
         .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
@@ -205,6 +218,7 @@ fn run_all(
     let mut running: Vec<(PathBuf, Child)> = Vec::new();
     let mut failed = Vec::new();
     let mut done = total - pending.len();
+    let mut shown = String::new();
     loop {
         while running.len() < jobs {
             let Some(point) = queue.next() else { break };
@@ -238,11 +252,15 @@ fn run_all(
             }
         }
         running = still;
-        eprint!(
-            "\rsweep: {done}/{total} runs done, {} running, {} failed   ",
+        let line = format!(
+            "sweep: {done}/{total} runs done, {} running, {} failed",
             running.len(),
             failed.len()
         );
+        if line != shown {
+            eprint!("\r{line}   ");
+            shown = line;
+        }
     }
     eprintln!();
     Ok(failed)
