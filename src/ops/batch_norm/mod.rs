@@ -17,8 +17,8 @@
 //! `conv → BN → sigmoid → pool` blocks thus cost one op instead of three, each a pass over
 //! memory forward and backward.
 //!
-//! On Burn's CubeCL backend (wgpu, CUDA), [`cube`] implements the same op in
-//! float32 without the epilogue, which is then composed from Burn ops. Other backends, and
+//! On Burn's CubeCL backend (wgpu, CUDA), `cube` (built with the `wgpu` or `cuda` feature)
+//! implements the same op in float32 without the epilogue, which is then composed from Burn ops. Other backends, and
 //! other dtypes, take the composed path: see [`try_normalize_train`].
 
 pub mod channels;
