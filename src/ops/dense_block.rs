@@ -32,7 +32,7 @@ use super::batch_norm::{planes, stats};
 use super::bn_relu_conv2d::BnRelu;
 use super::conv2d::{backward_typed, forward_typed, ConvGeometry, Shape};
 use super::cpu::Dims;
-use super::flex::{contiguous, slice, tensor, Element};
+use super::flex::{contiguous, owned_contiguous, slice, tensor, Element};
 use crate::norm::epilogue::{Activation, Epilogue};
 
 /// The block's sizes: what the op needs besides its tensors.
@@ -228,15 +228,18 @@ fn forward(
 }
 
 /// The gradients `[dx, dgammas, dbetas, dweights, dbiases]` of the block's output.
-fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
-    fn typed<E: Element>(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
+/// `dy` is taken by value: the input gradients accumulate in its buffer (one block-sized
+/// buffer fewer alive than a copy, at the block's peak).
+fn backward(saved: &Saved, dy: FlexTensor) -> [FlexTensor; 5] {
+    fn typed<E: Element>(saved: &Saved, dy: FlexTensor) -> [FlexTensor; 5] {
         let [n, c0, h, w] = saved.input_shape;
         let shape = saved.shape;
         let (plane, c_total) = (h * w, shape.channels(c0, shape.layers));
         let block = slice::<E>(&saved.block);
         let (gammas, betas) = (slice::<E>(&saved.gammas), slice::<E>(&saved.betas));
         let weights = slice::<E>(&saved.weights);
-        let mut grads = slice::<E>(dy).to_vec();
+        let mut dy = owned_contiguous::<E>(dy);
+        let grads = dy.storage_mut::<E>();
         let norm_len = shape.norm_offset(c0, shape.layers);
         let mut dgammas = vec![E::ZERO; norm_len];
         let mut dbetas = vec![E::ZERO; norm_len];
@@ -254,7 +257,7 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
             let s = shape.conv([n, c0, h, w], l);
             let wlen = shape.growth * c * shape.kernel * shape.kernel;
             let wat = shape.weight_offset(c0, l);
-            let dout = gather(&grads, n, c_total, (c, c + shape.growth), plane);
+            let dout = gather(grads, n, c_total, (c, c + shape.growth), plane);
             let (da, dweight, dbias) =
                 backward_typed(&activations, &weights[wat..][..wlen], &dout, s, true);
             // Through the ReLU as the fused BN op's epilogue goes, then BN's backward in place:
@@ -282,7 +285,7 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
             dweights[wat..][..wlen].copy_from_slice(&dweight);
             dbiases[l * shape.growth..][..shape.growth].copy_from_slice(&dbias);
         }
-        let dx = gather(&grads, n, c_total, (0, c0), plane);
+        let dx = gather(grads, n, c_total, (0, c0), plane);
         [
             tensor(dx, vec![n, c0, h, w]),
             tensor(dgammas, vec![norm_len]),
@@ -291,10 +294,9 @@ fn backward(saved: &Saved, dy: &FlexTensor) -> [FlexTensor; 5] {
             tensor(dbiases, vec![shape.layers * shape.growth]),
         ]
     }
-    let dy = contiguous(dy);
     match saved.block.dtype() {
-        DType::F64 => typed::<f64>(saved, &dy),
-        _ => typed::<f32>(saved, &dy),
+        DType::F64 => typed::<f64>(saved, dy),
+        _ => typed::<f32>(saved, dy),
     }
 }
 
@@ -321,7 +323,7 @@ impl Backward<Flex, 5> for DenseBlockBackward {
 
     fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let all = backward(&ops.state, &dy);
+        let all = backward(&ops.state, dy);
         for (node, grad) in ops.parents.into_iter().zip(all) {
             if let Some(node) = node {
                 grads.register::<Flex>(node.id, grad);

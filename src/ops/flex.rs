@@ -17,6 +17,19 @@ pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
     }
 }
 
+/// `t` as a tensor whose storage is exactly its elements in row-major order, so that
+/// `storage_mut` edits it in place: no copy when `t` already is so and holds its buffer alone.
+pub(crate) fn owned_contiguous<E: Element>(t: FlexTensor) -> FlexTensor {
+    let whole = t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.storage::<E>().len() == t.layout().num_elements();
+    if whole {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 pub(crate) fn slice<E: Element>(t: &FlexTensor) -> &[E] {
     t.as_slice::<E>()
         .expect("a contiguous Flex tensor of the expected dtype")
