@@ -152,7 +152,7 @@ fn norm_label(norm: NormKind) -> String {
 /// W1: one epoch of LeNet-BN training with `norm`.
 pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyhow::Result<Record> {
     let config = RunConfig {
-        norm: Some(norm),
+        norm: Some(norm.into()),
         epochs: 1,
         limit_batches: scale.lenet_batches,
         ..Default::default()
@@ -283,7 +283,7 @@ fn steps_training(
 ) -> anyhow::Result<Record> {
     let config = RunConfig {
         model: w.model,
-        norm: Some(norm),
+        norm: Some(norm.into()),
         optimizer: OptimizerKind::Adam,
         lr: 1e-3,
         batch_size: w.batch,

@@ -3,9 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{ModelKind, ModelSpec, WeightInit};
+use crate::models::{BnLayers, BnPosition, ModelKind, ModelSpec, WeightInit};
 use crate::norm::epilogue::{Activation, Pool};
-use crate::norm::{Convention, Momentum, NormConfig, NormKind};
+use crate::norm::{Convention, Momentum, NormConfig, NormKind, NormName};
 
 crate::choice_enum! {
     /// `optimizer`
@@ -54,7 +54,9 @@ pub struct RunConfig {
     /// The network.
     pub model: ModelKind,
     /// Default: `fused` for models with batch norm, `none` for `lenet`.
-    pub norm: Option<NormKind>,
+    pub norm: Option<NormName>,
+    /// Keep the norm layers' γ at 1 and β at 0 instead of learning them.
+    pub freeze_affine: bool,
     /// LeNet only. Default: avg (2 × 2).
     pub pool: Option<Pool>,
     /// LeNet only. Default: sigmoid.
@@ -108,6 +110,12 @@ pub struct RunConfig {
     pub seed: u64,
     /// Visit the training set in a new seeded order each epoch (else file order).
     pub shuffle: bool,
+    /// LeNet-BN: which layers get a norm.
+    pub bn_layers: BnLayers,
+    /// LeNet-BN: the norm before the activation or after it.
+    pub bn_position: BnPosition,
+    /// LeNet-BN: whether the layers a norm follows keep their bias.
+    pub conv_bias: bool,
     /// At most this many training and test batches per epoch (quick runs).
     pub limit_batches: Option<usize>,
     /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
@@ -135,6 +143,7 @@ impl Default for RunConfig {
             description: String::new(),
             model: ModelKind::LenetBn,
             norm: None,
+            freeze_affine: false,
             pool: None,
             activation: None,
             init: None,
@@ -159,6 +168,9 @@ impl Default for RunConfig {
             bn_convention: Convention::PyTorch,
             seed: 0,
             shuffle: true,
+            bn_layers: BnLayers::All,
+            bn_position: BnPosition::BeforeAct,
+            conv_bias: true,
             limit_batches: None,
             recalibrate_bn: false,
             recalibrate_batches: None,
@@ -182,10 +194,12 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 impl RunConfig {
     /// The norm after defaults: `none` for the model without batch norm.
     pub fn norm_kind(&self) -> NormKind {
-        self.norm.unwrap_or(match self.model.has_batch_norm() {
-            true => NormKind::Fused,
-            false => NormKind::None,
-        })
+        self.norm
+            .map(|n| n.kind)
+            .unwrap_or(match self.model.has_batch_norm() {
+                true => NormKind::Fused,
+                false => NormKind::None,
+            })
     }
 
     /// The batch-norm settings after defaults (the momentum follows the convention).
@@ -199,6 +213,8 @@ impl RunConfig {
             eps: self.bn_eps,
             momentum,
             convention: self.bn_convention,
+            size: self.norm.and_then(|n| n.size),
+            affine: !self.freeze_affine,
         }
     }
 
@@ -220,6 +236,9 @@ impl RunConfig {
             pool: self.pool.unwrap_or(defaults.pool),
             activation: self.activation.unwrap_or(defaults.activation),
             init: self.weight_init(),
+            bn_layers: self.bn_layers,
+            bn_position: self.bn_position,
+            conv_bias: self.conv_bias,
             ..defaults
         }
     }
@@ -402,13 +421,26 @@ impl RunConfig {
                 "--pool {pool}: LeNet's conv blocks pool 2x2 windows (use avg or max)"
             ));
         }
+        let switched = [
+            (self.bn_layers != BnLayers::All, "--bn-layers"),
+            (self.bn_position != BnPosition::BeforeAct, "--bn-position"),
+            (!self.conv_bias, "--conv-bias off"),
+        ];
+        if let Some((_, flag)) = switched.iter().find(|(on, _)| *on) {
+            if self.model != ModelKind::LenetBn {
+                return err(format!(
+                    "{flag} applies to lenet-bn, not {} (its layers are fixed)",
+                    self.model
+                ));
+            }
+        }
         if lenet_only && self.activation.is_some() {
             return err(format!(
                 "--activation applies to lenet and lenet-bn, not {}",
                 self.model
             ));
         }
-        if !self.model.has_batch_norm() && self.norm.is_some_and(|n| n != NormKind::None) {
+        if !self.model.has_batch_norm() && self.norm.is_some_and(|n| n.kind != NormKind::None) {
             return err(format!(
                 "--model {} has no batch norm: use --model lenet-bn for --norm {}",
                 self.model,
@@ -420,7 +452,8 @@ impl RunConfig {
         }
         let norm = self.norm_config();
         norm.validate().map_err(|e| ConfigError(e.to_string()))?;
-        if self.batch_size == 1 && norm.kind != NormKind::None {
+        self.model_spec().check_norm().map_err(ConfigError)?;
+        if self.batch_size == 1 && norm.kind.is_batch_norm() {
             return err(
                 "--batch-size 1: batch norm needs at least 2 examples per batch to train \
                  (use --batch-size 2 or more, or --norm none)",

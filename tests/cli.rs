@@ -54,7 +54,7 @@ fn help_explains_every_flag() {
         "--momentum", "--lr-step-size", "--lr-gamma", "--resize", "--recalibrate-bn", "--out",
         "--save-every", "--device", "--lr-schedule", "--lr-warmup", "--weight-decay", "--nesterov",
         "--label-smoothing", "--augment-crop", "--augment-flip", "--tta-flip", "--time-budget",
-        "--recalibrate-batches",
+        "--recalibrate-batches", "--freeze-affine", "--bn-layers", "--bn-position", "--conv-bias",
     ];
     for flag in flags {
         let at = lines
@@ -95,7 +95,20 @@ fn invalid_values_are_one_line_errors() {
         (&["train", "--lr", "fast"], "--lr"),
         (&["train", "--batch-size", "0"], "--batch-size"),
         (&["train", "--model", "alexnet"], "--model"),
-        (&["train", "--norm", "layer"], "--norm"),
+        (&["train", "--norm", "layr"], "--norm"),
+        (&["train", "--norm", "ghost"], "ghost:N"),
+        (&["train", "--norm", "ghost:1"], "--norm ghost:N"),
+        (&["train", "--norm", "group:4"], "--norm group:4"),
+        (&["train", "--norm", "instance"], "--bn-layers conv"),
+        (
+            &["train", "--norm", "burn", "--freeze-affine"],
+            "--freeze-affine",
+        ),
+        (
+            &["train", "--model", "resnet18", "--bn-layers", "conv"],
+            "--bn-layers",
+        ),
+        (&["train", "--conv-bias", "maybe"], "--conv-bias"),
         (&["train", "--epochs", "0"], "--epochs"),
         (&["train", "--batch-size", "1"], "--batch-size 1"),
         (&["train", "--bn-eps", "0"], "--bn-eps"),
@@ -422,4 +435,46 @@ fn training_options_are_recorded_and_can_be_turned_off() {
     }
     assert_eq!(c["model"], serde_json::json!("speednet"));
     assert_eq!(c["lr_schedule"], serde_json::json!("one-cycle"));
+}
+
+#[test]
+fn norm_variants_and_lenet_switches_are_recorded_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ghost");
+    #[rustfmt::skip]
+    let out = bnlab(&[
+        "train", "--model", "lenet-bn", "--norm", "ghost:16", "--bn-layers", "conv",
+        "--bn-position", "after-act", "--conv-bias", "off", "--freeze-affine", "--epochs", "1",
+        "--limit-batches", "3", "--batch-size", "64", "--json", "--out", run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    for (key, want) in [
+        ("norm", serde_json::json!("ghost:16")),
+        ("bn_layers", serde_json::json!("conv")),
+        ("bn_position", serde_json::json!("after-act")),
+        ("conv_bias", serde_json::json!(false)),
+        ("freeze_affine", serde_json::json!(true)),
+    ] {
+        assert_eq!(config[key], want, "{key} in {config}");
+    }
+    // Two BN layers, without gamma and beta; the checkpoint evaluates as the run left it.
+    let inspect = text(&bnlab(&["inspect", run.to_str().unwrap()]).stdout);
+    assert!(
+        inspect.contains("bn1") && inspect.contains("bn2"),
+        "{inspect}"
+    );
+    assert!(
+        !inspect.contains("bn3") && !inspect.contains("gamma"),
+        "{inspect}"
+    );
+    let eval = bnlab(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--limit-batches",
+        "2",
+    ]);
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
 }

@@ -18,7 +18,7 @@ fn check(model: ModelKind, norm: NormKind, resize: Option<usize>, bn_layers_left
     let data = FashionMnist::load_default().unwrap();
     let config = RunConfig {
         model,
-        norm: Some(norm),
+        norm: Some(norm.into()),
         resize,
         optimizer: OptimizerKind::Adam,
         lr: 1e-3,

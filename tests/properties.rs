@@ -194,6 +194,7 @@ fn layer(kind: NormKind, case: &Case, device: &Device) -> NormLayer {
             bn.running_mean = mean;
             bn.running_var = var;
         }
+        NormLayer::Group(_) => panic!("the eval-mode properties are batch norm's"),
     }
     layer
 }

@@ -525,7 +525,7 @@ fn the_architecture_comes_from_the_flags_then_the_metadata() {
 
     let config = config_for(&meta, Architecture::default());
     assert_eq!(config.model, ModelKind::LenetBn);
-    assert_eq!(config.norm, Some(NormKind::Scratch));
+    assert_eq!(config.norm, Some(NormKind::Scratch.into()));
     assert_eq!(
         (config.pool, config.activation),
         (Some(Pool::Max(2)), Some(Activation::Relu))

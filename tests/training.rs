@@ -16,7 +16,7 @@ fn data() -> FashionMnist {
 
 fn config(norm: NormKind, batches: usize) -> RunConfig {
     RunConfig {
-        norm: Some(norm),
+        norm: Some(norm.into()),
         epochs: 1,
         batch_size: 128,
         seed: 3,

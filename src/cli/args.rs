@@ -8,9 +8,9 @@ use clap::Args;
 use bnlab::choice::Choice;
 use bnlab::config::{InitKind, LrSchedule, OptimizerKind, RunConfig};
 use bnlab::data::DEFAULT_DATA_DIR;
-use bnlab::models::ModelKind;
+use bnlab::models::{BnLayers, BnPosition, ModelKind};
 use bnlab::norm::epilogue::{Activation, Pool};
-use bnlab::norm::{Convention, Momentum, NormKind};
+use bnlab::norm::{Convention, Momentum, NormKind, NormName};
 
 /// Settings of a run. Unset ones come from the recipe, or for `train` from the defaults shown.
 #[derive(Args, Debug, Default, Clone)]
@@ -19,9 +19,23 @@ pub(crate) struct RunArgs {
     #[arg(long, value_parser = choice::<ModelKind>())]
     pub(crate) model: Option<ModelKind>,
     /// Batch norm: this project's with its fused CPU kernel (fused), the same layer composed
-    /// from tensor ops (scratch), Burn's built-in (burn), or none [default: fused].
-    #[arg(long, value_parser = choice::<NormKind>())]
-    pub(crate) norm: Option<NormKind>,
+    /// from tensor ops (scratch), Burn's built-in (burn), none, or a variant or another norm to
+    /// compare with [default: fused].
+    #[arg(long, value_parser = NormNameParser)]
+    pub(crate) norm: Option<NormName>,
+    /// LeNet-BN: which layers get a norm [default: all].
+    #[arg(long, value_parser = choice::<BnLayers>())]
+    pub(crate) bn_layers: Option<BnLayers>,
+    /// LeNet-BN: the norm before the activation, as the chapter, or after it [default:
+    /// before-act].
+    #[arg(long, value_parser = choice::<BnPosition>())]
+    pub(crate) bn_position: Option<BnPosition>,
+    /// LeNet-BN: keep (on) or drop (off) the bias of the layers a norm follows [default: on].
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) conv_bias: Option<bool>,
+    /// Keep the norm layers' gamma at 1 and beta at 0 instead of learning them.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) freeze_affine: Option<bool>,
     /// Pooling in LeNet's conv blocks [default: avg].
     #[arg(long, value_name = "avg|max", value_parser = parse_pool)]
     pub(crate) pool: Option<Pool>,
@@ -167,7 +181,8 @@ impl RunArgs {
             label_smoothing,
             augment_crop
         );
-        set!(augment_flip, tta_flip, recalibrate_bn);
+        set!(augment_flip, tta_flip, recalibrate_bn, freeze_affine);
+        set!(bn_layers, bn_position, conv_bias);
         set_option!(
             norm,
             pool,
@@ -224,8 +239,8 @@ pub(crate) struct ArchArgs {
     #[arg(long, conflicts_with = "checkpoint", value_parser = choice::<ModelKind>())]
     pub(crate) model: Option<ModelKind>,
     /// Its batch norm (with --weights) [default: the file's, or fused].
-    #[arg(long, conflicts_with = "checkpoint", value_parser = choice::<NormKind>())]
-    pub(crate) norm: Option<NormKind>,
+    #[arg(long, conflicts_with = "checkpoint", value_parser = NormNameParser)]
+    pub(crate) norm: Option<NormName>,
     /// Its LeNet pooling (with --weights) [default: the file's, or avg].
     #[arg(long, conflicts_with = "checkpoint", value_name = "avg|max", value_parser = parse_pool)]
     pub(crate) pool: Option<Pool>,
@@ -339,6 +354,44 @@ pub(crate) fn choice<T: Choice + Send + Sync>() -> impl TypedValueParser<Value =
     });
     PossibleValuesParser::new(values)
         .map(|name| T::from_name(&name).expect("clap checked the name"))
+}
+
+/// `--norm`'s parser: a [`NormKind`] name, with `:N` after the names that take a size; the
+/// names and their doc comments are listed as the possible values.
+#[derive(Clone)]
+pub(crate) struct NormNameParser;
+
+impl TypedValueParser for NormNameParser {
+    type Value = NormName;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<NormName, clap::Error> {
+        let flag = arg.map_or("--norm".to_string(), |a| format!("--{}", a.get_id()));
+        let text = value.to_string_lossy();
+        text.parse().map_err(|e: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{flag}': {e}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(NormKind::ALL.iter().map(|&kind| {
+            let help: Vec<&str> = kind.help().split_whitespace().collect();
+            let name = match kind {
+                NormKind::Ghost => "ghost:N",
+                NormKind::Group => "group:G",
+                other => other.name(),
+            };
+            PossibleValue::new(name).help(help.join(" "))
+        })))
+    }
 }
 
 fn parse_pool(s: &str) -> Result<Pool, String> {

@@ -205,7 +205,7 @@ impl Observer for Console {
         eprintln!(
             "bnlab: {name}: {} (norm {}), {} epochs, {} lr {}, batch {}, {} threads -> {}",
             config.model,
-            config.norm_kind(),
+            config.norm_config().name(),
             config.epochs,
             config.optimizer,
             config.lr,

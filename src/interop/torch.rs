@@ -45,13 +45,15 @@ use crate::choice::Choice;
 use crate::config::RunConfig;
 use crate::models::{LayerMut, Model, ModelKind, ModelSpec, NamedLayer};
 use crate::norm::epilogue::{Activation, Pool};
-use crate::norm::NormKind;
 use crate::norm::NormLayer;
+use crate::norm::{NormKind, NormName};
 
 /// The network, as `--model` names it (`lenet-bn`).
 pub const META_MODEL: &str = "model";
 /// The batch-norm implementation, as `--norm` names it (`none` for a model without BN).
 pub const META_NORM: &str = "norm";
+/// Metadata key: `false` where the norm layers have no γ and β (`--freeze-affine`).
+pub const META_AFFINE: &str = "norm_affine";
 /// The BN layers' ε, in decimal (`--bn-eps`).
 pub const META_EPS: &str = "bn_eps";
 /// The pool after each conv block of the d2l LeNets, as `--pool` writes it (`avg`, `max`).
@@ -161,6 +163,14 @@ fn slots(model: &mut Model, kind: ModelKind, layout: Layout) -> Vec<(String, Slo
                 out.push((key("running_mean"), Slot::Running(&mut bn.running_mean)));
                 out.push((key("running_var"), Slot::Running(&mut bn.running_var)));
                 out.push((key("num_batches_tracked"), Slot::Count(None)));
+            }
+            LayerMut::Norm(Some(NormLayer::Group(norm))) => {
+                if let Some(gamma) = &mut norm.gamma {
+                    out.push((key("weight"), Slot::Vector(gamma)));
+                }
+                if let Some(beta) = &mut norm.beta {
+                    out.push((key("bias"), Slot::Vector(beta)));
+                }
             }
             LayerMut::Norm(None) => {}
         }
@@ -328,7 +338,8 @@ pub fn state_dict_keys(spec: &ModelSpec, layout: Layout) -> Vec<(String, Vec<usi
 fn spec_metadata(spec: &ModelSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
         (META_MODEL.to_string(), spec.kind.to_string()),
-        (META_NORM.to_string(), spec.norm.kind.to_string()),
+        (META_NORM.to_string(), spec.norm.name().to_string()),
+        (META_AFFINE.to_string(), spec.norm.affine.to_string()),
         (META_EPS.to_string(), spec.norm.eps.to_string()),
         (META_POOL.to_string(), spec.pool.to_string()),
         (META_ACTIVATION.to_string(), spec.activation.to_string()),
@@ -580,8 +591,8 @@ pub fn fitting_models(dict: &StateDict) -> Vec<Fit> {
 pub struct Architecture {
     /// The network.
     pub model: Option<ModelKind>,
-    /// Its batch norm.
-    pub norm: Option<NormKind>,
+    /// Its norm.
+    pub norm: Option<NormName>,
     /// The LeNets' pool.
     pub pool: Option<Pool>,
     /// The LeNets' activation.
@@ -603,6 +614,7 @@ pub fn config_for(meta: &BTreeMap<String, String>, given: Architecture) -> RunCo
         .or(parse(meta, META_MODEL))
         .unwrap_or(config.model);
     config.norm = given.norm.or(parse(meta, META_NORM));
+    config.freeze_affine = parse(meta, META_AFFINE) == Some(false);
     if config.model.has_lenet_blocks() {
         config.pool = given.pool.or(parse(meta, META_POOL));
         config.activation = given.activation.or(parse(meta, META_ACTIVATION));

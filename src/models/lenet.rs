@@ -14,9 +14,10 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::{Initializer, LayerList, Sequential, Trace};
-use super::{Facts, ModelKind, ModelSpec, Network, WeightInit};
+use super::{BnLayers, BnPosition, Facts, ModelKind, ModelSpec, Network, WeightInit};
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
+use crate::ops::epilogue::apply_epilogue;
 
 /// d2l's LeNet, with or without batch norm (the layer order is in the module docs). The
 /// shapes below are those of 28×28 images. Each BN layer is `None` in a model built without
@@ -47,6 +48,35 @@ pub struct LeNet {
     /// After every layer but the last.
     #[module(skip)]
     pub activation: Activation,
+    /// Whether each norm comes before the activation or after it.
+    #[module(skip)]
+    pub bn_position: BnPosition,
+}
+
+impl LeNet {
+    /// A layer's output through its norm, activation and pool (`epilogue`), the norm where
+    /// `bn_position` puts it.
+    fn block<const D: usize>(
+        &self,
+        norm: &Option<NormLayer>,
+        x: Tensor<D>,
+        epilogue: Epilogue,
+    ) -> Tensor<D> {
+        match self.bn_position {
+            BnPosition::BeforeAct => norm_then(norm, x, epilogue),
+            BnPosition::AfterAct => {
+                let activation = Epilogue {
+                    pool: Pool::None,
+                    ..epilogue
+                };
+                let pool = Epilogue {
+                    activation: Activation::Identity,
+                    ..epilogue
+                };
+                norm_then(norm, apply_epilogue(x, activation), pool)
+            }
+        }
+    }
 }
 
 impl Network for LeNet {
@@ -64,19 +94,48 @@ impl Network for LeNet {
     /// `seed`, on `device`.
     fn new(spec: &ModelSpec, seed: u64, device: &Device) -> Self {
         let mut init = Initializer::new(seed, spec.init, device);
-        let norm = |c| NormLayer::new(&spec.norm, c, device);
+        let (conv_norms, fc_norms) = match spec.bn_layers {
+            BnLayers::All => (true, true),
+            BnLayers::Conv => (true, false),
+            BnLayers::Fc => (false, true),
+        };
+        let norm = |c, here: bool| {
+            here.then(|| NormLayer::new(&spec.norm, c, device))
+                .flatten()
+        };
+        let (bn1, bn2) = (norm(6, conv_norms), norm(16, conv_norms));
+        let (bn3, bn4) = (norm(120, fc_norms), norm(84, fc_norms));
+        // Every bias is drawn, kept or not, so that the weights are the same either way.
+        let biased = |norm: &Option<NormLayer>| spec.conv_bias || norm.is_none();
+        let mut conv1 = init.conv2d(1, 6, 5, 1, 0);
+        let mut conv2 = init.conv2d(6, 16, 5, 1, 0);
+        let mut fc1 = init.linear(16 * 4 * 4, 120);
+        let mut fc2 = init.linear(120, 84);
+        if !biased(&bn1) {
+            conv1.bias = None;
+        }
+        if !biased(&bn2) {
+            conv2.bias = None;
+        }
+        if !biased(&bn3) {
+            fc1.bias = None;
+        }
+        if !biased(&bn4) {
+            fc2.bias = None;
+        }
         Self {
-            conv1: init.conv2d(1, 6, 5, 1, 0),
-            bn1: norm(6),
-            conv2: init.conv2d(6, 16, 5, 1, 0),
-            bn2: norm(16),
-            fc1: init.linear(16 * 4 * 4, 120),
-            bn3: norm(120),
-            fc2: init.linear(120, 84),
-            bn4: norm(84),
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            fc1,
+            bn3,
+            fc2,
+            bn4,
             fc3: init.linear(84, 10),
             pool: spec.pool,
             activation: spec.activation,
+            bn_position: spec.bn_position,
         }
     }
 
@@ -91,15 +150,15 @@ impl Network for LeNet {
             pool: self.pool,
             ..act
         };
-        let x = norm_then(&self.bn1, conv2d(&self.conv1, x), act_pool);
+        let x = self.block(&self.bn1, conv2d(&self.conv1, x), act_pool);
         trace.record("conv1-bn-act-pool", &x.dims());
-        let x = norm_then(&self.bn2, conv2d(&self.conv2, x), act_pool);
+        let x = self.block(&self.bn2, conv2d(&self.conv2, x), act_pool);
         trace.record("conv2-bn-act-pool", &x.dims());
         let x: Tensor<2> = x.flatten(1, 3);
         trace.record("flatten", &x.dims());
-        let x = norm_then(&self.bn3, self.fc1.forward(x), act);
+        let x = self.block(&self.bn3, self.fc1.forward(x), act);
         trace.record("fc1-bn-act", &x.dims());
-        let x = norm_then(&self.bn4, self.fc2.forward(x), act);
+        let x = self.block(&self.bn4, self.fc2.forward(x), act);
         trace.record("fc2-bn-act", &x.dims());
         let x = self.fc3.forward(x);
         trace.record("fc3", &x.dims());
@@ -111,19 +170,103 @@ impl Network for LeNet {
     /// (act), linear `15`; without BN the indices after each left-out layer shift.
     fn layers(&mut self) -> LayerList<'_> {
         let (mut list, mut seq) = (LayerList::default(), Sequential::new(""));
+        // After the activation, a norm cannot fold into the layer before it.
+        let before_act = self.bn_position == BnPosition::BeforeAct;
+        let partner = |layer: usize| before_act.then_some(layer);
         let conv1 = list.conv("conv1", seq.next_key(), &mut self.conv1);
-        list.norm_in(&mut seq, "bn1", &mut self.bn1, Some(conv1));
+        list.norm_in(&mut seq, "bn1", &mut self.bn1, partner(conv1));
         seq.skip(2); // activation, pool
         let conv2 = list.conv("conv2", seq.next_key(), &mut self.conv2);
-        list.norm_in(&mut seq, "bn2", &mut self.bn2, Some(conv2));
+        list.norm_in(&mut seq, "bn2", &mut self.bn2, partner(conv2));
         seq.skip(3); // activation, pool, flatten
         let fc1 = list.linear("fc1", seq.next_key(), &mut self.fc1);
-        list.norm_in(&mut seq, "bn3", &mut self.bn3, Some(fc1));
+        list.norm_in(&mut seq, "bn3", &mut self.bn3, partner(fc1));
         seq.skip(1); // activation
         let fc2 = list.linear("fc2", seq.next_key(), &mut self.fc2);
-        list.norm_in(&mut seq, "bn4", &mut self.bn4, Some(fc2));
+        list.norm_in(&mut seq, "bn4", &mut self.bn4, partner(fc2));
         seq.skip(1); // activation
         list.linear("fc3", seq.next_key(), &mut self.fc3);
         list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::norm::NormKind;
+    use burn::module::{Param, RunningState};
+    use burn::tensor::activation::sigmoid;
+    use burn::tensor::Distribution;
+
+    fn lenet(spec: ModelSpec) -> LeNet {
+        LeNet::new(&spec, 7, &crate::device::inference_device())
+    }
+
+    fn spec() -> ModelSpec {
+        ModelSpec::of(ModelKind::LenetBn, NormKind::Scratch)
+    }
+
+    #[test]
+    fn dropping_the_biases_keeps_the_weights_and_only_where_a_norm_follows() {
+        let with = lenet(spec());
+        let conv_only = ModelSpec {
+            conv_bias: false,
+            bn_layers: BnLayers::Conv,
+            ..spec()
+        };
+        let without = lenet(conv_only);
+        let same =
+            |a: &Tensor<4>, b: &Tensor<4>| a.clone().equal(b.clone()).all().into_scalar::<bool>();
+        assert!(same(&with.conv2.weight.val(), &without.conv2.weight.val()));
+        assert!(without.conv1.bias.is_none() && without.conv2.bias.is_none());
+        // No norm after the linear layers here: they keep theirs.
+        assert!(without.fc1.bias.is_some() && without.bn3.is_none());
+        let fc3 = |m: &LeNet| m.fc3.weight.val().into_data();
+        assert_eq!(fc3(&with), fc3(&without), "later draws are unchanged");
+    }
+
+    #[test]
+    fn after_act_puts_the_norm_between_the_activation_and_the_pool() {
+        let mut model = lenet(ModelSpec {
+            bn_position: BnPosition::AfterAct,
+            ..spec()
+        });
+        let device = crate::device::inference_device();
+        // γ 2, β 0.5 and running mean 0.3: the norm's place then changes the output.
+        for bn in [
+            &mut model.bn1,
+            &mut model.bn2,
+            &mut model.bn3,
+            &mut model.bn4,
+        ] {
+            let Some(NormLayer::Scratch(bn)) = bn else {
+                panic!("BN")
+            };
+            let c = bn.num_features;
+            bn.gamma = Some(Param::from_tensor(Tensor::full([c], 2.0, &device)));
+            bn.beta = Some(Param::from_tensor(Tensor::full([c], 0.5, &device)));
+            bn.running_mean = Some(RunningState::new(Tensor::full([c], 0.3, &device)));
+        }
+        let x = Tensor::<4>::random([3, 1, 28, 28], Distribution::Default, &device);
+        let (bn1, bn2, bn3, bn4) = (&model.bn1, &model.bn2, &model.bn3, &model.bn4);
+        let norm = |bn: &Option<NormLayer>, x| bn.as_ref().expect("BN").forward(x);
+        // 2 × 2 windows averaged, by reshaping.
+        let pool = |x: Tensor<4>| {
+            let [n, c, h, w] = x.dims();
+            let windows: Tensor<6> = x.reshape([n, c, h / 2, 2, w / 2, 2]);
+            windows
+                .mean_dim(5)
+                .mean_dim(3)
+                .reshape([n, c, h / 2, w / 2])
+        };
+        let h = pool(norm(bn1, sigmoid(conv2d(&model.conv1, x.clone()))));
+        let h = pool(norm(bn2, sigmoid(conv2d(&model.conv2, h))));
+        let h: Tensor<2> = h.flatten(1, 3);
+        let h = bn3.as_ref().unwrap().forward(sigmoid(model.fc1.forward(h)));
+        let h = bn4.as_ref().unwrap().forward(sigmoid(model.fc2.forward(h)));
+        let want = model.fc3.forward(h);
+        let got = model.forward_traced(x, &mut Trace::off());
+        let diff = (got - want).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-6, "largest difference {diff}");
     }
 }

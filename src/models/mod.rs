@@ -230,6 +230,47 @@ impl ModelKind {
     }
 }
 
+crate::choice_enum! {
+    /// Which of LeNet-BN's layers get a norm (`--bn-layers`).
+    pub enum BnLayers {
+        /// After both convs and both hidden linear layers, as the chapter.
+        All = "all",
+        /// After the two convs only.
+        Conv = "conv",
+        /// After the two hidden linear layers only.
+        Fc = "fc",
+    }
+}
+
+crate::choice_enum! {
+    /// Where LeNet-BN's norm sits relative to the activation (`--bn-position`).
+    pub enum BnPosition {
+        /// layer → norm → activation, as the chapter (and the BN paper).
+        BeforeAct = "before-act",
+        /// layer → activation → norm (then the pool, after the convs).
+        AfterAct = "after-act",
+    }
+}
+
+// choice_enum! takes no #[default] on a variant.
+#[allow(clippy::derivable_impls)]
+impl Default for BnLayers {
+    fn default() -> Self {
+        Self::All
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for BnPosition {
+    fn default() -> Self {
+        Self::BeforeAct
+    }
+}
+
+fn on() -> bool {
+    true
+}
+
 /// Everything that fixes a model's architecture and initial weights (with a seed).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -247,6 +288,16 @@ pub struct ModelSpec {
     /// How conv and linear weights are drawn ([`ModelKind::default_init`] unless told
     /// otherwise); biases always get PyTorch's default U(±1/√fan_in).
     pub init: WeightInit,
+    /// LeNet-BN: which layers get a norm.
+    #[serde(default)]
+    pub bn_layers: BnLayers,
+    /// LeNet-BN: norm before or after the activation.
+    #[serde(default)]
+    pub bn_position: BnPosition,
+    /// LeNet-BN: whether the layers a norm follows keep their bias (BN's β makes it
+    /// redundant). Without, the other weights are drawn as with it.
+    #[serde(default = "on")]
+    pub conv_bias: bool,
 }
 
 impl ModelSpec {
@@ -263,7 +314,73 @@ impl ModelSpec {
             pool: Pool::Avg(Pool::LENET_WINDOW),
             activation: Activation::Sigmoid,
             init: kind.default_init(),
+            bn_layers: BnLayers::All,
+            bn_position: BnPosition::BeforeAct,
+            conv_bias: true,
         }
+    }
+}
+
+impl ModelSpec {
+    /// Checks that the norm fits every layer it goes into: `group:G` needs G to divide each
+    /// norm layer's channels, and `instance` cannot follow a linear layer (one value per
+    /// channel and example: nothing to normalise over).
+    ///
+    /// # Errors
+    /// A one-line message naming the layer and what to choose instead.
+    pub fn check_norm(&self) -> Result<(), String> {
+        let kind = self.norm.kind;
+        if !matches!(kind, NormKind::Group | NormKind::Instance) {
+            return Ok(());
+        }
+        // The layers and their channels, from the same model with batch norm before the
+        // activations (where each norm layer lists the layer it follows).
+        let probe = ModelSpec {
+            norm: NormConfig::of(NormKind::Scratch),
+            bn_position: BnPosition::BeforeAct,
+            ..*self
+        };
+        let mut model = probe.init(0, &crate::device::inference_device());
+        let layers = model.layers().layers;
+        let after_linear: Vec<bool> = layers
+            .iter()
+            .map(|l| {
+                l.partner
+                    .is_some_and(|p| matches!(layers[p].layer, LayerMut::Linear(_)))
+            })
+            .collect();
+        let mut channels = Vec::new();
+        for (layer, after_linear) in layers.iter().zip(after_linear) {
+            if let LayerMut::Norm(Some(NormLayer::Scratch(bn))) = &layer.layer {
+                if kind == NormKind::Instance && after_linear {
+                    return Err(format!(
+                        "--norm instance: {} {} follows a linear layer, which has one value per \
+                         channel to normalise (use --bn-layers conv, or another norm)",
+                        self.kind, layer.name
+                    ));
+                }
+                channels.push((layer.name.clone(), bn.num_features));
+            }
+        }
+        if let (NormKind::Group, Some(groups)) = (kind, self.norm.size) {
+            if let Some((name, c)) = channels.iter().find(|(_, c)| c % groups != 0) {
+                let gcd = channels.iter().fold(0, |a, &(_, c)| gcd(a, c));
+                return Err(format!(
+                    "--norm group:{groups}: {} {name} has {c} channels, which {groups} groups do \
+                     not divide (use a G that divides {gcd})",
+                    self.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 

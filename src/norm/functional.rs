@@ -252,6 +252,28 @@ pub enum Mode {
     Eval,
 }
 
+crate::choice_enum! {
+    /// Which of the batch's statistics normalise: both (batch norm), or one of them, the
+    /// chapter's "lite" variants (`--norm mean-only`, `--norm var-only`). The statistics and
+    /// the running averages are the same for all three.
+    pub enum Normalizer {
+        /// `(x - mean) / sqrt(var + eps)`: batch norm.
+        MeanAndVar = "mean-and-var",
+        /// `x - mean`: centring only.
+        MeanOnly = "mean-only",
+        /// `x / sqrt(var + eps)`: scaling only (the variance is still taken about the mean).
+        VarOnly = "var-only",
+    }
+}
+
+// choice_enum! takes no #[default] on a variant.
+#[allow(clippy::derivable_impls)]
+impl Default for Normalizer {
+    fn default() -> Self {
+        Self::MeanAndVar
+    }
+}
+
 /// Checks the input's rank and channel count and returns `C`.
 ///
 /// # Errors
@@ -318,6 +340,21 @@ pub fn normalize_train<const D: usize>(
     beta: Option<Tensor<1>>,
     eps: f64,
 ) -> Result<(Tensor<D>, BatchStats), BnError> {
+    normalize_train_with(x, gamma, beta, eps, Normalizer::MeanAndVar)
+}
+
+/// [`normalize_train`] with `normalizer` choosing which statistics normalise (the statistics
+/// returned are the same whichever it is).
+///
+/// # Errors
+/// As [`normalize_train`].
+pub fn normalize_train_with<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+    normalizer: Normalizer,
+) -> Result<(Tensor<D>, BatchStats), BnError> {
     let dims = x.dims();
     let expected = gamma.as_ref().map(|g| g.dims()[0]);
     let channels = channels_of(&dims, expected)?;
@@ -336,6 +373,7 @@ pub fn normalize_train<const D: usize>(
     // `mul_scalar(1 / n)`, not `div_scalar(n)`: Burn 0.22.1's div_scalar backward rounds the
     // scalar to float32, which costs float64 runs seven digits.
     let inv_count = 1.0 / count as f64;
+    let x_for_scale = (normalizer == Normalizer::VarOnly).then(|| x.clone());
     let shifted = x - pivot.clone();
     let shifted_mean = shifted.clone().sum_dims(&axes).mul_scalar(inv_count);
     let centered = shifted - shifted_mean.clone();
@@ -345,10 +383,18 @@ pub fn normalize_train<const D: usize>(
         .sum_dims(&axes)
         .mul_scalar(inv_count);
     let inv_std = var.clone().add_scalar(eps).sqrt().recip();
-    let output = affine(centered * inv_std, gamma, beta, channels);
+    let mean = shifted_mean + pivot;
+    let normalized = match normalizer {
+        Normalizer::MeanAndVar => centered * inv_std,
+        Normalizer::MeanOnly => centered,
+        // x itself, not `centered + mean`: the gradient then flows to x through the variance
+        // alone, as the formula says.
+        Normalizer::VarOnly => x_for_scale.expect("kept for var-only") * inv_std,
+    };
+    let output = affine(normalized, gamma, beta, channels);
 
     let stats = BatchStats {
-        mean: (shifted_mean + pivot).detach().reshape([channels]),
+        mean: mean.detach().reshape([channels]),
         var: var.detach().reshape([channels]),
         count,
     };
@@ -368,12 +414,32 @@ pub fn normalize_eval<const D: usize>(
     var: Tensor<1>,
     eps: f64,
 ) -> Result<Tensor<D>, BnError> {
+    normalize_eval_with(x, gamma, beta, mean, var, eps, Normalizer::MeanAndVar)
+}
+
+/// [`normalize_eval`] with `normalizer` choosing which statistics normalise.
+///
+/// # Errors
+/// As [`normalize_eval`].
+pub fn normalize_eval_with<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    eps: f64,
+    normalizer: Normalizer,
+) -> Result<Tensor<D>, BnError> {
     let channels = channels_of(&x.dims(), Some(mean.dims()[0]))?;
     let shape = channel_shape::<D>(channels);
     // Subtract first, then scale: for inputs far from zero, `x * scale + shift` would cancel
     // two large numbers in float32.
-    let inv_std = var.add_scalar(eps).sqrt().recip().reshape(shape);
-    let normalized = (x - mean.reshape(shape)) * inv_std;
+    let inv_std = || var.add_scalar(eps).sqrt().recip().reshape(shape);
+    let normalized = match normalizer {
+        Normalizer::MeanAndVar => (x - mean.reshape(shape)) * inv_std(),
+        Normalizer::MeanOnly => x - mean.reshape(shape),
+        Normalizer::VarOnly => x * inv_std(),
+    };
     Ok(affine(normalized, gamma, beta, channels))
 }
 

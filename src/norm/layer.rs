@@ -12,8 +12,8 @@ use std::sync::Once;
 
 use super::epilogue::Epilogue;
 use super::functional::{
-    channels_of, normalize_eval, normalize_train, update_running, BatchStats, BnError, Convention,
-    Momentum, RunningUpdate,
+    channels_of, normalize_eval_with, normalize_train_with, update_running, BatchStats, BnError,
+    Convention, Momentum, Normalizer, RunningUpdate,
 };
 use crate::ops::batch_norm as fused;
 use crate::ops::bn_relu_conv2d::try_bn_relu_conv2d;
@@ -61,6 +61,13 @@ pub struct BatchNormConfig {
     /// How training-mode batches are normalised.
     #[config(default = "Kernel::Composed")]
     pub kernel: Kernel,
+    /// Which statistics normalise: both (batch norm), or only the mean or the variance.
+    #[config(default = "Normalizer::MeanAndVar")]
+    pub normalizer: Normalizer,
+    /// Ghost batch norm: in training, the batch is normalised in consecutive chunks of this
+    /// many examples, each with its own statistics, which update the running ones in turn.
+    #[config(default = "None")]
+    pub ghost_batch: Option<usize>,
 }
 
 /// How a [`BatchNorm`] computes training mode. Both give the same numbers (the reference tests
@@ -99,6 +106,11 @@ impl BatchNormConfig {
     pub fn validate(&self) -> Result<(), BnError> {
         if self.num_features == 0 {
             return Err(BnError::InvalidSetting("num_features must be > 0".into()));
+        }
+        if self.ghost_batch.is_some_and(|n| n < 2) {
+            return Err(BnError::InvalidSetting(
+                "a ghost batch needs at least 2 examples".into(),
+            ));
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(BnError::InvalidSetting(format!(
@@ -146,6 +158,8 @@ impl BatchNormConfig {
             eps: self.eps,
             update: self.running_update(),
             kernel: self.kernel,
+            normalizer: self.normalizer,
+            ghost_batch: self.ghost_batch,
         })
     }
 
@@ -229,6 +243,12 @@ pub struct BatchNorm {
     /// How training mode is computed.
     #[module(skip)]
     pub kernel: Kernel,
+    /// Which statistics normalise ([`Normalizer`]).
+    #[module(skip)]
+    pub normalizer: Normalizer,
+    /// The ghost batch's size, if the layer normalises training batches in chunks.
+    #[module(skip)]
+    pub ghost_batch: Option<usize>,
 }
 
 impl BatchNorm {
@@ -288,24 +308,62 @@ impl BatchNorm {
         match (self.is_training_for(&x), running) {
             (false, Some((mean, var))) => {
                 let device = x.device();
-                let y = normalize_eval(
+                let y = normalize_eval_with(
                     x,
                     gamma,
                     beta,
                     mean.value().to_device(&device),
                     var.value().to_device(&device),
                     self.eps,
+                    self.normalizer,
                 )?;
                 Ok(apply_epilogue(y, epilogue))
             }
             (false, None) => Ok(self.normalize_train(x, gamma, beta, epilogue)?.0),
             (true, _) => {
                 let device = x.device();
-                let (y, stats) = self.normalize_train(x, gamma, beta, epilogue)?;
-                self.track(&stats, &device);
-                Ok(y)
+                let mut outputs = Vec::new();
+                for chunk in self.ghost_chunks(x) {
+                    let (y, stats) =
+                        self.normalize_train(chunk, gamma.clone(), beta.clone(), epilogue)?;
+                    self.track(&stats, &device);
+                    outputs.push(y);
+                }
+                Ok(match outputs.len() {
+                    1 => outputs.pop().expect("one"),
+                    _ => Tensor::cat(outputs, 0),
+                })
             }
         }
+    }
+
+    /// The training batch as ghost batch norm normalises it: consecutive chunks of
+    /// `ghost_batch` examples; a last, smaller chunk stands alone if it has at least two
+    /// values per channel, else joins the chunk before. Without a ghost batch, the batch.
+    fn ghost_chunks<const D: usize>(&self, x: Tensor<D>) -> Vec<Tensor<D>> {
+        let dims = x.dims();
+        let (n, per_example) = (dims[0], dims[2..].iter().product::<usize>());
+        let Some(size) = self.ghost_batch.filter(|&size| size < n) else {
+            return vec![x];
+        };
+        let mut starts: Vec<usize> = (0..n).step_by(size).collect();
+        if (n - starts[starts.len() - 1]) * per_example < 2 {
+            starts.pop();
+        }
+        let ends = starts.iter().skip(1).copied().chain([n]);
+        starts
+            .iter()
+            .zip(ends)
+            .map(|(&start, end)| x.clone().narrow(0, start, end - start))
+            .collect()
+    }
+
+    /// Whether training mode can take the hand-written kernels: batch norm itself, on the whole
+    /// batch, asked for with the fused kernel.
+    fn fused_applies(&self) -> bool {
+        self.kernel == Kernel::Fused
+            && self.normalizer == Normalizer::MeanAndVar
+            && self.ghost_batch.is_none()
     }
 
     /// Training mode: the running statistics take in the batch's (if the layer keeps them).
@@ -347,7 +405,7 @@ impl BatchNorm {
         let geometry = geometry_of(first_conv, &x)?;
         let fits = layers.iter().enumerate().all(|(l, (bn, conv))| {
             let c = c0 + l * growth;
-            bn.kernel == Kernel::Fused
+            bn.fused_applies()
                 && bn.gamma.is_some()
                 && bn.beta.is_some()
                 && bn.eps == first.eps
@@ -420,7 +478,7 @@ impl BatchNorm {
             padding,
         })
         .filter(|window| window.output_side(h).is_some() && window.output_side(w).is_some());
-        let applies = self.kernel == Kernel::Fused
+        let applies = self.fused_applies()
             && self.is_training_for(&x)
             && c == self.num_features
             && n * h * w >= 2
@@ -445,7 +503,7 @@ impl BatchNorm {
     /// # Panics
     /// As [`Self::forward_then`].
     pub fn forward_relu_conv(&self, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
-        if self.kernel == Kernel::Fused && self.is_training_for(&x) {
+        if self.fused_applies() && self.is_training_for(&x) {
             let device = x.device();
             let channels = x.dims()[1];
             let gamma = self.gamma.as_ref().map(|p| p.val());
@@ -472,7 +530,7 @@ impl BatchNorm {
         beta: Option<Tensor<1>>,
         epilogue: Epilogue,
     ) -> Result<(Tensor<D>, BatchStats), BnError> {
-        if self.kernel == Kernel::Fused {
+        if self.kernel == Kernel::Fused && self.normalizer == Normalizer::MeanAndVar {
             match fused::try_normalize_train(
                 x.clone(),
                 gamma.clone(),
@@ -492,7 +550,7 @@ impl BatchNorm {
                 }
             }
         }
-        let (y, stats) = normalize_train(x, gamma, beta, self.eps)?;
+        let (y, stats) = normalize_train_with(x, gamma, beta, self.eps, self.normalizer)?;
         Ok((apply_epilogue(y, epilogue), stats))
     }
 

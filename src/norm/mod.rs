@@ -24,7 +24,7 @@ use crate::ops::epilogue::apply_epilogue;
 
 pub use epilogue::{compose_epilogue, Epilogue};
 pub use functional::{
-    batch_norm, BnError, Convention, Mode, Momentum, RunningStats, RunningUpdate,
+    batch_norm, BnError, Convention, Mode, Momentum, Normalizer, RunningStats, RunningUpdate,
 };
 pub use layer::{BatchNorm, BatchNormConfig, Kernel};
 
@@ -40,6 +40,108 @@ crate::choice_enum! {
         Burn = "burn",
         /// No normalisation.
         None = "none",
+        /// The chapter's "lite" BN that only centres: `x - mean`, then γ and β.
+        MeanOnly = "mean-only",
+        /// The "lite" BN that only scales: `x / sqrt(var + eps)`, then γ and β.
+        VarOnly = "var-only",
+        /// Ghost BN, `ghost:N`: each training batch normalised in chunks of N examples, each
+        /// with its own statistics (Hoffer et al., 2017).
+        Ghost = "ghost",
+        /// Group norm, `group:G`: per example, over G groups of channels (Burn's GroupNorm);
+        /// the same in training and eval, no running statistics.
+        Group = "group",
+        /// Layer norm for conv nets: per example, over all channels and positions (GroupNorm
+        /// with one group, PyTorch's `GroupNorm(1, C)`).
+        Layer = "layer",
+        /// Instance norm: per example and channel (GroupNorm with a group per channel); not
+        /// for linear layers, which have one value per channel.
+        Instance = "instance",
+    }
+}
+
+impl NormKind {
+    /// Whether the name takes a size: `ghost:N`, `group:G`.
+    pub fn takes_size(self) -> bool {
+        matches!(self, Self::Ghost | Self::Group)
+    }
+
+    /// Whether it is batch norm: statistics over the batch, kept as running averages for eval.
+    pub fn is_batch_norm(self) -> bool {
+        !matches!(
+            self,
+            Self::None | Self::Group | Self::Layer | Self::Instance
+        )
+    }
+}
+
+/// What `--norm` names: a [`NormKind`] with, for `ghost` and `group`, its size (`ghost:32`,
+/// `group:2`). Written and read as that text in recipes and `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NormName {
+    /// Which norm.
+    pub kind: NormKind,
+    /// The ghost batch's examples or the groups; `None` for the kinds without a size.
+    pub size: Option<usize>,
+}
+
+impl From<NormKind> for NormName {
+    fn from(kind: NormKind) -> Self {
+        Self { kind, size: None }
+    }
+}
+
+impl std::fmt::Display for NormName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.size {
+            Some(size) => write!(f, "{}:{size}", self.kind),
+            None => write!(f, "{}", self.kind),
+        }
+    }
+}
+
+impl std::str::FromStr for NormName {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, size) = match text.split_once(':') {
+            Some((name, size)) => (name, Some(size)),
+            None => (text, None),
+        };
+        let kind: NormKind = name.parse().map_err(|e| format!("{e}"))?;
+        let example = if kind == NormKind::Ghost { 32 } else { 2 };
+        let size = match (kind.takes_size(), size) {
+            (true, Some(size)) => match size.parse::<usize>() {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    return Err(format!(
+                        "'{text}': the size after '{kind}:' must be a whole number >= 1"
+                    ))
+                }
+            },
+            (true, None) => {
+                return Err(format!(
+                    "'{text}' needs its size: {kind}:N (for example {kind}:{example})"
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(format!("'{text}': {kind} takes no size (write {kind})"))
+            }
+            (false, None) => None,
+        };
+        Ok(Self { kind, size })
+    }
+}
+
+impl Serialize for NormName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NormName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str> as Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -54,6 +156,16 @@ pub struct NormConfig {
     pub momentum: Momentum,
     /// How the running statistics move ([`Convention`]).
     pub convention: Convention,
+    /// `ghost:N`'s N or `group:G`'s G; `None` for the other kinds.
+    #[serde(default)]
+    pub size: Option<usize>,
+    /// Whether γ and β are learned; without (`--freeze-affine`), they stay 1 and 0.
+    #[serde(default = "learned")]
+    pub affine: bool,
+}
+
+fn learned() -> bool {
+    true
 }
 
 impl Default for NormConfig {
@@ -71,6 +183,24 @@ impl NormConfig {
             eps: 1e-5,
             momentum: Momentum::PYTORCH,
             convention: Convention::PyTorch,
+            size: None,
+            affine: true,
+        }
+    }
+
+    /// `name`'s kind and size with PyTorch's settings.
+    pub fn named(name: NormName) -> Self {
+        Self {
+            size: name.size,
+            ..Self::of(name.kind)
+        }
+    }
+
+    /// The `--norm` value these settings came from.
+    pub fn name(&self) -> NormName {
+        NormName {
+            kind: self.kind,
+            size: self.size,
         }
     }
 
@@ -85,6 +215,25 @@ impl NormConfig {
             .with_momentum(self.momentum)
             .with_convention(self.convention);
         layer.validate()?;
+        let kind = self.kind;
+        if kind.takes_size() != self.size.is_some() {
+            return Err(BnError::InvalidSetting(match kind.takes_size() {
+                true => format!("--norm {kind} needs its size: {kind}:N"),
+                false => format!("--norm {kind} takes no size"),
+            }));
+        }
+        if kind == NormKind::Ghost && self.size < Some(2) {
+            return Err(BnError::InvalidSetting(
+                "--norm ghost:N needs N >= 2 examples per ghost batch".into(),
+            ));
+        }
+        if !self.affine && kind == NormKind::Burn {
+            return Err(BnError::InvalidSetting(
+                "--freeze-affine: Burn's built-in layer always learns gamma and beta; use \
+                 --norm fused or scratch"
+                    .into(),
+            ));
+        }
         if self.kind == NormKind::Burn
             && (self.convention != Convention::PyTorch || self.momentum.weight().is_none())
         {
@@ -106,27 +255,49 @@ pub enum NormLayer {
     Scratch(BatchNorm),
     /// Burn's built-in layer ([`NormKind::Burn`]).
     Burn(burn::nn::BatchNorm),
+    /// Burn's GroupNorm: [`NormKind::Group`], [`NormKind::Layer`] (one group) and
+    /// [`NormKind::Instance`] (a group per channel).
+    Group(burn::nn::GroupNorm),
 }
 
 impl NormLayer {
     /// The layer `config` describes, or `None` for [`NormKind::None`].
     ///
     /// # Panics
-    /// On settings that [`NormConfig::validate`] rejects.
+    /// On settings that [`NormConfig::validate`] rejects, and on `group:G` with a G that does
+    /// not divide `num_features` ([`NormConfig::check_channels`] says so first).
     pub fn new(config: &NormConfig, num_features: usize, device: &Device) -> Option<Self> {
-        let own = |kernel| {
+        let own = |kernel, normalizer, ghost_batch| {
             Self::Scratch(
                 BatchNormConfig::new(num_features)
                     .with_eps(config.eps)
                     .with_momentum(config.momentum)
                     .with_convention(config.convention)
+                    .with_affine(config.affine)
                     .with_kernel(kernel)
+                    .with_normalizer(normalizer)
+                    .with_ghost_batch(ghost_batch)
                     .init(device),
             )
         };
+        let groups = |groups| {
+            Self::Group(
+                burn::nn::GroupNormConfig::new(groups, num_features)
+                    .with_epsilon(config.eps)
+                    .with_affine(config.affine)
+                    .init(device),
+            )
+        };
+        let plain = Normalizer::MeanAndVar;
         match config.kind {
-            NormKind::Fused => Some(own(Kernel::Fused)),
-            NormKind::Scratch => Some(own(Kernel::Composed)),
+            NormKind::Fused => Some(own(Kernel::Fused, plain, None)),
+            NormKind::Scratch => Some(own(Kernel::Composed, plain, None)),
+            NormKind::MeanOnly => Some(own(Kernel::Fused, Normalizer::MeanOnly, None)),
+            NormKind::VarOnly => Some(own(Kernel::Fused, Normalizer::VarOnly, None)),
+            NormKind::Ghost => Some(own(Kernel::Fused, plain, config.size)),
+            NormKind::Group => Some(groups(config.size.expect("validated: group:G"))),
+            NormKind::Layer => Some(groups(1)),
+            NormKind::Instance => Some(groups(num_features)),
             NormKind::Burn => Some(Self::Burn(
                 burn::nn::BatchNormConfig::new(num_features)
                     .with_epsilon(config.eps)
@@ -142,13 +313,24 @@ impl NormLayer {
         }
     }
 
-    /// How the running statistics move, in this project's terms.
-    pub fn running_update(&self) -> RunningUpdate {
+    /// `C`, the channels the layer normalises.
+    pub fn num_features(&self) -> usize {
         match self {
-            Self::Scratch(bn) => bn.update,
-            Self::Burn(bn) => RunningUpdate::pytorch(
+            Self::Scratch(bn) => bn.num_features,
+            Self::Burn(bn) => bn.gamma.dims()[0],
+            Self::Group(norm) => norm.num_channels,
+        }
+    }
+
+    /// How the running statistics move, in this project's terms; `None` for a norm that keeps
+    /// none (group, layer, instance).
+    pub fn running_update(&self) -> Option<RunningUpdate> {
+        match self {
+            Self::Scratch(bn) => Some(bn.update),
+            Self::Burn(bn) => Some(RunningUpdate::pytorch(
                 Momentum::new(bn.momentum).expect("Burn's layer keeps a momentum in [0, 1]"),
-            ),
+            )),
+            Self::Group(_) => None,
         }
     }
 
@@ -162,6 +344,7 @@ impl NormLayer {
                     .weight()
                     .expect("Burn's layer has a fixed momentum")
             }
+            Self::Group(_) => {}
         }
     }
 
@@ -177,6 +360,7 @@ impl NormLayer {
                 bn.update.momentum = Momentum::new(m).expect("a batch weight lies in [0, 1]")
             }
             Self::Burn(bn) => bn.momentum = weight,
+            Self::Group(_) => {}
         }
     }
 
@@ -193,6 +377,7 @@ impl NormLayer {
         match self {
             Self::Scratch(bn) => bn.forward_then(x, epilogue),
             Self::Burn(bn) => apply_epilogue(bn.forward(x), epilogue),
+            Self::Group(norm) => apply_epilogue(norm.forward(x), epilogue),
         }
     }
 }
@@ -201,12 +386,12 @@ impl NormLayer {
     /// The eval-mode layer as a per-channel affine map `y = scale * x + shift`, or `None` when
     /// eval mode uses batch statistics (no running statistics kept).
     pub fn eval_affine(&self) -> Option<(Tensor<1>, Tensor<1>)> {
-        let (gamma, beta, mean, var, eps) = match self {
+        let (gamma, beta, mean, var, eps, normalizer) = match self {
             Self::Scratch(bn) => {
                 let (mean, var) = bn.running_stats()?;
                 let gamma = bn.gamma.as_ref().map(|p| p.val());
                 let beta = bn.beta.as_ref().map(|p| p.val());
-                (gamma, beta, mean, var, bn.eps)
+                (gamma, beta, mean, var, bn.eps, bn.normalizer)
             }
             Self::Burn(bn) => (
                 Some(bn.gamma.val()),
@@ -214,9 +399,19 @@ impl NormLayer {
                 bn.running_mean.value(),
                 bn.running_var.value(),
                 bn.epsilon,
+                Normalizer::MeanAndVar,
             ),
+            Self::Group(_) => return None,
         };
-        let inv_std = var.add_scalar(eps).sqrt().recip();
+        // The lite variants leave out the division or the subtraction.
+        let inv_std = match normalizer {
+            Normalizer::MeanOnly => var.ones_like(),
+            _ => var.add_scalar(eps).sqrt().recip(),
+        };
+        let mean = match normalizer {
+            Normalizer::VarOnly => mean.zeros_like(),
+            _ => mean,
+        };
         let scale = match gamma {
             Some(gamma) => gamma * inv_std,
             None => inv_std,

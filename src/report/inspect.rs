@@ -24,6 +24,7 @@ pub fn describe(model: &mut Model) -> Vec<LayerReport> {
         .into_iter()
         .map(|(name, layer)| {
             let mut vectors = Vec::new();
+            let channels = layer.num_features();
             let (gamma, beta, stats) = match layer {
                 NormLayer::Scratch(bn) => (
                     bn.gamma.as_ref().map(|p| p.val()),
@@ -35,6 +36,11 @@ pub fn describe(model: &mut Model) -> Vec<LayerReport> {
                     Some(bn.beta.val()),
                     Some((bn.running_mean.value(), bn.running_var.value())),
                 ),
+                NormLayer::Group(norm) => (
+                    norm.gamma.as_ref().map(|p| p.val()),
+                    norm.beta.as_ref().map(|p| p.val()),
+                    None,
+                ),
             };
             vectors.extend(gamma.map(|t| ("gamma", values(t))));
             vectors.extend(beta.map(|t| ("beta", values(t))));
@@ -42,7 +48,6 @@ pub fn describe(model: &mut Model) -> Vec<LayerReport> {
                 vectors.push(("running_mean", values(mean)));
                 vectors.push(("running_var", values(var)));
             }
-            let channels = vectors.first().map_or(0, |(_, v)| v.len());
             LayerReport {
                 name,
                 channels,

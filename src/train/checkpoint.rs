@@ -185,7 +185,7 @@ pub fn load_weights(config: &RunConfig, path: &Path) -> anyhow::Result<Model> {
              by another run or another bnlab ({first})",
             path.display(),
             config.model,
-            config.norm_kind(),
+            config.norm_config().name(),
         )
     })?;
     crate::models::check_weights(&model)

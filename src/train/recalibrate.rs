@@ -28,7 +28,8 @@ pub fn recalibrate_bn(
         .iter()
         .map(|(_, l)| l.running_update())
         .collect();
-    if saved.is_empty() {
+    // Group, layer and instance norm keep no running statistics: nothing to re-estimate.
+    if saved.iter().all(Option::is_none) {
         return model;
     }
     let order: Vec<usize> = (0..split.len()).collect();
@@ -48,7 +49,9 @@ pub fn recalibrate_bn(
         drop(model.forward(images));
     }
     for ((_, layer), update) in model.norms_mut().into_iter().zip(saved) {
-        layer.set_running_update(update);
+        if let Some(update) = update {
+            layer.set_running_update(update);
+        }
     }
     model
 }

@@ -429,7 +429,7 @@ mod tests {
         assert!(set("recalibrate_bn", "true").unwrap().recalibrate_bn);
         assert_eq!(
             set("norm", "none").unwrap().norm,
-            Some(crate::norm::NormKind::None)
+            Some(crate::norm::NormKind::None.into())
         );
         let e = set("learning_rate", "0.1").unwrap_err().to_string();
         assert!(e.contains("learning_rate"), "{e}");
