@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{BnLayers, BnPosition, ModelKind, ModelSpec, WeightInit};
 use crate::norm::epilogue::{Activation, Pool};
-use crate::norm::{Convention, Momentum, NormConfig, NormKind, NormName};
+use crate::norm::{Convention, Momentum, NormConfig, NormKind, NormName, RenormSchedule};
 
 crate::choice_enum! {
     /// `optimizer`
@@ -110,6 +110,14 @@ pub struct RunConfig {
     pub seed: u64,
     /// Visit the training set in a new seeded order each epoch (else file order).
     pub shuffle: bool,
+    /// `--norm renorm`: the final limit on r (>= 1).
+    pub renorm_r_max: f64,
+    /// `--norm renorm`: the final limit on d (>= 0).
+    pub renorm_d_max: f64,
+    /// `--norm renorm`: training steps of plain batch norm before the limits widen.
+    pub renorm_warmup: u64,
+    /// `--norm renorm`: steps over which the limits widen to their final values.
+    pub renorm_ramp: u64,
     /// LeNet-BN: which layers get a norm.
     pub bn_layers: BnLayers,
     /// LeNet-BN: the norm before the activation or after it.
@@ -168,6 +176,10 @@ impl Default for RunConfig {
             bn_convention: Convention::PyTorch,
             seed: 0,
             shuffle: true,
+            renorm_r_max: NormConfig::default_renorm().r_max,
+            renorm_d_max: NormConfig::default_renorm().d_max,
+            renorm_warmup: NormConfig::default_renorm().warmup,
+            renorm_ramp: NormConfig::default_renorm().ramp,
             bn_layers: BnLayers::All,
             bn_position: BnPosition::BeforeAct,
             conv_bias: true,
@@ -215,6 +227,12 @@ impl RunConfig {
             convention: self.bn_convention,
             size: self.norm.and_then(|n| n.size),
             affine: !self.freeze_affine,
+            renorm: RenormSchedule {
+                r_max: self.renorm_r_max,
+                d_max: self.renorm_d_max,
+                warmup: self.renorm_warmup,
+                ramp: self.renorm_ramp,
+            },
         }
     }
 

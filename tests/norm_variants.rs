@@ -7,6 +7,9 @@
 //!   value in float64, 1e-4 in float32.
 //! - `ghost:N` against batch norm applied to each chunk on its own, chunk after chunk: the
 //!   outputs, input gradients and running statistics are the same bit for bit.
+//! - `renorm` against batch renormalization written from torch ops in the same script: four
+//!   steps through its schedule (plain BN for two, then clipped corrections), each step's
+//!   output, gradients and running statistics.
 
 mod common;
 
@@ -246,4 +249,125 @@ fn norm_names_parse_print_and_refuse_what_does_not_fit() {
         "{}",
         err("gost:2")
     );
+}
+
+#[derive(Deserialize)]
+struct RenormFixture {
+    renorm: Vec<RenormCase>,
+}
+
+#[derive(Deserialize)]
+struct RenormCase {
+    name: String,
+    shape: Vec<usize>,
+    eps: f64,
+    schedule: bnlab::norm::RenormSchedule,
+    gamma: Vec<f64>,
+    beta: Vec<f64>,
+    running_mean_before: Vec<f64>,
+    running_var_before: Vec<f64>,
+    steps: Vec<RenormStep>,
+}
+
+#[derive(Deserialize)]
+struct RenormStep {
+    x: Vec<f64>,
+    g: Vec<f64>,
+    y: Vec<f64>,
+    dx: Vec<f64>,
+    dgamma: Vec<f64>,
+    dbeta: Vec<f64>,
+    running_mean_after: Vec<f64>,
+    running_var_after: Vec<f64>,
+}
+
+fn renorm_run<const D: usize>(case: &RenormCase, dtype: DType) {
+    let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+    let device = Device::flex().autodiff();
+    let config = NormConfig {
+        eps: case.eps,
+        renorm: case.schedule,
+        ..NormConfig::of(NormKind::Renorm)
+    };
+    let mut layer = NormLayer::new(&config, case.shape[1], &device).unwrap();
+    let NormLayer::Scratch(bn) = &mut layer else {
+        panic!("renorm is this project's layer")
+    };
+    bn.gamma = Some(Param::from_tensor(vector(&case.gamma, dtype, &device)));
+    bn.beta = Some(Param::from_tensor(vector(&case.beta, dtype, &device)));
+    let (mean, var) = (&case.running_mean_before, &case.running_var_before);
+    bn.running_mean = Some(RunningState::new(vector(mean, dtype, &device)));
+    bn.running_var = Some(RunningState::new(vector(var, dtype, &device)));
+    let shape: [usize; D] = case.shape.clone().try_into().expect("rank");
+    for (i, step) in case.steps.iter().enumerate() {
+        let label = |what: &str| format!("{} step {i} {what} ({dtype:?})", case.name);
+        let x: Tensor<D> = tensor(&step.x, shape, dtype, &device).require_grad();
+        let y = layer.forward(x.clone());
+        let got = values(y.clone());
+        assert_close(&label("y"), &got, &step.y, tol);
+        if i >= 2 {
+            // Past the warm-up the correction acts: the output is not batch norm's.
+            let (plain, _) = bnlab::norm::functional::normalize_train(
+                x.clone().detach(),
+                Some(vector(&case.gamma, dtype, &device)),
+                Some(vector(&case.beta, dtype, &device)),
+                case.eps,
+            )
+            .unwrap();
+            let apart = values(plain)
+                .iter()
+                .zip(&got)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(apart > 1e-2, "{}: renorm = BN ({apart:e})", label("y"));
+        }
+        let grads = (y * tensor::<D>(&step.g, shape, dtype, &device))
+            .sum()
+            .backward();
+        assert_close(
+            &label("dx"),
+            &values(x.grad(&grads).unwrap()),
+            &step.dx,
+            tol,
+        );
+        let NormLayer::Scratch(bn) = &layer else {
+            unreachable!()
+        };
+        let grad =
+            |p: &Option<Param<Tensor<1>>>| values(p.as_ref().unwrap().val().grad(&grads).unwrap());
+        assert_close(&label("dgamma"), &grad(&bn.gamma), &step.dgamma, tol);
+        assert_close(&label("dbeta"), &grad(&bn.beta), &step.dbeta, tol);
+        let NormLayer::Scratch(eval) = layer.clone().valid() else {
+            unreachable!()
+        };
+        let (mean, var) = eval.running_stats().unwrap();
+        assert_close(
+            &label("running_mean"),
+            &values(mean),
+            &step.running_mean_after,
+            tol,
+        );
+        assert_close(
+            &label("running_var"),
+            &values(var),
+            &step.running_var_after,
+            tol,
+        );
+    }
+}
+
+#[test]
+fn batch_renormalization_matches_a_pytorch_reference_through_its_schedule() {
+    let fixture: RenormFixture =
+        serde_json::from_str(include_str!("fixtures/norm_variants.json")).unwrap();
+    assert_eq!(fixture.renorm.len(), 2);
+    for case in &fixture.renorm {
+        assert_eq!(case.steps.len(), 4, "{}", case.name);
+        for dtype in [DType::F64, DType::F32] {
+            match case.shape.len() {
+                2 => renorm_run::<2>(case, dtype),
+                4 => renorm_run::<4>(case, dtype),
+                rank => panic!("{}: rank {rank}", case.name),
+            }
+        }
+    }
 }

@@ -274,6 +274,62 @@ impl Default for Normalizer {
     }
 }
 
+/// Batch renormalization's schedule (Ioffe, 2017): plain batch norm (`r = 1`, `d = 0`) for
+/// the first `warmup` training steps, then the limits on `r` and `d` widen linearly over
+/// `ramp` steps to `r_max` and `d_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RenormSchedule {
+    /// The final limit on `r`: `r` in `[1 / r_max, r_max]`; must be >= 1.
+    pub r_max: f64,
+    /// The final limit on `d`: `d` in `[-d_max, d_max]`; must be >= 0.
+    pub d_max: f64,
+    /// Steps of plain batch norm before the limits widen.
+    pub warmup: u64,
+    /// Steps over which they widen to `r_max` and `d_max` (0: at once).
+    pub ramp: u64,
+}
+
+impl RenormSchedule {
+    /// `(r_max, d_max)` at training step `step` (0 for the first).
+    pub fn limits(&self, step: u64) -> (f64, f64) {
+        if step < self.warmup {
+            return (1.0, 0.0);
+        }
+        let t = match self.ramp {
+            0 => 1.0,
+            ramp => ((step - self.warmup) as f64 / ramp as f64).min(1.0),
+        };
+        (1.0 + t * (self.r_max - 1.0), t * self.d_max)
+    }
+}
+
+/// Batch renormalization in training: `x̂ · r + d`, then γ and β, where `x̂` is batch norm's
+/// normalised input and, per channel, `r = clip(σ_B / σ, 1/r_max, r_max)` and
+/// `d = clip((μ_B - μ) / σ, -d_max, d_max)` with `σ = sqrt(running_var + eps)` and
+/// `σ_B = sqrt(var_B + eps)`. `r` and `d` carry no gradient. With `r_max = 1` and `d_max = 0`
+/// this is batch norm. The statistics returned update the running ones as batch norm's do.
+///
+/// # Errors
+/// As [`normalize_train`].
+pub fn normalize_train_renorm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+    (running_mean, running_var): (Tensor<1>, Tensor<1>),
+    (r_max, d_max): (f64, f64),
+) -> Result<(Tensor<D>, BatchStats), BnError> {
+    let expected = gamma.as_ref().map(|g| g.dims()[0]);
+    let channels = channels_of(&x.dims(), expected)?;
+    let (normalized, stats) = normalize_train_with(x, None, None, eps, Normalizer::MeanAndVar)?;
+    let sigma = running_var.add_scalar(eps).sqrt();
+    let r = (stats.var.clone().add_scalar(eps).sqrt() / sigma.clone()).clamp(1.0 / r_max, r_max);
+    let d = ((stats.mean.clone() - running_mean) / sigma).clamp(-d_max, d_max);
+    let shape = channel_shape::<D>(channels);
+    let corrected = normalized * r.detach().reshape(shape) + d.detach().reshape(shape);
+    Ok((affine(corrected, gamma, beta, channels), stats))
+}
+
 /// Checks the input's rank and channel count and returns `C`.
 ///
 /// # Errors

@@ -12,8 +12,8 @@ use std::sync::Once;
 
 use super::epilogue::Epilogue;
 use super::functional::{
-    channels_of, normalize_eval_with, normalize_train_with, update_running, BatchStats, BnError,
-    Convention, Momentum, Normalizer, RunningUpdate,
+    channels_of, normalize_eval_with, normalize_train_renorm, normalize_train_with, update_running,
+    BatchStats, BnError, Convention, Momentum, Normalizer, RenormSchedule, RunningUpdate,
 };
 use crate::ops::batch_norm as fused;
 use crate::ops::bn_relu_conv2d::try_bn_relu_conv2d;
@@ -68,6 +68,10 @@ pub struct BatchNormConfig {
     /// many examples, each with its own statistics, which update the running ones in turn.
     #[config(default = "None")]
     pub ghost_batch: Option<usize>,
+    /// Batch renormalization: training corrects the batch statistics towards the running
+    /// ones within limits this schedule widens ([`normalize_train_renorm`]).
+    #[config(default = "None")]
+    pub renorm: Option<RenormSchedule>,
 }
 
 /// How a [`BatchNorm`] computes training mode. Both give the same numbers (the reference tests
@@ -106,6 +110,20 @@ impl BatchNormConfig {
     pub fn validate(&self) -> Result<(), BnError> {
         if self.num_features == 0 {
             return Err(BnError::InvalidSetting("num_features must be > 0".into()));
+        }
+        if let Some(r) = self.renorm {
+            if !(r.r_max >= 1.0 && r.r_max.is_finite() && r.d_max >= 0.0 && r.d_max.is_finite()) {
+                return Err(BnError::InvalidSetting(format!(
+                    "batch renormalization needs r_max >= 1 and d_max >= 0, got {} and {}",
+                    r.r_max, r.d_max
+                )));
+            }
+            if !self.track_running_stats {
+                return Err(BnError::InvalidSetting(
+                    "batch renormalization corrects towards running statistics: it needs them"
+                        .into(),
+                ));
+            }
         }
         if self.ghost_batch.is_some_and(|n| n < 2) {
             return Err(BnError::InvalidSetting(
@@ -160,6 +178,7 @@ impl BatchNormConfig {
             kernel: self.kernel,
             normalizer: self.normalizer,
             ghost_batch: self.ghost_batch,
+            renorm: self.renorm,
         })
     }
 
@@ -249,6 +268,9 @@ pub struct BatchNorm {
     /// The ghost batch's size, if the layer normalises training batches in chunks.
     #[module(skip)]
     pub ghost_batch: Option<usize>,
+    /// Batch renormalization's schedule, if the layer renormalises.
+    #[module(skip)]
+    pub renorm: Option<RenormSchedule>,
 }
 
 impl BatchNorm {
@@ -364,6 +386,7 @@ impl BatchNorm {
         self.kernel == Kernel::Fused
             && self.normalizer == Normalizer::MeanAndVar
             && self.ghost_batch.is_none()
+            && self.renorm.is_none()
     }
 
     /// Training mode: the running statistics take in the batch's (if the layer keeps them).
@@ -530,6 +553,20 @@ impl BatchNorm {
         beta: Option<Tensor<1>>,
         epilogue: Epilogue,
     ) -> Result<(Tensor<D>, BatchStats), BnError> {
+        let running = self.running_mean.as_ref().zip(self.running_var.as_ref());
+        if let (Some(schedule), Some((mean, var)), Some(tracked)) =
+            (self.renorm, running, &self.num_batches_tracked)
+        {
+            let device = x.device();
+            let step = tracked.value_sync().into_scalar::<f32>() as u64;
+            let running = (
+                mean.value_sync().to_device(&device),
+                var.value_sync().to_device(&device),
+            );
+            let (y, stats) =
+                normalize_train_renorm(x, gamma, beta, self.eps, running, schedule.limits(step))?;
+            return Ok((apply_epilogue(y, epilogue), stats));
+        }
         if self.kernel == Kernel::Fused && self.normalizer == Normalizer::MeanAndVar {
             match fused::try_normalize_train(
                 x.clone(),
