@@ -124,6 +124,8 @@ pub struct RunConfig {
     pub bn_position: BnPosition,
     /// LeNet-BN: whether the layers a norm follows keep their bias.
     pub conv_bias: bool,
+    /// The LeNets: dropout's probability after each hidden linear layer's activation.
+    pub dropout: f64,
     /// At most this many training and test batches per epoch (quick runs).
     pub limit_batches: Option<usize>,
     /// Re-estimate BN statistics over the training set before each evaluation (precise BN).
@@ -183,6 +185,7 @@ impl Default for RunConfig {
             bn_layers: BnLayers::All,
             bn_position: BnPosition::BeforeAct,
             conv_bias: true,
+            dropout: 0.0,
             limit_batches: None,
             recalibrate_bn: false,
             recalibrate_batches: None,
@@ -257,6 +260,7 @@ impl RunConfig {
             bn_layers: self.bn_layers,
             bn_position: self.bn_position,
             conv_bias: self.conv_bias,
+            dropout: self.dropout,
             ..defaults
         }
     }
@@ -451,6 +455,15 @@ impl RunConfig {
                     self.model
                 ));
             }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return err(format!("--dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if self.dropout > 0.0 && !matches!(self.model, ModelKind::Lenet | ModelKind::LenetBn) {
+            return err(format!(
+                "--dropout applies to lenet and lenet-bn, not {}",
+                self.model
+            ));
         }
         if lenet_only && self.activation.is_some() {
             return err(format!(

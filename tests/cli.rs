@@ -55,6 +55,7 @@ fn help_explains_every_flag() {
         "--save-every", "--device", "--lr-schedule", "--lr-warmup", "--weight-decay", "--nesterov",
         "--label-smoothing", "--augment-crop", "--augment-flip", "--tta-flip", "--time-budget",
         "--recalibrate-batches", "--freeze-affine", "--bn-layers", "--bn-position", "--conv-bias",
+        "--dropout",
     ];
     for flag in flags {
         let at = lines
@@ -109,6 +110,11 @@ fn invalid_values_are_one_line_errors() {
             "--bn-layers",
         ),
         (&["train", "--conv-bias", "maybe"], "--conv-bias"),
+        (&["train", "--dropout", "1"], "--dropout"),
+        (
+            &["train", "--model", "resnet18", "--dropout", "0.5"],
+            "--dropout",
+        ),
         (&["train", "--epochs", "0"], "--epochs"),
         (&["train", "--batch-size", "1"], "--batch-size 1"),
         (&["train", "--bn-eps", "0"], "--bn-eps"),

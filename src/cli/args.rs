@@ -33,6 +33,10 @@ pub(crate) struct RunArgs {
     /// LeNet-BN: keep (on) or drop (off) the bias of the layers a norm follows [default: on].
     #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) conv_bias: Option<bool>,
+    /// LeNet and LeNet-BN: dropout's probability after each hidden linear layer's activation,
+    /// in [0, 1) [default: 0].
+    #[arg(long, value_name = "P", value_parser = unit_interval)]
+    pub(crate) dropout: Option<f64>,
     /// Keep the norm layers' gamma at 1 and beta at 0 instead of learning them.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub(crate) freeze_affine: Option<bool>,
@@ -182,7 +186,7 @@ impl RunArgs {
             augment_crop
         );
         set!(augment_flip, tta_flip, recalibrate_bn, freeze_affine);
-        set!(bn_layers, bn_position, conv_bias);
+        set!(bn_layers, bn_position, conv_bias, dropout);
         set_option!(
             norm,
             pool,

@@ -18,6 +18,7 @@ use super::{BnLayers, BnPosition, Facts, ModelKind, ModelSpec, Network, WeightIn
 use crate::norm::epilogue::{Activation, Pool};
 use crate::norm::{norm_then, Epilogue, NormLayer};
 use crate::ops::epilogue::apply_epilogue;
+use rand::{Rng, SeedableRng};
 
 /// d2l's LeNet, with or without batch norm (the layer order is in the module docs). The
 /// shapes below are those of 28×28 images. Each BN layer is `None` in a model built without
@@ -51,9 +52,45 @@ pub struct LeNet {
     /// Whether each norm comes before the activation or after it.
     #[module(skip)]
     pub bn_position: BnPosition,
+    /// Dropout's probability after each hidden linear layer's activation (0: none).
+    #[module(skip)]
+    pub dropout: f64,
+    /// The run's seed, which with the layer and its input seeds each dropout mask.
+    #[module(skip)]
+    pub seed: u64,
 }
 
 impl LeNet {
+    /// Dropout in training (on an autodiff device): each value zeroed with probability
+    /// `dropout`, the rest scaled by `1 / (1 - dropout)`. The mask comes from a generator
+    /// seeded by the run's seed, the layer and the bits of `x` itself, so that a run, and a
+    /// resumed run, draws the same masks without a generator state to save.
+    fn drop(&self, x: Tensor<2>, layer: u64) -> Tensor<2> {
+        if self.dropout == 0.0 || !x.device().is_autodiff() {
+            return x;
+        }
+        let data = x.clone().detach().into_data().convert::<f32>();
+        let values: &[f32] = data.as_slice().expect("float32 values");
+        // FNV-1a over the bit patterns: stable across Rust releases, unlike std's hasher.
+        let hash = values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(hash ^ self.seed.rotate_left(17) ^ layer);
+        let keep = 1.0 - self.dropout;
+        let mask: Vec<f32> = values
+            .iter()
+            .map(|_| match rng.random_bool(keep) {
+                true => (1.0 / keep) as f32,
+                false => 0.0,
+            })
+            .collect();
+        let mask = Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(mask, x.dims()),
+            (&x.device(), x.dtype()),
+        );
+        x * mask
+    }
+
     /// A layer's output through its norm, activation and pool (`epilogue`), the norm where
     /// `bn_position` puts it.
     fn block<const D: usize>(
@@ -136,6 +173,8 @@ impl Network for LeNet {
             pool: spec.pool,
             activation: spec.activation,
             bn_position: spec.bn_position,
+            dropout: spec.dropout,
+            seed,
         }
     }
 
@@ -156,9 +195,9 @@ impl Network for LeNet {
         trace.record("conv2-bn-act-pool", &x.dims());
         let x: Tensor<2> = x.flatten(1, 3);
         trace.record("flatten", &x.dims());
-        let x = self.block(&self.bn3, self.fc1.forward(x), act);
+        let x = self.drop(self.block(&self.bn3, self.fc1.forward(x), act), 3);
         trace.record("fc1-bn-act", &x.dims());
-        let x = self.block(&self.bn4, self.fc2.forward(x), act);
+        let x = self.drop(self.block(&self.bn4, self.fc2.forward(x), act), 4);
         trace.record("fc2-bn-act", &x.dims());
         let x = self.fc3.forward(x);
         trace.record("fc3", &x.dims());
@@ -223,6 +262,42 @@ mod tests {
         assert!(without.fc1.bias.is_some() && without.bn3.is_none());
         let fc3 = |m: &LeNet| m.fc3.weight.val().into_data();
         assert_eq!(fc3(&with), fc3(&without), "later draws are unchanged");
+    }
+
+    #[test]
+    fn dropout_zeroes_about_p_of_the_values_the_same_way_for_the_same_input() {
+        let spec = ModelSpec {
+            dropout: 0.25,
+            ..spec()
+        };
+        let device = crate::device::training_device();
+        let model = LeNet::new(&spec, 3, &device);
+        let x = Tensor::<2>::random([64, 120], Distribution::Default, &device);
+        let kept =
+            |y: Tensor<2>| -> Vec<f32> { y.into_data().convert::<f32>().iter::<f32>().collect() };
+        let (a, b) = (
+            kept(model.drop(x.clone(), 3)),
+            kept(model.drop(x.clone(), 3)),
+        );
+        assert!(a == b, "the same input and layer, the same mask");
+        assert!(
+            a != kept(model.drop(x.clone(), 4)),
+            "another layer, another mask"
+        );
+        let x_values = kept(x.clone());
+        let zeroed = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((zeroed - 0.25).abs() < 0.03, "{zeroed} zeroed");
+        for (y, x) in a.iter().zip(&x_values) {
+            assert!(*y == 0.0 || (y - x / 0.75).abs() < 1e-6, "{y} from {x}");
+        }
+        // Eval mode (no autodiff): the identity.
+        let plain = crate::device::inference_device();
+        let model = LeNet::new(&spec, 3, &plain);
+        let x = Tensor::<2>::from_data(burn::tensor::TensorData::new(x_values, [64, 120]), &plain);
+        assert!(
+            kept(model.drop(x.clone(), 3)) == kept(x),
+            "eval mode drops nothing"
+        );
     }
 
     #[test]

@@ -298,6 +298,9 @@ pub struct ModelSpec {
     /// redundant). Without, the other weights are drawn as with it.
     #[serde(default = "on")]
     pub conv_bias: bool,
+    /// The LeNets: dropout's probability after each hidden linear layer's activation.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl ModelSpec {
@@ -317,6 +320,7 @@ impl ModelSpec {
             bn_layers: BnLayers::All,
             bn_position: BnPosition::BeforeAct,
             conv_bias: true,
+            dropout: 0.0,
         }
     }
 }
