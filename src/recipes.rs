@@ -1,7 +1,9 @@
 //! The chapter's experiments as data: the TOML files in `recipes/`, built into the binary so
-//! that `bnlab run NAME` works from any directory.
+//! that `bnlab run NAME` works from any directory; and its questions, the sweeps over them in
+//! `sweeps/` (`bnlab sweep NAME`).
 
 use crate::config::RunConfig;
+use crate::train::sweep::SweepFile;
 
 macro_rules! recipes {
     ($($name:literal),* $(,)?) => {
@@ -28,6 +30,37 @@ recipes!(
     "speedrun",
     "speedrun-long",
 );
+
+macro_rules! sweeps {
+    ($($name:literal),* $(,)?) => {
+        /// `(name, TOML text)` of every shipped sweep.
+        pub const SWEEPS: &[(&str, &str)] =
+            &[$(($name, include_str!(concat!("../sweeps/", $name, ".toml")))),*];
+    };
+}
+
+sweeps!(
+    "bn-learning-rates",
+    "bn-eval-noise",
+    "bn-lite",
+    "bn-small-batches",
+);
+
+/// The names of the shipped sweeps, in the order `bnlab recipes` lists them.
+pub fn sweep_names() -> Vec<&'static str> {
+    SWEEPS.iter().map(|(name, _)| *name).collect()
+}
+
+/// The shipped sweep called `name`, if there is one.
+///
+/// # Errors
+/// When its file does not parse (a defect the tests catch).
+pub fn load_sweep(name: &str) -> Option<Result<SweepFile, crate::train::sweep::SweepError>> {
+    SWEEPS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, text)| SweepFile::parse(n, text))
+}
 
 /// A recipe that cannot be had.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +114,26 @@ mod tests {
         for (name, text) in RECIPES {
             let config = parse(name, text).unwrap_or_else(|e| panic!("{e}"));
             assert!(!config.description.is_empty(), "{name} has a description");
+        }
+    }
+
+    #[test]
+    fn every_sweep_parses_and_every_run_of_it_validates() {
+        for (name, _) in SWEEPS {
+            let file = load_sweep(name).unwrap().unwrap_or_else(|e| panic!("{e}"));
+            assert!(!file.description.is_empty(), "{name} has a description");
+            let grid = file.grid(None).unwrap();
+            grid.check(&load(&grid.recipe).unwrap())
+                .unwrap_or_else(|e| panic!("sweep {name}: {e}"));
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+            assert!(
+                sweep_names().contains(&stem.as_str()),
+                "sweeps/{stem}.toml is not in SWEEPS"
+            );
         }
     }
 

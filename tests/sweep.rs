@@ -211,3 +211,37 @@ fn bad_sweeps_are_one_line_errors_before_any_run() {
     }
     assert!(!tmp.path().join("s").join("runs").exists());
 }
+
+#[test]
+fn a_shipped_sweep_runs_its_variants_and_reports_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("noise");
+    let listed = String::from_utf8_lossy(&ok(&["recipes"]).stdout).into_owned();
+    assert!(listed.contains("bn-eval-noise"), "{listed}");
+    #[rustfmt::skip]
+    ok(&[
+        "sweep", "bn-eval-noise", "--seeds", "0", "--set", "epochs=1", "--set", "limit_batches=2",
+        "--set", "batch_size=32", "--jobs", "2", "--out", out.to_str().unwrap(),
+    ]);
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for variant in [
+        "bn-all",
+        "bn-conv-only",
+        "bn-fc-only",
+        "precise-bn",
+        "momentum-0.01",
+    ] {
+        let row = format!("| variant={variant},epochs=1,limit_batches=2,batch_size=32 ");
+        assert!(table.contains(&row), "{row} in\n{table}");
+    }
+    // Each run took its variant's settings.
+    let config = |run: &str| -> serde_json::Value {
+        let path = out.join("runs").join(run).join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let run = "variant=bn-conv-only,epochs=1,limit_batches=2,batch_size=32,seed=0";
+    assert_eq!(config(run)["bn_layers"], "conv");
+    let run = "variant=momentum-0.01,epochs=1,limit_batches=2,batch_size=32,seed=0";
+    assert_eq!(config(run)["bn_momentum"], 0.01);
+    assert_eq!(config(run)["norm"], "fused");
+}

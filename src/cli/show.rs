@@ -10,10 +10,18 @@ use bnlab::report::{plot, read_jsonl};
 use bnlab::train::eval_device;
 
 pub(crate) fn list_recipes() -> anyhow::Result<()> {
-    let width = recipes::names().iter().map(|n| n.len()).max().unwrap_or(0);
+    let names = recipes::names().into_iter().chain(recipes::sweep_names());
+    let width = names.map(str::len).max().unwrap_or(0);
     for name in recipes::names() {
         let config = recipes::load(name)?;
         println!("{name:width$}  {}", config.description);
+    }
+    println!("\nSweeps (bnlab sweep NAME --out DIR; runs over seeds, with error bars):");
+    for name in recipes::sweep_names() {
+        let file = recipes::load_sweep(name).expect("a listed sweep")?;
+        let grid = file.grid(None)?;
+        let runs = grid.points().len();
+        println!("{name:width$}  {} [{runs} runs]", file.description);
     }
     Ok(())
 }

@@ -16,15 +16,16 @@ use super::args::{at_least_one, unit_interval, EnvArgs};
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["recipe", "report"])))]
 pub(crate) struct SweepCommand {
-    /// Recipe name (see `bnlab recipes`).
+    /// A shipped sweep (its grid, seeds and settings; see `bnlab recipes`), or a recipe to
+    /// sweep over the --set values.
     pub(crate) recipe: Option<String>,
     /// A setting to vary, by its recipe-file name, and its values (repeatable; the grid is
     /// every combination): --set lr=0.1,1.0 --set norm=fused,none.
     #[arg(long = "set", value_name = "KEY=V1,V2,...", requires = "recipe")]
     pub(crate) set: Vec<String>,
-    /// The seeds each setting runs with: A-B or A,B,C.
-    #[arg(long, value_name = "SEEDS", default_value = "0-4")]
-    pub(crate) seeds: String,
+    /// The seeds each setting runs with: A-B or A,B,C [default: the sweep's, or 0-4].
+    #[arg(long, value_name = "SEEDS")]
+    pub(crate) seeds: Option<String>,
     /// Runs at a time, each with an equal share of the cores [default: one per core].
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub(crate) jobs: Option<usize>,
@@ -39,9 +40,9 @@ pub(crate) struct SweepCommand {
     /// Rewrite the table from the runs in a sweep directory.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["recipe", "plan", "out"])]
     pub(crate) report: Option<PathBuf>,
-    /// Test accuracy of the "first epoch ≥" column.
-    #[arg(long, value_name = "ACC", default_value_t = 0.85, value_parser = unit_interval)]
-    pub(crate) threshold: f64,
+    /// Test accuracy of the "first epoch ≥" column [default: the sweep's, or 0.85].
+    #[arg(long, value_name = "ACC", value_parser = unit_interval)]
+    pub(crate) threshold: Option<f64>,
     #[command(flatten)]
     pub(crate) env: EnvArgs,
 }
@@ -51,7 +52,7 @@ pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
     if let Some(dir) = &command.report {
         return report(dir, command.threshold);
     }
-    let recipe = command
+    let name = command
         .recipe
         .clone()
         .expect("clap requires RECIPE or --report");
@@ -60,11 +61,20 @@ pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
         .iter()
         .map(|s| sweep::parse_axis(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let grid = Grid {
-        recipe,
-        axes,
-        seeds: sweep::parse_seeds(&command.seeds)?,
+    let seeds = command.seeds.as_deref();
+    let mut grid = match recipes::load_sweep(&name) {
+        Some(file) => file?.grid(seeds)?,
+        None => Grid {
+            recipe: name,
+            axes: Vec::new(),
+            seeds: sweep::parse_seeds(seeds.unwrap_or("0-4"))?,
+            base: Vec::new(),
+            variants: Vec::new(),
+            threshold: None,
+        },
     };
+    grid.axes.extend(axes);
+    grid.threshold = command.threshold.or(grid.threshold);
     grid.check(&recipes::load(&grid.recipe)?)?;
     let dir = command.out.clone().ok_or_else(|| {
         anyhow::anyhow!(
@@ -121,7 +131,10 @@ fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
     let path = dir.join(SWEEP_FILE);
     if path.exists() {
         let there = Grid::load(dir)?;
-        if (&there.recipe, &there.axes) != (&grid.recipe, &grid.axes) {
+        fn same(g: &Grid) -> (&String, &Vec<(String, Vec<String>)>, &Vec<(String, String)>) {
+            (&g.recipe, &g.axes, &g.base)
+        }
+        if same(&there) != same(grid) || there.variants != grid.variants {
             let axes: Vec<String> = there
                 .axes
                 .iter()
@@ -170,7 +183,7 @@ fn run_command(
         args.extend(["train".into(), "--resume".into(), out.display().to_string()]);
     } else {
         args.extend(["run".into(), grid.recipe.clone()]);
-        for (key, value) in &point.settings {
+        for (key, value) in grid.settings_of(point) {
             args.extend(["--set".into(), format!("{key}={value}")]);
         }
         args.extend(["--seed".into(), point.seed.to_string()]);
@@ -267,8 +280,9 @@ fn run_all(
 }
 
 /// Reads the runs of the sweep in `dir` and writes (and prints) `DIR/table.md`.
-fn report(dir: &Path, threshold: f64) -> anyhow::Result<()> {
+fn report(dir: &Path, threshold: Option<f64>) -> anyhow::Result<()> {
     let grid = Grid::load(dir)?;
+    let threshold = threshold.or(grid.threshold).unwrap_or(0.85);
     let metrics = |p: &Point| {
         let run = run_dir(dir, p);
         finished(&run)

@@ -17,7 +17,7 @@ use crate::report::EpochMetrics;
 pub const SWEEP_FILE: &str = "sweep.json";
 
 /// A recipe, the settings to vary and the seeds to run each with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Grid {
     /// The recipe every run starts from.
     pub recipe: String,
@@ -26,7 +26,20 @@ pub struct Grid {
     pub axes: Vec<(String, Vec<String>)>,
     /// The seeds each setting runs with.
     pub seeds: Vec<u64>,
+    /// Settings every run takes over the recipe's (a sweep file's `[set]`).
+    #[serde(default)]
+    pub base: Vec<(String, String)>,
+    /// Named variants, each a set of settings, crossed with the axes as if they were the
+    /// first axis, `variant` (a sweep file's `[[variant]]`s).
+    #[serde(default)]
+    pub variants: Vec<(String, Vec<(String, String)>)>,
+    /// The "first epoch ≥" column's accuracy, if the sweep file names one.
+    #[serde(default)]
+    pub threshold: Option<f64>,
 }
+
+/// The key under which a point names its variant.
+pub const VARIANT: &str = "variant";
 
 /// One point of the grid: a value for each swept key, and a seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +131,9 @@ impl Grid {
     /// seed.
     pub fn points(&self) -> Vec<Point> {
         let mut settings: Vec<Vec<(String, String)>> = vec![Vec::new()];
-        for (key, values) in &self.axes {
+        let variants = (VARIANT.to_string(), self.variant_names());
+        let variant_axis = (!self.variants.is_empty()).then_some(&variants);
+        for (key, values) in variant_axis.into_iter().chain(&self.axes) {
             settings = settings
                 .into_iter()
                 .flat_map(|s| {
@@ -141,6 +156,28 @@ impl Grid {
             .collect()
     }
 
+    fn variant_names(&self) -> Vec<String> {
+        self.variants.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// What a point's run sets over the recipe: the grid's base settings, then its variant's,
+    /// then its axes' values.
+    pub fn settings_of(&self, point: &Point) -> Vec<(String, String)> {
+        let mut out = self.base.clone();
+        for (key, value) in &point.settings {
+            match key == VARIANT {
+                true => out.extend(
+                    self.variants
+                        .iter()
+                        .filter(|(name, _)| name == value)
+                        .flat_map(|(_, set)| set.iter().cloned()),
+                ),
+                false => out.push((key.clone(), value.clone())),
+            }
+        }
+        out
+    }
+
     /// Checks that every point makes a valid run of the recipe, so that a bad value fails
     /// before the first run starts.
     pub fn check(&self, recipe: &RunConfig) -> Result<(), SweepError> {
@@ -148,7 +185,7 @@ impl Grid {
             return Err(SweepError("--seeds names no seed".into()));
         }
         for point in self.points() {
-            let config = with_settings(recipe, &point.settings)?;
+            let config = with_settings(recipe, &self.settings_of(&point))?;
             config
                 .validate()
                 .map_err(|e| SweepError(format!("{}: {e}", point.setting_name())))?;
@@ -167,6 +204,103 @@ impl Grid {
             )
         })?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
+/// A shipped sweep file (`sweeps/NAME.toml`): a recipe, settings over it, the axes and
+/// variants to cross, and the seeds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    /// One line on the question the sweep answers.
+    pub description: String,
+    /// The recipe every run starts from.
+    pub recipe: String,
+    /// Seeds, as `--seeds` takes them (`0-4`).
+    pub seeds: String,
+    /// The "first epoch ≥" column's accuracy.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Settings every run takes.
+    #[serde(default)]
+    pub set: toml::Table,
+    /// The axes, crossed in order (the first varies slowest).
+    #[serde(default)]
+    pub axis: Vec<AxisEntry>,
+    /// Named variants.
+    #[serde(default)]
+    pub variant: Vec<VariantEntry>,
+}
+
+/// One `[[axis]]` of a sweep file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AxisEntry {
+    /// A recipe-file key.
+    pub key: String,
+    /// Its values.
+    pub values: Vec<toml::Value>,
+}
+
+/// One `[[variant]]` of a sweep file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantEntry {
+    /// Its name in tables and plots.
+    pub name: String,
+    /// What it sets.
+    #[serde(default)]
+    pub set: toml::Table,
+}
+
+/// A TOML value as `--set` writes it: strings bare, the rest as TOML.
+fn as_setting(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn settings(table: &toml::Table) -> Vec<(String, String)> {
+    table
+        .iter()
+        .map(|(k, v)| (k.clone(), as_setting(v)))
+        .collect()
+}
+
+impl SweepFile {
+    /// Parses a sweep file's text (`name` for the errors).
+    ///
+    /// # Errors
+    /// When the TOML does not parse or its seeds do not.
+    pub fn parse(name: &str, text: &str) -> Result<Self, SweepError> {
+        let file: Self = toml::from_str(text)
+            .map_err(|e| SweepError(format!("sweep {name}: {}", e.message())))?;
+        parse_seeds(&file.seeds).map_err(|e| SweepError(format!("sweep {name}: {e}")))?;
+        Ok(file)
+    }
+
+    /// The grid, with `seeds` instead of the file's if given.
+    ///
+    /// # Errors
+    /// When `seeds` does not parse.
+    pub fn grid(&self, seeds: Option<&str>) -> Result<Grid, SweepError> {
+        Ok(Grid {
+            recipe: self.recipe.clone(),
+            axes: self
+                .axis
+                .iter()
+                .map(|a| (a.key.clone(), a.values.iter().map(as_setting).collect()))
+                .collect(),
+            seeds: parse_seeds(seeds.unwrap_or(&self.seeds))?,
+            base: settings(&self.set),
+            variants: self
+                .variant
+                .iter()
+                .map(|v| (v.name.clone(), settings(&v.set)))
+                .collect(),
+            threshold: self.threshold,
+        })
     }
 }
 
@@ -400,6 +534,7 @@ mod tests {
                 parse_axis("norm=fused,none").unwrap(),
             ],
             seeds: parse_seeds("0-1").unwrap(),
+            ..Default::default()
         };
         let names: Vec<String> = grid.points().iter().map(Point::dir_name).collect();
         assert_eq!(
@@ -439,11 +574,73 @@ mod tests {
 
     /// The table's figures, against values worked out by hand.
     #[test]
+    fn a_sweep_file_crosses_its_variants_with_its_axes_over_its_settings() {
+        let file = SweepFile::parse(
+            "test",
+            r#"
+            description = "two variants, one axis"
+            recipe = "lenet-bn-scratch"
+            seeds = "3-4"
+            threshold = 0.7
+            set = { epochs = 2 }
+            [[variant]]
+            name = "plain"
+            [[variant]]
+            name = "small"
+            set = { batch_size = 8, lr = 0.03125 }
+            [[axis]]
+            key = "norm"
+            values = ["fused", "ghost:4"]
+            "#,
+        )
+        .unwrap();
+        let grid = file.grid(None).unwrap();
+        assert_eq!(
+            (grid.seeds.clone(), grid.threshold),
+            (vec![3, 4], Some(0.7))
+        );
+        let points = grid.points();
+        let names: Vec<String> = points.iter().step_by(2).map(Point::setting_name).collect();
+        assert_eq!(
+            names,
+            [
+                "variant=plain,norm=fused",
+                "variant=plain,norm=ghost:4",
+                "variant=small,norm=fused",
+                "variant=small,norm=ghost:4",
+            ]
+        );
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            grid.settings_of(&points[6]),
+            pairs(&[
+                ("epochs", "2"),
+                ("batch_size", "8"),
+                ("lr", "0.03125"),
+                ("norm", "ghost:4")
+            ])
+        );
+        let recipe = crate::recipes::load("lenet-bn-scratch").unwrap();
+        let config = with_settings(&recipe, &grid.settings_of(&points[6])).unwrap();
+        assert_eq!(
+            (config.batch_size, config.lr, config.epochs),
+            (8, 0.03125, 2)
+        );
+        assert_eq!(config.norm.unwrap().to_string(), "ghost:4");
+        assert!(file.grid(Some("0,9")).unwrap().seeds == [0, 9]);
+    }
+
+    #[test]
     fn the_summary_is_the_hand_computed_one() {
         let grid = Grid {
             recipe: "lenet-bn-scratch".into(),
             axes: vec![parse_axis("lr=0.1,1.0").unwrap()],
             seeds: vec![0, 1, 2],
+            ..Default::default()
         };
         let metrics = |p: &Point| -> Option<Vec<EpochMetrics>> {
             match (p.settings[0].1.as_str(), p.seed) {
