@@ -543,3 +543,43 @@ fn sigterm_and_a_double_sigint_leave_resumable_runs() {
         assert_eq!(resumed, expected, "{name}");
     }
 }
+
+/// Dropout's masks, batch renormalization's schedule (its step count lives in the model's
+/// `num_batches_tracked`) and ghost BN's chunks come back the same after a resume.
+#[test]
+fn runs_with_dropout_renorm_or_ghost_bn_resume_exactly() {
+    let data = FashionMnist::load_default().unwrap();
+    let base = RunConfig {
+        epochs: 2,
+        limit_batches: Some(4),
+        batch_size: 64,
+        ..Default::default()
+    };
+    let configs = [
+        RunConfig {
+            dropout: 0.3,
+            ..base.clone()
+        },
+        RunConfig {
+            norm: Some("renorm".parse().unwrap()),
+            renorm_warmup: 2,
+            renorm_ramp: 4,
+            ..base.clone()
+        },
+        RunConfig {
+            norm: Some("ghost:16".parse().unwrap()),
+            ..base.clone()
+        },
+    ];
+    for config in configs {
+        let whole = train::train(&config, &data, &mut Quiet).unwrap();
+        let pieced = run_interrupted_and_resumed(&config, &data, 5);
+        assert_eq!(
+            learning_values(&pieced),
+            learning_values(&whole.metrics),
+            "{:?} dropout {}",
+            config.norm,
+            config.dropout
+        );
+    }
+}
