@@ -131,10 +131,7 @@ fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
     let path = dir.join(SWEEP_FILE);
     if path.exists() {
         let there = Grid::load(dir)?;
-        fn same(g: &Grid) -> (&String, &Vec<(String, Vec<String>)>, &Vec<(String, String)>) {
-            (&g.recipe, &g.axes, &g.base)
-        }
-        if same(&there) != same(grid) || there.variants != grid.variants {
+        if !there.same_runs_as(grid) {
             let axes: Vec<String> = there
                 .axes
                 .iter()

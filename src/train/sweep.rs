@@ -156,6 +156,12 @@ impl Grid {
             .collect()
     }
 
+    /// Whether `other` runs the same settings (its seeds and threshold may differ).
+    pub fn same_runs_as(&self, other: &Grid) -> bool {
+        (&self.recipe, &self.axes, &self.base, &self.variants)
+            == (&other.recipe, &other.axes, &other.base, &other.variants)
+    }
+
     fn variant_names(&self) -> Vec<String> {
         self.variants.iter().map(|(name, _)| name.clone()).collect()
     }
