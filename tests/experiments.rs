@@ -21,9 +21,11 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The recipes `bnlab recipes` lists: its lines up to the blank one before the sweeps.
 fn recipe_names() -> Vec<String> {
     ok(&["recipes"])
         .lines()
+        .take_while(|l| !l.is_empty())
         .map(|l| l.split_whitespace().next().unwrap().to_string())
         .collect()
 }

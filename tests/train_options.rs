@@ -240,7 +240,11 @@ fn the_time_budget_ends_training_and_still_tests() {
         out.metrics.len()
     );
     let last = out.metrics.last().unwrap();
-    assert!(last.test_acc > 0.5, "{last:?}");
+    // The last epoch's test accuracy is the trained model's (how far 2 s of training gets
+    // depends on the machine's load, so not a fixed figure).
+    let model = out.model.valid();
+    let tested = evaluate(&model, &data().test, &EvalOptions::of(&config));
+    assert_eq!(last.test_acc, tested, "{last:?}");
     // The first test pass is guessed from the step time (a third of a step per batch), so the
     // run ends at the budget, give or take that guess.
     assert!(last.elapsed > 1.0 && last.elapsed < 2.5, "{last:?}");
