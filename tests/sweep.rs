@@ -241,6 +241,14 @@ fn a_shipped_sweep_runs_its_variants_and_reports_each() {
     };
     let run = "variant=bn-conv-only,epochs=1,limit_batches=2,batch_size=32,seed=0";
     assert_eq!(config(run)["bn_layers"], "conv");
+    // With a numeric axis beside the variants, the plot against it is drawn too.
+    let lite = dir.path().join("lite");
+    #[rustfmt::skip]
+    ok(&[
+        "sweep", "bn-lite", "--seeds", "0", "--set", "epochs=1", "--set", "limit_batches=1",
+        "--set", "batch_size=16", "--jobs", "2", "--out", lite.to_str().unwrap(),
+    ]);
+    assert!(lite.join("final-acc.svg").is_file() && lite.join("curves.svg").is_file());
     let run = "variant=momentum-0.01,epochs=1,limit_batches=2,batch_size=32,seed=0";
     assert_eq!(config(run)["bn_momentum"], 0.01);
     assert_eq!(config(run)["norm"], "fused");

@@ -343,15 +343,23 @@ fn plots(
     let Some(axis) = numeric else {
         return Ok(());
     };
+    // By key: a row's settings start with its variant when the sweep has variants.
+    let key = &grid.axes[axis].0;
     let mut series: Vec<bnlab::report::plot::BandSeries> = Vec::new();
     for row in rows {
-        let x: f64 = row.settings[axis].1.parse()?;
+        let Some(x) = row
+            .settings
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
         let others: Vec<String> = row
             .settings
             .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != axis)
-            .map(|(_, (k, v))| format!("{k}={v}"))
+            .filter(|(k, _)| k != key)
+            .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let name = match others.is_empty() {
             true => "mean ± std over seeds".to_string(),
@@ -373,7 +381,6 @@ fn plots(
             (a.min(v), b.max(v))
         });
     let log_x = lo > 0.0 && hi / lo >= 10.0;
-    let key = &grid.axes[axis].0;
     write(
         "final-acc",
         band_svg(&series, key, "final test accuracy", log_x)?,
