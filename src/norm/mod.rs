@@ -285,7 +285,7 @@ impl NormLayer {
     ///
     /// # Panics
     /// On settings that [`NormConfig::validate`] rejects, and on `group:G` with a G that does
-    /// not divide `num_features` ([`NormConfig::check_channels`] says so first).
+    /// not divide `num_features` (`ModelSpec::check_norm` in `crate::models` says so first).
     pub fn new(config: &NormConfig, num_features: usize, device: &Device) -> Option<Self> {
         let renorm = (config.kind == NormKind::Renorm).then_some(config.renorm);
         let own = |kernel, normalizer, ghost_batch| {
