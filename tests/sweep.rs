@@ -202,6 +202,10 @@ fn bad_sweeps_are_one_line_errors_before_any_run() {
         ),
         (vec!["sweep", "lenet-bn-scratch"], "--out"),
         (vec!["sweep", "--report", out], "sweep.json"),
+        (
+            vec!["sweep", "bn-lit", "--out", out],
+            "did you mean bn-lite?",
+        ),
     ] {
         let o = bnlab(&args);
         let stderr = String::from_utf8_lossy(&o.stderr);

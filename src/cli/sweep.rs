@@ -64,6 +64,19 @@ pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
     let seeds = command.seeds.as_deref();
     let mut grid = match recipes::load_sweep(&name) {
         Some(file) => file?.grid(seeds)?,
+        None if !recipes::names().contains(&name.as_str()) => {
+            let all: Vec<&str> = recipes::names()
+                .into_iter()
+                .chain(recipes::sweep_names())
+                .collect();
+            let hint = bnlab::choice::closest(&name, &all)
+                .map(|n| format!(": did you mean {n}?"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "unknown recipe or sweep '{name}'{hint} (bnlab recipes lists them: {})",
+                all.join(", ")
+            );
+        }
         None => Grid {
             recipe: name,
             axes: Vec::new(),
@@ -71,6 +84,7 @@ pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
             base: Vec::new(),
             variants: Vec::new(),
             threshold: None,
+            name: None,
         },
     };
     grid.axes.extend(axes);
@@ -288,8 +302,11 @@ fn report(dir: &Path, threshold: Option<f64>) -> anyhow::Result<()> {
     };
     let rows = sweep::summarize(&grid, metrics, threshold);
     let table = format!(
-        "Sweep of `{}` over {} seeds ({}); mean ± std over the finished runs of each \
+        "Sweep {}of `{}` over {} seeds ({}); mean ± std over the finished runs of each \
          setting.\n\n{}",
+        grid.name
+            .as_ref()
+            .map_or(String::new(), |n| format!("`{n}` ")),
         grid.recipe,
         grid.seeds.len(),
         grid.seeds

@@ -36,6 +36,9 @@ pub struct Grid {
     /// The "first epoch ≥" column's accuracy, if the sweep file names one.
     #[serde(default)]
     pub threshold: Option<f64>,
+    /// The shipped sweep the grid came from, if any.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// The key under which a point names its variant.
@@ -218,6 +221,9 @@ impl Grid {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SweepFile {
+    /// Its name (the file's stem), set by [`SweepFile::parse`].
+    #[serde(skip)]
+    pub name: String,
     /// One line on the question the sweep answers.
     pub description: String,
     /// The recipe every run starts from.
@@ -280,8 +286,9 @@ impl SweepFile {
     /// # Errors
     /// When the TOML does not parse or its seeds do not.
     pub fn parse(name: &str, text: &str) -> Result<Self, SweepError> {
-        let file: Self = toml::from_str(text)
+        let mut file: Self = toml::from_str(text)
             .map_err(|e| SweepError(format!("sweep {name}: {}", e.message())))?;
+        file.name = name.to_string();
         parse_seeds(&file.seeds).map_err(|e| SweepError(format!("sweep {name}: {e}")))?;
         Ok(file)
     }
@@ -306,6 +313,7 @@ impl SweepFile {
                 .map(|v| (v.name.clone(), settings(&v.set)))
                 .collect(),
             threshold: self.threshold,
+            name: Some(self.name.clone()),
         })
     }
 }
