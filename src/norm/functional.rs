@@ -266,14 +266,6 @@ crate::choice_enum! {
     }
 }
 
-// choice_enum! takes no #[default] on a variant.
-#[allow(clippy::derivable_impls)]
-impl Default for Normalizer {
-    fn default() -> Self {
-        Self::MeanAndVar
-    }
-}
-
 /// Batch renormalization's schedule (Ioffe, 2017): plain batch norm (`r = 1`, `d = 0`) for
 /// the first `warmup` training steps, then the limits on `r` and `d` widen linearly over
 /// `ramp` steps to `r_max` and `d_max`.
