@@ -85,6 +85,7 @@ pub(crate) fn sweep(command: SweepCommand) -> anyhow::Result<()> {
             variants: Vec::new(),
             threshold: None,
             name: None,
+            plot_against: None,
         },
     };
     grid.axes.extend(axes);
@@ -158,13 +159,19 @@ fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
                 axes.join(" ")
             );
         }
-        if there.seeds == grid.seeds {
-            return Ok(());
-        }
-        // The same grid with other seeds: the sweep now covers both.
+        // The same grid with other seeds: the sweep now covers both; and a sweep file's
+        // newer plot setting is taken over.
         let mut seeds = there.seeds.clone();
         seeds.extend(grid.seeds.iter().filter(|s| !there.seeds.contains(s)));
-        let grown = Grid { seeds, ..there };
+        let plot_against = grid.plot_against.clone().or(there.plot_against.clone());
+        let grown = Grid {
+            seeds,
+            plot_against,
+            ..there.clone()
+        };
+        if grown == there {
+            return Ok(());
+        }
         let text = serde_json::to_string_pretty(&grown)? + "\n";
         return bnlab::report::output::write_output("--out", &path, text.as_bytes(), true);
     }
@@ -324,8 +331,9 @@ fn report(dir: &Path, threshold: Option<f64>) -> anyhow::Result<()> {
 }
 
 /// `curves.svg/png`: each setting's training curves averaged over its seeds; and, when a swept
-/// setting has numbers for values, `final-acc.svg/png`: the final test accuracy against it,
-/// mean ± std over seeds, a line per combination of the other settings.
+/// setting has numbers for values (or the sweep file names one in `plot_against`),
+/// `final-acc.svg/png`: the final test accuracy against it, mean ± std over seeds, a line per
+/// combination of the other settings.
 fn plots(
     dir: &Path,
     grid: &Grid,
@@ -351,43 +359,9 @@ fn plots(
         return Ok(());
     }
     write("curves", curves_svg(&curves)?)?;
-    let numeric = grid.axes.iter().position(|(_, values)| {
-        values.len() > 1
-            && values
-                .iter()
-                .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite))
-    });
-    let Some(axis) = numeric else {
+    let Some((key, series)) = sweep::band_series(grid, rows) else {
         return Ok(());
     };
-    // By key: a row's settings start with its variant when the sweep has variants.
-    let key = &grid.axes[axis].0;
-    let mut series: Vec<bnlab::report::plot::BandSeries> = Vec::new();
-    for row in rows {
-        let Some(x) = row
-            .settings
-            .iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        let others: Vec<String> = row
-            .settings
-            .iter()
-            .filter(|(k, _)| k != key)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let name = match others.is_empty() {
-            true => "mean ± std over seeds".to_string(),
-            false => others.join(","),
-        };
-        let point = (x, row.final_acc.mean, row.final_acc.std);
-        match series.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, pts)) => pts.push(point),
-            None => series.push((name, vec![point])),
-        }
-    }
     let xs: Vec<f64> = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|q| q.0))
@@ -400,6 +374,6 @@ fn plots(
     let log_x = lo > 0.0 && hi / lo >= 10.0;
     write(
         "final-acc",
-        band_svg(&series, key, "final test accuracy", log_x)?,
+        band_svg(&series, &key, "final test accuracy", log_x)?,
     )
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
+use crate::report::plot::BandSeries;
 use crate::report::EpochMetrics;
 
 /// The file in a sweep directory that records its grid.
@@ -39,6 +40,10 @@ pub struct Grid {
     /// The shipped sweep the grid came from, if any.
     #[serde(default)]
     pub name: Option<String>,
+    /// The setting the final-accuracy plot takes as its x axis (a sweep file's
+    /// `plot_against`), when it is not a numeric axis: a key each variant sets to a number.
+    #[serde(default)]
+    pub plot_against: Option<String>,
 }
 
 /// The key under which a point names its variant.
@@ -242,6 +247,9 @@ pub struct SweepFile {
     /// Named variants.
     #[serde(default)]
     pub variant: Vec<VariantEntry>,
+    /// The key the final-accuracy plot is drawn against, when the variants set it.
+    #[serde(default)]
+    pub plot_against: Option<String>,
 }
 
 /// One `[[axis]]` of a sweep file.
@@ -290,6 +298,17 @@ impl SweepFile {
             .map_err(|e| SweepError(format!("sweep {name}: {}", e.message())))?;
         file.name = name.to_string();
         parse_seeds(&file.seeds).map_err(|e| SweepError(format!("sweep {name}: {e}")))?;
+        if let Some(key) = &file.plot_against {
+            let on_axis = file.axis.iter().any(|a| a.key == *key);
+            let by_variants =
+                !file.variant.is_empty() && file.variant.iter().all(|v| v.set.contains_key(key));
+            if !on_axis && !by_variants {
+                return Err(SweepError(format!(
+                    "sweep {name}: plot_against = \"{key}\" is neither an axis nor set by \
+                     every variant; name one of those keys or leave it out"
+                )));
+            }
+        }
         Ok(file)
     }
 
@@ -314,6 +333,7 @@ impl SweepFile {
                 .collect(),
             threshold: self.threshold,
             name: Some(self.name.clone()),
+            plot_against: self.plot_against.clone(),
         })
     }
 }
@@ -519,9 +539,73 @@ pub fn markdown(rows: &[SettingSummary], threshold: f64) -> String {
     out
 }
 
+/// The final-accuracy plot's data: its x key, and per combination of the other settings the
+/// points `(x, mean, std)` of final test accuracy over seeds. The x key is the grid's
+/// `plot_against`, or else its first axis with more than one value, all of them numbers;
+/// `None` when there is neither. A row whose variant sets the key takes the variant's value,
+/// and the variant then names no series of its own.
+pub fn band_series(grid: &Grid, rows: &[SettingSummary]) -> Option<(String, Vec<BandSeries>)> {
+    let key = grid.plot_against.clone().or_else(|| {
+        grid.axes
+            .iter()
+            .find(|(_, values)| {
+                values.len() > 1
+                    && values
+                        .iter()
+                        .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite))
+            })
+            .map(|(k, _)| k.clone())
+    })?;
+    let variant_sets = |name: &str| {
+        grid.variants
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, set)| set.iter().rev().find(|(k, _)| *k == key))
+            .map(|(_, v)| v.clone())
+    };
+    let mut series: Vec<BandSeries> = Vec::new();
+    for row in rows {
+        let own = row.settings.iter().find(|(k, _)| *k == key);
+        let from_variant = row
+            .settings
+            .iter()
+            .find(|(k, _)| k == VARIANT)
+            .and_then(|(_, name)| variant_sets(name));
+        let Some(x) = own
+            .map(|(_, v)| v.clone())
+            .or(from_variant.clone())
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let others: Vec<String> = row
+            .settings
+            .iter()
+            .filter(|(k, _)| *k != key && !(k == VARIANT && own.is_none()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let name = match others.is_empty() {
+            true => "mean ± std over seeds".to_string(),
+            false => others.join(","),
+        };
+        let point = (x, row.final_acc.mean, row.final_acc.std);
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, pts)) => pts.push(point),
+            None => series.push((name, vec![point])),
+        }
+    }
+    (!series.is_empty()).then_some((key, series))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
 
     fn epoch(epoch: usize, test_acc: f64) -> EpochMetrics {
         EpochMetrics::example(epoch, test_acc)
@@ -624,11 +708,6 @@ mod tests {
                 "variant=small,norm=ghost:4",
             ]
         );
-        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
         assert_eq!(
             grid.settings_of(&points[6]),
             pairs(&[
@@ -646,6 +725,10 @@ mod tests {
         );
         assert_eq!(config.norm.unwrap().to_string(), "ghost:4");
         assert!(file.grid(Some("0,9")).unwrap().seeds == [0, 9]);
+        let stray =
+            "description = \"d\"\nrecipe = \"lenet\"\nseeds = \"0\"\nplot_against = \"lr\"\n";
+        let err = SweepFile::parse("stray", stray).unwrap_err().0;
+        assert!(err.contains("plot_against = \"lr\""), "{err}");
     }
 
     #[test]
@@ -691,6 +774,100 @@ mod tests {
         assert!(
             table.contains("| lr=1.0 | 1/3 | 0.9000 ± 0.0000 |"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn the_accuracy_plot_takes_its_x_from_a_numeric_axis_or_from_the_variants() {
+        let row = |settings: &[(&str, &str)], mean: f64| SettingSummary {
+            setting: String::new(),
+            settings: pairs(settings),
+            runs: 2,
+            planned: 2,
+            final_acc: Spread {
+                mean,
+                std: 0.01,
+                min: mean,
+                max: mean,
+            },
+            best_acc: Spread {
+                mean,
+                std: 0.01,
+                min: mean,
+                max: mean,
+            },
+            epoch_to_threshold: None,
+            reached: 0,
+            seconds: Spread {
+                mean: 1.0,
+                std: 0.0,
+                min: 1.0,
+                max: 1.0,
+            },
+        };
+        // A numeric axis: one line per value of the other axis.
+        let grid = Grid {
+            axes: vec![
+                parse_axis("norm=fused,none").unwrap(),
+                parse_axis("lr=0.1,1.0").unwrap(),
+            ],
+            ..Default::default()
+        };
+        let rows = [
+            row(&[("norm", "fused"), ("lr", "0.1")], 0.8),
+            row(&[("norm", "fused"), ("lr", "1.0")], 0.9),
+            row(&[("norm", "none"), ("lr", "0.1")], 0.5),
+        ];
+        let (key, series) = band_series(&grid, &rows).unwrap();
+        assert_eq!(key, "lr");
+        assert_eq!(
+            series,
+            [
+                (
+                    "norm=fused".to_string(),
+                    vec![(0.1, 0.8, 0.01), (1.0, 0.9, 0.01)]
+                ),
+                ("norm=none".to_string(), vec![(0.1, 0.5, 0.01)]),
+            ]
+        );
+        // No numeric axis and no plot_against: no plot.
+        let words = Grid {
+            axes: vec![parse_axis("norm=fused,none").unwrap()],
+            ..Default::default()
+        };
+        assert!(band_series(&words, &rows[..1]).is_none());
+        // plot_against a key the variants set: the variant names no line of its own.
+        let grid = Grid {
+            axes: vec![parse_axis("norm=fused,layer").unwrap()],
+            variants: vec![
+                (
+                    "batch-2".into(),
+                    pairs(&[("batch_size", "2"), ("lr", "0.0078125")]),
+                ),
+                (
+                    "batch-256".into(),
+                    pairs(&[("batch_size", "256"), ("lr", "1.0")]),
+                ),
+            ],
+            plot_against: Some("batch_size".into()),
+            ..Default::default()
+        };
+        let rows = [
+            row(&[(VARIANT, "batch-2"), ("norm", "fused")], 0.53),
+            row(&[(VARIANT, "batch-2"), ("norm", "layer")], 0.78),
+            row(&[(VARIANT, "batch-256"), ("norm", "fused")], 0.71),
+        ];
+        let (key, series) = band_series(&grid, &rows).unwrap();
+        assert_eq!(key, "batch_size");
+        assert_eq!(
+            series,
+            [
+                (
+                    "norm=fused".to_string(),
+                    vec![(2.0, 0.53, 0.01), (256.0, 0.71, 0.01)]
+                ),
+                ("norm=layer".to_string(), vec![(2.0, 0.78, 0.01)]),
+            ]
         );
     }
 }
