@@ -4,13 +4,14 @@
 //!
 //! - forward: the batch statistics of `x` (one pass, as the fused BN op computes them), then
 //!   the convolution of `x` through that prologue;
-//! - backward: the activations `a = relu(γ·x̂ + β)` are recomputed once (bit for bit what the
-//!   forward used), the convolution's backward on `a` gives `da`, `dW` and `db`, and the fused
-//!   BN op's backward through the ReLU takes `da` to `dx`, `dγ` and `dβ`.
+//! - backward: the convolution's backward forms its weight gradient's columns through the same
+//!   prologue (the activations `a = relu(γ·x̂ + β)`, bit for bit what the forward used, are
+//!   never written whole) and gives `da`, `dW` and `db`; the ReLU's mask is recomputed from
+//!   `x`, and BN's backward turns `da` into `dx`, `dγ` and `dβ` in place.
 //!
 //! Between the forward and the backward the op keeps `x` (which the network keeps anyway: it
 //! is the dense block's concatenation) and three numbers per channel, where BN then conv kept
-//! the activations too. Outputs equal those of the fused BN op followed by the convolution
+//! the activations too; its backward holds one gradient buffer of `x`'s size. Outputs equal those of the fused BN op followed by the convolution
 //! exactly: the same statistics, the same arithmetic per value, the same matrix products.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -23,12 +24,12 @@ use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispa
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor};
 
-use super::batch_norm::{channels, planes, stats};
+use super::batch_norm::{planes, stats};
 use super::conv2d::{backward_typed, forward_typed, geometry_of, ConvGeometry, Prologue, Shape};
 use super::cpu::{Dims, Real};
-use super::flex::{contiguous, plane_of, slice, tensor, Element};
+use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
-use crate::norm::epilogue::{Activation, Epilogue};
+use crate::norm::epilogue::Activation;
 use crate::norm::functional::BatchStats;
 
 /// BN → ReLU → Conv as a backend op: Flex, and autodiff over Flex with its own backward.
@@ -112,6 +113,47 @@ impl<E: Real> Prologue<E> for BnRelu<E> {
     }
 }
 
+impl<E: Real> BnRelu<E> {
+    /// `da`, the gradient at the ReLU's output, taken through the ReLU in place: multiplied
+    /// by its derivative at `relu(γ·x̂ + β)`, which is recomputed from `x` value by value as
+    /// the forward computed it (the mask stored activations would give). `x` and `da` are
+    /// `(N, C, S)`.
+    fn through_relu(&self, x: &[E], da: &mut [E], dims: Dims) {
+        use rayon::prelude::*;
+        da.par_chunks_mut(dims.c * dims.s)
+            .zip(x.par_chunks(dims.c * dims.s))
+            .for_each(|(da, x)| {
+                for (c, (da, x)) in da.chunks_mut(dims.s).zip(x.chunks(dims.s)).enumerate() {
+                    let f = self.channel(c);
+                    for (g, &v) in da.iter_mut().zip(x) {
+                        *g = g.mul(Activation::Relu.derivative_from_output(f(v)));
+                    }
+                }
+            });
+    }
+}
+
+/// BN → ReLU's backward in place: `da`, the gradient at the ReLU's output, becomes the input
+/// gradient (left at BN's output gradient when `need_dx` is false); returns per channel
+/// `(Σ dz, Σ dz·x̂)` (dβ, dγ). The activations are not needed: the ReLU's mask is recomputed
+/// from `x`, so only `x` and one gradient buffer are alive.
+pub(crate) fn bn_relu_backward_in_place<E: Real>(
+    x: &[E],
+    da: &mut [E],
+    dims: Dims,
+    stats: &[stats::ChannelStats<E>],
+    gamma: &[E],
+    prologue: &BnRelu<E>,
+    need_dx: bool,
+) -> Vec<(f64, f64)> {
+    prologue.through_relu(x, da, dims);
+    let sums = planes::grad_sums(x, da, dims, stats);
+    if need_dx {
+        planes::input_grad_in_place(x, da, dims, stats, gamma, &sums);
+    }
+    sums
+}
+
 /// What the backward needs.
 #[derive(Debug, Clone)]
 pub struct Saved {
@@ -189,33 +231,15 @@ fn backward(
     ) -> (Option<FlexTensor>, [FlexTensor; 4]) {
         let shape = saved.x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
-        let plane = plane_of(&shape);
         let st = stats::from_saved::<E>(&saved.stats);
         let (xs, gamma) = (slice::<E>(&saved.x), slice::<E>(&saved.gamma));
-        let (activations, _) = planes::forward(
-            xs,
-            dims,
-            plane,
-            &st,
-            gamma,
-            slice(&saved.beta),
-            Epilogue::RELU,
-        );
+        let prologue = BnRelu::new(&st, gamma, slice(&saved.beta));
         let s = Shape::of(&shape, saved.weight.layout().shape(), saved.geometry);
         let (da, dweight, dbias) =
-            backward_typed(&activations, slice(&saved.weight), slice(dy), s, true);
-        let da = da.expect("asked for");
-        let (sums, dx) = channels::train_backward(
-            xs,
-            &da,
-            Some(&activations),
-            dims,
-            plane,
-            &st,
-            gamma,
-            Epilogue::RELU,
-            need_dx,
-        );
+            backward_typed(xs, slice(&saved.weight), slice(dy), s, true, &prologue);
+        let mut da = da.expect("asked for");
+        let sums = bn_relu_backward_in_place(xs, &mut da, dims, &st, gamma, &prologue, need_dx);
+        let dx = need_dx.then_some(da);
         let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
         let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();
         let weight_shape = saved.weight.layout().shape().to_vec();

@@ -10,8 +10,9 @@
 //!   first `C₀ + l·G` channels, gathered), then the convolution with BN → ReLU applied as
 //!   im2col forms its columns.
 //! - The backward goes through the layers in reverse with one gradient buffer of the block's
-//!   size: each layer regathers its input, recomputes its activations, runs the convolution's
-//!   and the fused BN op's backward (in place, keeping fewer full-size buffers alive at once),
+//!   size: each layer regathers its input and runs the convolution's and BN → ReLU's backward
+//!   as [`super::bn_relu_conv2d`] does (the activations recomputed as columns are formed, never
+//!   whole; BN's backward in place, keeping fewer full-size buffers alive at once),
 //!   and adds its input gradient into the buffer's first channels. The gradients are summed
 //!   in the order autodiff sums them on the layer-by-layer path, so the results are equal bit
 //!   for bit.
@@ -28,12 +29,11 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch};
 use burn::tensor::{DType, Tensor};
 
-use super::batch_norm::{planes, stats};
-use super::bn_relu_conv2d::BnRelu;
+use super::batch_norm::stats;
+use super::bn_relu_conv2d::{bn_relu_backward_in_place, BnRelu};
 use super::conv2d::{backward_typed, forward_typed, ConvGeometry, Shape};
 use super::cpu::Dims;
 use super::flex::{contiguous, owned_contiguous, slice, tensor, Element};
-use crate::norm::epilogue::{Activation, Epilogue};
 
 /// The block's sizes: what the op needs besides its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,24 +252,16 @@ fn backward(saved: &Saved, dy: FlexTensor) -> [FlexTensor; 5] {
             let st = stats::from_saved::<E>(&saved.stats[l]);
             let at = shape.norm_offset(c0, l);
             let (gamma, beta) = (&gammas[at..at + c], &betas[at..at + c]);
-            let (activations, _) =
-                planes::forward(&input, dims, (h, w), &st, gamma, beta, Epilogue::RELU);
+            let prologue = BnRelu::new(&st, gamma, beta);
             let s = shape.conv([n, c0, h, w], l);
             let wlen = shape.growth * c * shape.kernel * shape.kernel;
             let wat = shape.weight_offset(c0, l);
             let dout = gather(grads, n, c_total, (c, c + shape.growth), plane);
             let (da, dweight, dbias) =
-                backward_typed(&activations, &weights[wat..][..wlen], &dout, s, true);
-            // Through the ReLU as the fused BN op's epilogue goes, then BN's backward in place:
-            // the same values as `channels::train_backward` with the activations, with one
-            // full-size buffer fewer alive at a time (the block's peak memory is here).
+                backward_typed(&input, &weights[wat..][..wlen], &dout, s, true, &prologue);
             let mut dx = da.expect("asked for");
-            for (g, &a) in dx.iter_mut().zip(&activations) {
-                *g = g.mul(Activation::Relu.derivative_from_output(a));
-            }
-            drop(activations);
-            let sums = planes::grad_sums(&input, &dx, dims, &st);
-            planes::input_grad_in_place(&input, &mut dx, dims, &st, gamma, &sums);
+            let sums =
+                bn_relu_backward_in_place(&input, &mut dx, dims, &st, gamma, &prologue, true);
             for (image, d) in grads
                 .chunks_exact_mut(c_total * plane)
                 .zip(dx.chunks_exact(c * plane))

@@ -364,13 +364,17 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
     unsafe { assume_init(y) }
 }
 
-/// `(dx, dweight, dbias)`, `dx` only if `need_dx`.
-pub(crate) fn backward_typed<E: Element>(
+/// `(dx, dweight, dbias)`, `dx` only if `need_dx`, of the convolution whose input is
+/// `prologue` applied to `x` (as [`forward_typed`] took it): the weight gradient's columns
+/// are formed through the prologue, so its output need not be kept or recomputed whole; `dx`
+/// is the gradient at the prologue's output.
+pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
     x: &[E],
     weight: &[E],
     dy: &[E],
     s: Shape,
     need_dx: bool,
+    prologue: &P,
 ) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
     let (p, g, k) = (s.p(), s.group(), s.k());
     let groups = s.n.div_ceil(g);
@@ -379,7 +383,7 @@ pub(crate) fn backward_typed<E: Element>(
     let group = |gi: usize, dx: Option<&mut [E]>| {
         let imgs = (s.n - gi * g).min(g);
         let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
-        let cols = columns(x, s, imgs, &Identity);
+        let cols = columns(x, s, imgs, prologue);
         // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
         let gathered: Vec<E>;
@@ -535,8 +539,14 @@ fn backward_tensors<E: Element>(
     s: Shape,
     need_dx: bool,
 ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
-    let (dx, dw, db) =
-        backward_typed::<E>(slice(&saved.x), slice(&saved.weight), slice(dy), s, need_dx);
+    let (dx, dw, db) = backward_typed::<E, _>(
+        slice(&saved.x),
+        slice(&saved.weight),
+        slice(dy),
+        s,
+        need_dx,
+        &Identity,
+    );
     (
         dx.map(|v| tensor(v, vec![s.n, s.c_in, s.h, s.w])),
         tensor(dw, vec![s.c_out, s.c_in, s.k_h, s.k_w]),
