@@ -102,9 +102,34 @@ pub(super) fn columns<'a, E: Element, P: Prologue<E>>(
         return Cow::Borrowed(x);
     }
     let mut cols = uninit::<E>(s.k() * imgs * s.p());
-    im2col(x, s, imgs, &mut cols, prologue);
+    if P::IDENTITY || s.k_h * s.k_w == 1 {
+        im2col(x, s, imgs, &mut cols, prologue);
+    } else {
+        // A window reads each value up to k_h·k_w times: the prologue once per value, into
+        // the group's own copy, and then plain copies.
+        let mapped = mapped(x, s, imgs, prologue);
+        im2col(&mapped, s, imgs, &mut cols, &Identity);
+    }
     // SAFETY: im2col writes every element.
     Cow::Owned(unsafe { assume_init(cols) })
+}
+
+/// The group's `imgs` images with `prologue` applied to each value.
+fn mapped<E: Element, P: Prologue<E>>(x: &[E], s: Shape, imgs: usize, prologue: &P) -> Vec<E> {
+    let plane = s.h * s.w;
+    let mut out = uninit::<E>(imgs * s.image_len());
+    for (i, (to, from)) in out
+        .chunks_mut(plane)
+        .zip(x[..imgs * s.image_len()].chunks(plane))
+        .enumerate()
+    {
+        let f = prologue.channel(i % s.c_in);
+        for (o, &v) in to.iter_mut().zip(from) {
+            o.write(f(v));
+        }
+    }
+    // SAFETY: every plane was written above.
+    unsafe { assume_init(out) }
 }
 
 /// One image's row `(ky, kx)` of [`im2col`] for a stride-1 convolution that keeps the width
