@@ -138,6 +138,8 @@ impl Case {
 fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("3 layers on 6x6", Case::new(3, 5, 6, 3, 3, 1)),
+        // 1x1 planes: the layers' inputs are gathered, not read in place.
+        ("3 layers on 1x1", Case::new(4, 3, 1, 2, 3, 7)),
         (
             "2 layers on 16x16 (one image per group)",
             Case::new(2, 4, 16, 2, 2, 2),

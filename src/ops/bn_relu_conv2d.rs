@@ -117,12 +117,13 @@ impl<E: Real> BnRelu<E> {
     /// `da`, the gradient at the ReLU's output, taken through the ReLU in place: multiplied
     /// by its derivative at `relu(γ·x̂ + β)`, which is recomputed from `x` value by value as
     /// the forward computed it (the mask stored activations would give). `x` and `da` are
-    /// `(N, C, S)`.
-    fn through_relu(&self, x: &[E], da: &mut [E], dims: Dims) {
+    /// `(N, C, S)`, the images of `x` `image` values apart.
+    fn through_relu(&self, x: &[E], image: usize, da: &mut [E], dims: Dims) {
         use rayon::prelude::*;
         da.par_chunks_mut(dims.c * dims.s)
-            .zip(x.par_chunks(dims.c * dims.s))
-            .for_each(|(da, x)| {
+            .enumerate()
+            .for_each(|(n, da)| {
+                let x = &x[n * image..][..dims.c * dims.s];
                 for (c, (da, x)) in da.chunks_mut(dims.s).zip(x.chunks(dims.s)).enumerate() {
                     let f = self.channel(c);
                     for (g, &v) in da.iter_mut().zip(x) {
@@ -136,9 +137,13 @@ impl<E: Real> BnRelu<E> {
 /// BN → ReLU's backward in place: `da`, the gradient at the ReLU's output, becomes the input
 /// gradient (left at BN's output gradient when `need_dx` is false); returns per channel
 /// `(Σ dz, Σ dz·x̂)` (dβ, dγ). The activations are not needed: the ReLU's mask is recomputed
-/// from `x`, so only `x` and one gradient buffer are alive.
+/// from `x`, so only `x` and one gradient buffer are alive. The images of `x` lie `image`
+/// values apart: `C·S`, or more for the first channels of a dense block's buffer (then
+/// `S > 1`); `da` is its own `(N, C, S)` tensor.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_relu_backward_in_place<E: Real>(
     x: &[E],
+    image: usize,
     da: &mut [E],
     dims: Dims,
     stats: &[stats::ChannelStats<E>],
@@ -146,10 +151,17 @@ pub(crate) fn bn_relu_backward_in_place<E: Real>(
     prologue: &BnRelu<E>,
     need_dx: bool,
 ) -> Vec<(f64, f64)> {
-    prologue.through_relu(x, da, dims);
-    let sums = planes::grad_sums(x, da, dims, stats);
+    prologue.through_relu(x, image, da, dims);
+    if image == dims.c * dims.s {
+        let sums = planes::grad_sums(x, da, dims, stats);
+        if need_dx {
+            planes::input_grad_in_place(x, da, dims, stats, gamma, &sums);
+        }
+        return sums;
+    }
+    let sums = planes::grad_sums_in(x, image, da, dims, stats);
     if need_dx {
-        planes::input_grad_in_place(x, da, dims, stats, gamma, &sums);
+        planes::input_grad_in_place_in(x, image, da, dims, stats, gamma, &sums);
     }
     sums
 }
@@ -238,7 +250,9 @@ fn backward(
         let (da, dweight, dbias) =
             backward_typed(xs, slice(&saved.weight), slice(dy), s, true, &prologue);
         let mut da = da.expect("asked for");
-        let sums = bn_relu_backward_in_place(xs, &mut da, dims, &st, gamma, &prologue, need_dx);
+        let image = dims.c * dims.s;
+        let sums =
+            bn_relu_backward_in_place(xs, image, &mut da, dims, &st, gamma, &prologue, need_dx);
         let dx = need_dx.then_some(da);
         let dgamma = sums.iter().map(|s| E::from_f64(s.1)).collect();
         let dbeta = sums.iter().map(|s| E::from_f64(s.0)).collect();

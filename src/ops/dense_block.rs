@@ -7,10 +7,11 @@
 //!   the backward keeps (with three numbers per BN channel), where the layer-by-layer path
 //!   keeps every layer's concatenated input: `L` growing copies.
 //! - Each layer runs as [`super::bn_relu_conv2d`] does: statistics of its input (the buffer's
-//!   first `C₀ + l·G` channels, gathered), then the convolution with BN → ReLU applied as
+//!   first `C₀ + l·G` channels, read in place: the kernels take images that lie `C_total·H·W`
+//!   apart), then the convolution with BN → ReLU applied as
 //!   im2col forms its columns.
 //! - The backward goes through the layers in reverse with one gradient buffer of the block's
-//!   size: each layer regathers its input and runs the convolution's and BN → ReLU's backward
+//!   size: each layer reads its input in place and runs the convolution's and BN → ReLU's backward
 //!   as [`super::bn_relu_conv2d`] does (the activations recomputed as columns are formed, never
 //!   whole; BN's backward in place, keeping fewer full-size buffers alive at once),
 //!   and adds its input gradient into the buffer's first channels. The gradients are summed
@@ -19,6 +20,8 @@
 //!
 //! The layers' parameters come in concatenated (γ and β of all layers one after another, the
 //! weights flattened), so that the op has a fixed number of inputs.
+
+use std::borrow::Cow;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -122,6 +125,25 @@ pub fn dense_block(
 
 /// Channels `from..to` of every image of `buf` (`n` images of `c_total` planes of `plane`
 /// values), as a contiguous `(n, to - from, plane)` tensor.
+/// Layer input: the buffer's first `c` channels, with how far apart its images lie. Read in
+/// place (images `C_total·plane` apart) where the kernels take that; gathered into its own
+/// tensor for 1×1 planes, whose BN kernels take only contiguous rows.
+fn layer_input<E: Copy>(
+    buf: &[E],
+    n: usize,
+    c_total: usize,
+    c: usize,
+    plane: usize,
+) -> (Cow<'_, [E]>, usize) {
+    match plane > 1 {
+        true => (Cow::Borrowed(buf), c_total * plane),
+        false => (
+            Cow::Owned(gather(buf, n, c_total, (0, c), plane)),
+            c * plane,
+        ),
+    }
+}
+
 fn gather<E: Copy>(
     buf: &[E],
     n: usize,
@@ -178,15 +200,16 @@ fn forward(
         let (mut means, mut vars, mut saved) = (Vec::new(), Vec::new(), Vec::new());
         for l in 0..shape.layers {
             let c = shape.channels(c0, l);
-            let input = gather(&block, n, c_total, (0, c), plane);
-            let st = stats::channel_stats(&input, Dims { n, c, s: plane }, eps);
+            let (input, x_image) = layer_input(&block, n, c_total, c, plane);
+            let st = stats::channel_stats_in(&input, Dims { n, c, s: plane }, x_image, eps);
             let at = shape.norm_offset(c0, l);
             let prologue = BnRelu::new(&st, &gammas[at..at + c], &betas[at..at + c]);
-            let s = shape.conv([n, c0, h, w], l);
+            let s = shape.conv([n, c0, h, w], l).with_x_image(x_image);
             let weight = &weights[shape.weight_offset(c0, l)..]
                 [..shape.growth * c * shape.kernel * shape.kernel];
             let bias = &biases[l * shape.growth..][..shape.growth];
             let y = forward_typed(&input, weight, bias, s, &prologue);
+            drop(input);
             let new = shape.growth * plane;
             for (image, out) in block
                 .chunks_exact_mut(c_total * plane)
@@ -248,20 +271,21 @@ fn backward(saved: &Saved, dy: FlexTensor) -> [FlexTensor; 5] {
         for l in (0..shape.layers).rev() {
             let c = shape.channels(c0, l);
             let dims = Dims { n, c, s: plane };
-            let input = gather(block, n, c_total, (0, c), plane);
+            let (input, x_image) = layer_input(block, n, c_total, c, plane);
             let st = stats::from_saved::<E>(&saved.stats[l]);
             let at = shape.norm_offset(c0, l);
             let (gamma, beta) = (&gammas[at..at + c], &betas[at..at + c]);
             let prologue = BnRelu::new(&st, gamma, beta);
-            let s = shape.conv([n, c0, h, w], l);
+            let s = shape.conv([n, c0, h, w], l).with_x_image(x_image);
             let wlen = shape.growth * c * shape.kernel * shape.kernel;
             let wat = shape.weight_offset(c0, l);
             let dout = gather(grads, n, c_total, (c, c + shape.growth), plane);
             let (da, dweight, dbias) =
                 backward_typed(&input, &weights[wat..][..wlen], &dout, s, true, &prologue);
             let mut dx = da.expect("asked for");
-            let sums =
-                bn_relu_backward_in_place(&input, &mut dx, dims, &st, gamma, &prologue, true);
+            let sums = bn_relu_backward_in_place(
+                &input, x_image, &mut dx, dims, &st, gamma, &prologue, true,
+            );
             for (image, d) in grads
                 .chunks_exact_mut(c_total * plane)
                 .zip(dx.chunks_exact(c * plane))

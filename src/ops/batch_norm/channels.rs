@@ -72,7 +72,7 @@ pub fn train_forward<E: Real>(
         .zip(pooled_outputs)
         .enumerate()
         .map(|(c, (outs, pooled))| {
-            let st = channel_stat(x, dims, c, eps);
+            let st = channel_stat(x, dims, dims.c * dims.s, c, eps);
             let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
             let mut pooled = pooled.map(|p| p.into_iter());
             for (n, out) in outs.into_iter().enumerate() {
@@ -147,7 +147,7 @@ pub fn train_backward<E: Real>(
             }
             let sums = match activations {
                 None => {
-                    let (s0, s1) = dy_sums(x, dout, dims, c, st);
+                    let (s0, s1) = dy_sums(x, dims.c * dims.s, dout, dims, c, st);
                     let sums = (s0, s1 * st.inv_std.to_f64());
                     let coefficient = input_grad_coefficient(dims, st, gamma[c], sums);
                     for (n, out) in outs.into_iter().enumerate() {

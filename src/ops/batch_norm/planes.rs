@@ -97,13 +97,14 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`.
-    pub(crate) fn dy_sums<E: Real>(x: &[E], dy: &[E], dims: Dims, c: usize, st: ChannelStats<E>) -> (f64, f64) {
+    /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`, the images of `x` `image` values
+    /// apart (`C·S` when `x` is its own tensor; `dy` is always).
+    pub(crate) fn dy_sums<E: Real>(x: &[E], image: usize, dy: &[E], dims: Dims, c: usize, st: ChannelStats<E>) -> (f64, f64) {
         let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
             let start = (n * dims.c + c) * dims.s;
             let (a, b) = lane_sums(
-                &x[start..][..dims.s],
+                &x[n * image + c * dims.s..][..dims.s],
                 &dy[start..][..dims.s],
                 |_, g| g.to_f64(),
                 |v, g| g.to_f64() * st.centered(v).to_f64(),
@@ -124,11 +125,24 @@ pub fn grad_sums<E: Real>(
     if dims.s == 1 {
         return rows::grad_sums(x, dy, dims, stats, None);
     }
+    grad_sums_in(x, dims.c * dims.s, dy, dims, stats)
+}
+
+/// [`grad_sums`] for planes (`S > 1`) with the images of `x` `image` values apart (the first
+/// channels of a dense block's buffer).
+pub(crate) fn grad_sums_in<E: Real>(
+    x: &[E],
+    image: usize,
+    dy: &[E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+) -> Vec<(f64, f64)> {
+    debug_assert!(dims.s > 1);
     (0..dims.c)
         .into_par_iter()
         .map(|c| {
             let st = stats[c];
-            let (sum_dy, sum_dy_d) = dy_sums(x, dy, dims, c, st);
+            let (sum_dy, sum_dy_d) = dy_sums(x, image, dy, dims, c, st);
             (sum_dy, sum_dy_d * st.inv_std.to_f64())
         })
         .collect()
@@ -295,17 +309,34 @@ pub fn input_grad_in_place<E: Real>(
     gamma: &[E],
     sums: &[(f64, f64)],
 ) {
-    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
     if dims.s == 1 {
+        let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
         rows::input_grad(x, dims, stats, &coefficients, RowsOut::InPlace(dz));
         return;
     }
+    input_grad_in_place_in(x, dims.c * dims.s, dz, dims, stats, gamma, sums);
+}
+
+/// [`input_grad_in_place`] for planes (`S > 1`) with the images of `x` `image` values apart
+/// (`dz` is its own tensor).
+pub(crate) fn input_grad_in_place_in<E: Real>(
+    x: &[E],
+    image: usize,
+    dz: &mut [E],
+    dims: Dims,
+    stats: &[ChannelStats<E>],
+    gamma: &[E],
+    sums: &[(f64, f64)],
+) {
+    debug_assert!(dims.s > 1);
+    let coefficients = input_grad_coefficients(dims, stats, gamma, sums);
     dz.par_chunks_mut(dims.s)
         .with_min_len(planes_per_task(dims))
         .enumerate()
         .for_each(|(i, run)| {
-            let xs = &x[i * dims.s..][..dims.s];
-            input_grad_plane_in_place(xs, stats[i % dims.c], coefficients[i % dims.c], run);
+            let (n, c) = (i / dims.c, i % dims.c);
+            let xs = &x[n * image + c * dims.s..][..dims.s];
+            input_grad_plane_in_place(xs, stats[c], coefficients[c], run);
         });
 }
 

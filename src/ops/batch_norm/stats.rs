@@ -34,8 +34,9 @@ impl<E: Real> ChannelStats<E> {
 }
 
 simd_fn! {
-    /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`.
-    pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, c: usize, pivot: E) -> (f64, f64) {
+    /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`, the images of `x` `image` values
+    /// apart (`C·S` when `x` is its own tensor).
+    pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, image: usize, c: usize, pivot: E) -> (f64, f64) {
         if dims.s == 1 {
             // (N, C) input: the channel's values are a column.
             let column = x[c..].iter().step_by(dims.c).map(|&v| v.sub(pivot).to_f64());
@@ -43,7 +44,7 @@ simd_fn! {
         }
         let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
-            let run = &x[(n * dims.c + c) * dims.s..][..dims.s];
+            let run = &x[n * image + c * dims.s..][..dims.s];
             let d = |v: E| v.sub(pivot).to_f64();
             let (s, q) = lane_sums(run, run, |v, _| d(v), |v, _| d(v) * d(v));
             sums = (sums.0 + s, sums.1 + q);
@@ -55,17 +56,34 @@ simd_fn! {
 /// Per-channel statistics of `x` in one pass.
 pub fn channel_stats<E: Real>(x: &[E], dims: Dims, eps: f64) -> Vec<ChannelStats<E>> {
     debug_assert_eq!(x.len(), dims.len());
+    channel_stats_in(x, dims, dims.c * dims.s, eps)
+}
+
+/// [`channel_stats`] of the first `dims.c` channels of images `image` values apart (a dense
+/// block's buffer, whose layers each read its first channels).
+pub(crate) fn channel_stats_in<E: Real>(
+    x: &[E],
+    dims: Dims,
+    image: usize,
+    eps: f64,
+) -> Vec<ChannelStats<E>> {
     (0..dims.c)
         .into_par_iter()
-        .map(|c| channel_stat(x, dims, c, eps))
+        .map(|c| channel_stat(x, dims, image, c, eps))
         .collect()
 }
 
-/// Channel `c`'s statistics.
-pub(crate) fn channel_stat<E: Real>(x: &[E], dims: Dims, c: usize, eps: f64) -> ChannelStats<E> {
+/// Channel `c`'s statistics, the images of `x` `image` values apart.
+pub(crate) fn channel_stat<E: Real>(
+    x: &[E],
+    dims: Dims,
+    image: usize,
+    c: usize,
+    eps: f64,
+) -> ChannelStats<E> {
     let m = dims.count() as f64;
     let pivot = x[c * dims.s];
-    let (sum, sq) = shifted_sums(x, dims, c, pivot);
+    let (sum, sq) = shifted_sums(x, dims, image, c, pivot);
     let shifted_mean = sum / m;
     let var = (sq / m - shifted_mean * shifted_mean).max(0.0);
     ChannelStats {

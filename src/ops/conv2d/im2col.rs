@@ -47,7 +47,7 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
                 let row = &mut cols[r * width..][..width];
                 let (lo, hi) = s.columns(kx);
                 for i in 0..imgs {
-                    let plane = &x[i * s.image_len() + c * s.h * s.w..][..s.h * s.w];
+                    let plane = &x[i * s.x_image + c * s.h * s.w..][..s.h * s.w];
                     if s.stride == 1 && s.w_out == s.w {
                         same_width_row(plane, s, ky, kx, &mut row[i * p..][..p], f);
                         continue;
@@ -99,7 +99,7 @@ pub(super) fn columns<'a, E: Element, P: Prologue<E>>(
 ) -> Cow<'a, [E]> {
     let pointwise = s.k_h == 1 && s.k_w == 1 && s.stride == 1 && s.padding == 0;
     if P::IDENTITY && imgs == 1 && pointwise {
-        return Cow::Borrowed(x);
+        return Cow::Borrowed(&x[..s.image_len()]);
     }
     let mut cols = uninit::<E>(s.k() * imgs * s.p());
     if P::IDENTITY || s.k_h * s.k_w == 1 {
@@ -108,7 +108,8 @@ pub(super) fn columns<'a, E: Element, P: Prologue<E>>(
         // A window reads each value up to k_h·k_w times: the prologue once per value, into
         // the group's own copy, and then plain copies.
         let mapped = mapped(x, s, imgs, prologue);
-        im2col(&mapped, s, imgs, &mut cols, &Identity);
+        let own = s.with_x_image(s.image_len());
+        im2col(&mapped, own, imgs, &mut cols, &Identity);
     }
     // SAFETY: im2col writes every element.
     Cow::Owned(unsafe { assume_init(cols) })
@@ -118,14 +119,13 @@ pub(super) fn columns<'a, E: Element, P: Prologue<E>>(
 fn mapped<E: Element, P: Prologue<E>>(x: &[E], s: Shape, imgs: usize, prologue: &P) -> Vec<E> {
     let plane = s.h * s.w;
     let mut out = uninit::<E>(imgs * s.image_len());
-    for (i, (to, from)) in out
-        .chunks_mut(plane)
-        .zip(x[..imgs * s.image_len()].chunks(plane))
-        .enumerate()
-    {
-        let f = prologue.channel(i % s.c_in);
-        for (o, &v) in to.iter_mut().zip(from) {
-            o.write(f(v));
+    for (i, image) in out.chunks_mut(s.image_len()).enumerate() {
+        let from = &x[i * s.x_image..][..s.image_len()];
+        for (c, (to, from)) in image.chunks_mut(plane).zip(from.chunks(plane)).enumerate() {
+            let f = prologue.channel(c);
+            for (o, &v) in to.iter_mut().zip(from) {
+                o.write(f(v));
+            }
         }
     }
     // SAFETY: every plane was written above.

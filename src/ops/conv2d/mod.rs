@@ -130,6 +130,9 @@ pub(crate) struct Shape {
     w_out: usize,
     stride: usize,
     padding: usize,
+    /// How far apart the images of `x` lie: `C_in·H·W` when `x` is its own tensor, more when
+    /// it is the first `C_in` channels of a wider one (a dense block's buffer).
+    x_image: usize,
 }
 
 impl Shape {
@@ -147,7 +150,20 @@ impl Shape {
             w_out: (w + 2 * g.padding - k_w) / g.stride + 1,
             stride: g.stride,
             padding: g.padding,
+            x_image: x[1] * h * w,
         }
+    }
+
+    /// The same convolution reading `x` as the first `C_in` channels of images `x_image`
+    /// values apart (at least `C_in·H·W`).
+    pub(crate) fn with_x_image(self, x_image: usize) -> Self {
+        assert!(x_image >= self.image_len());
+        Self { x_image, ..self }
+    }
+
+    /// Group `gi`'s `imgs` images of `x`: from its first value to the last of its last image.
+    fn x_group<'a, E>(&self, x: &'a [E], gi: usize, imgs: usize) -> &'a [E] {
+        &x[gi * self.group() * self.x_image..][..(imgs - 1) * self.x_image + self.image_len()]
     }
 
     /// `(N, C_out, H_out, W_out)`.
@@ -338,7 +354,7 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
         .enumerate()
         .for_each(|(gi, out)| {
             let imgs = out.len() / (s.c_out * p);
-            let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
+            let x = s.x_group(x, gi, imgs);
             let cols = columns(x, s, imgs, prologue);
             let cols = row_major(&cols, s.k(), imgs * p);
             if imgs == 1 {
@@ -382,7 +398,7 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
     let w = row_major(weight, s.c_out, k);
     let group = |gi: usize, dx: Option<&mut [E]>| {
         let imgs = (s.n - gi * g).min(g);
-        let x = &x[gi * g * s.image_len()..][..imgs * s.image_len()];
+        let x = s.x_group(x, gi, imgs);
         let cols = columns(x, s, imgs, prologue);
         // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
