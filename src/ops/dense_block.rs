@@ -7,12 +7,12 @@
 //!   the backward keeps (with three numbers per BN channel), where the layer-by-layer path
 //!   keeps every layer's concatenated input: `L` growing copies.
 //! - Each layer runs as [`super::bn_relu_conv2d`] does: statistics of its input (the buffer's
-//!   first `C₀ + l·G` channels, read in place: the kernels take images that lie `C_total·H·W`
-//!   apart), then the convolution with BN → ReLU applied as
-//!   im2col forms its columns.
+//!   first `C₀ + l·G` channels, read in place: the kernels take images that lie
+//!   `C_total·H·W` apart), then the convolution with BN → ReLU applied as im2col forms its
+//!   columns.
 //! - The backward goes through the layers in reverse with one gradient buffer of the block's
-//!   size: each layer reads its input in place and runs the convolution's and BN → ReLU's backward
-//!   as [`super::bn_relu_conv2d`] does (the activations recomputed as columns are formed, never
+//!   size: each layer reads its input in place and runs the convolution's and BN → ReLU's
+//!   backward as [`super::bn_relu_conv2d`] does (the activations recomputed as columns are formed, never
 //!   whole; BN's backward in place, keeping fewer full-size buffers alive at once),
 //!   and adds its input gradient into the buffer's first channels. The gradients are summed
 //!   in the order autodiff sums them on the layer-by-layer path, so the results are equal bit
