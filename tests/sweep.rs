@@ -257,3 +257,44 @@ fn a_shipped_sweep_runs_its_variants_and_reports_each() {
     assert_eq!(config(run)["bn_momentum"], 0.01);
     assert_eq!(config(run)["norm"], "fused");
 }
+
+#[test]
+fn a_sweep_directory_takes_over_what_a_newer_sweep_file_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("small");
+    let args = |seeds: &'static str| -> Vec<String> {
+        let out = out.to_str().unwrap().to_string();
+        [
+            "sweep",
+            "bn-small-batches",
+            "--seeds",
+            seeds,
+            "--plan",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out])
+        .collect()
+    };
+    let run = |seeds| ok(&args(seeds).iter().map(String::as_str).collect::<Vec<_>>());
+    run("0");
+    let path = out.join("sweep.json");
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    assert_eq!(read()["plot_against"], "batch_size");
+    // As an older bnlab wrote it: no name, no plot_against.
+    let mut older = read();
+    let fields = older.as_object_mut().unwrap();
+    fields.remove("plot_against");
+    fields.remove("name");
+    std::fs::write(&path, serde_json::to_string_pretty(&older).unwrap()).unwrap();
+    let plan = String::from_utf8(run("0-1").stdout).unwrap();
+    // Seed 0's runs were planned, not run: both seeds are pending.
+    assert_eq!(plan.lines().count(), 2 * 30, "{plan}");
+    let now = read();
+    assert_eq!(now["plot_against"], "batch_size");
+    assert_eq!(now["name"], "bn-small-batches");
+    assert_eq!(now["seeds"], serde_json::json!([0, 1]));
+}

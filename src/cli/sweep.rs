@@ -159,14 +159,14 @@ fn record_grid(dir: &Path, grid: &Grid) -> anyhow::Result<()> {
                 axes.join(" ")
             );
         }
-        // The same grid with other seeds: the sweep now covers both; and a sweep file's
-        // newer plot setting is taken over.
+        // The same grid with other seeds: the sweep now covers both; and what a newer sweep
+        // file says about the grid (its name, the plot's x axis) is taken over.
         let mut seeds = there.seeds.clone();
         seeds.extend(grid.seeds.iter().filter(|s| !there.seeds.contains(s)));
-        let plot_against = grid.plot_against.clone().or(there.plot_against.clone());
         let grown = Grid {
             seeds,
-            plot_against,
+            name: grid.name.clone().or(there.name.clone()),
+            plot_against: grid.plot_against.clone().or(there.plot_against.clone()),
             ..there.clone()
         };
         if grown == there {
