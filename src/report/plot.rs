@@ -233,7 +233,7 @@ pub fn band_svg(
             })
             .y_desc(y_label)
             .x_label_formatter(&|v| match log_x {
-                true => format!("{:.3}", 10f64.powf(*v)),
+                true => three_digits(10f64.powf(*v)),
                 false => format!("{v:.3}"),
             })
             .y_label_formatter(&|v| format!("{v:.3}"))
@@ -264,10 +264,58 @@ pub fn band_svg(
                     .map(|&(a, m, _)| Circle::new((a, m), 3, color.filled())),
             )?;
         }
-        legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
+        // The legend goes where it hides the fewest means and band edges.
+        let marks: Vec<(f64, f64)> = points()
+            .flat_map(|&(a, m, s)| [(a, m), (a, m + s), (a, m - s)])
+            .map(|(a, y)| {
+                let fx = (x(a) - (x(x_lo) - x_pad)) / (x(x_hi) - x(x_lo) + 2.0 * x_pad);
+                (fx, (y - (y_lo - y_pad)) / (y_hi - y_lo + 2.0 * y_pad))
+            })
+            .collect();
+        // The legend's size as a share of the plot: rows of 15 px type, a 20 px sample line.
+        let longest = series
+            .iter()
+            .map(|(n, _)| n.chars().count())
+            .max()
+            .unwrap_or(0);
+        let size = (
+            (longest as f64 * 8.5 + 60.0) / f64::from(width - 96),
+            (series.len() as f64 * 20.0 + 24.0) / f64::from(height - 80),
+        );
+        legend(&mut chart, quietest_corner(&marks, size))?;
         root.present()?;
     }
     Ok(svg)
+}
+
+/// A tick label with three significant digits: 3.16, 31.6, 316 (not 3.162 or 316.228).
+fn three_digits(v: f64) -> String {
+    let decimals = (2 - v.abs().max(1e-300).log10().floor() as i32).clamp(0, 6) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// The plot corner with the fewest of `marks` (positions scaled to `[0, 1]`, y upwards) under
+/// a legend of `(width, height)` (shares of the plot) there: where it hides the least.
+fn quietest_corner(marks: &[(f64, f64)], (w, h): (f64, f64)) -> SeriesLabelPosition {
+    use SeriesLabelPosition::{LowerLeft, LowerRight, UpperLeft, UpperRight};
+    let count = |left: bool, low: bool| {
+        marks
+            .iter()
+            .filter(|&&(x, y)| {
+                (if left { x <= w } else { x >= 1.0 - w })
+                    && (if low { y <= h } else { y >= 1.0 - h })
+            })
+            .count()
+    };
+    [
+        (LowerLeft, count(true, true)),
+        (LowerRight, count(false, true)),
+        (UpperRight, count(false, false)),
+        (UpperLeft, count(true, false)),
+    ]
+    .into_iter()
+    .min_by_key(|&(_, n)| n)
+    .map_or(LowerLeft, |(corner, _)| corner)
 }
 
 #[cfg(test)]
@@ -319,5 +367,36 @@ mod tests {
             "{svg}"
         );
         svg_to_png(&svg).unwrap();
+    }
+
+    #[test]
+    fn tick_labels_keep_three_significant_digits() {
+        let labels: Vec<String> = [3.16227766, 31.6227766, 316.227766, 0.1, 1.0, 0.0316]
+            .into_iter()
+            .map(three_digits)
+            .collect();
+        assert_eq!(labels, ["3.16", "31.6", "316", "0.100", "1.00", "0.0316"]);
+    }
+
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        // Marks low on the left and high on the right: the upper left is empty.
+        let marks = [(0.1, 0.1), (0.2, 0.2), (0.9, 0.9), (0.8, 0.1)];
+        let size = (0.4, 0.35);
+        assert!(matches!(
+            quietest_corner(&marks, size),
+            SeriesLabelPosition::UpperLeft
+        ));
+        // None anywhere: the first choice, lower left.
+        assert!(matches!(
+            quietest_corner(&[], size),
+            SeriesLabelPosition::LowerLeft
+        ));
+        // A small legend fits beside a mark that a large one would cover.
+        let marks = [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7), (0.05, 0.05)];
+        assert!(matches!(
+            quietest_corner(&marks, (0.2, 0.2)),
+            SeriesLabelPosition::LowerRight
+        ));
     }
 }
