@@ -9,6 +9,7 @@
 //! | W5 | DenseNet on 96×96, batch 64, Adam 1e-3, 10 steps after 2 warm-up | examples/s, conv GFLOP/s, peak RSS |
 //! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms |
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
+//! | W8 | W5 at the recipe's batch of 256, 4 steps after 1 warm-up | examples/s, conv GFLOP/s, peak RSS |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
 
 use std::time::Instant;
@@ -99,6 +100,10 @@ pub struct Scale {
     pub resnet_steps: usize,
     /// W5: timed DenseNet training steps.
     pub densenet_steps: usize,
+    /// W8: timed DenseNet training steps at its large batch.
+    pub densenet_large_steps: usize,
+    /// W8: that batch (the recipe's 256; small under `--quick`).
+    pub densenet_large_batch: usize,
     /// W6: timed forward and backward passes.
     pub bn_iters: usize,
     /// W0: the side of the square matrices.
@@ -116,6 +121,8 @@ impl Scale {
             lenet_batches: None,
             resnet_steps: 30,
             densenet_steps: 10,
+            densenet_large_steps: 4,
+            densenet_large_batch: 256,
             bn_iters: 50,
             matmul_side: 1024,
             matmul_reps: 5,
@@ -129,6 +136,8 @@ impl Scale {
             lenet_batches: Some(3),
             resnet_steps: 2,
             densenet_steps: 1,
+            densenet_large_steps: 1,
+            densenet_large_batch: 8,
             bn_iters: 3,
             matmul_side: 64,
             matmul_reps: 1,
@@ -176,6 +185,7 @@ pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyh
 
 /// A training workload on fixed in-memory batches, timed after warm-up, as torch_bench.py's
 /// `run_steps`: W4 and W5.
+#[derive(Clone, Copy)]
 struct StepsWorkload {
     name: &'static str,
     model: ModelKind,
@@ -200,6 +210,16 @@ const W5: StepsWorkload = StepsWorkload {
     batch: 64,
     size: 96,
     warmup: 2,
+};
+
+/// W8: W5 at the `densenet` recipe's batch of 256, 4 steps after 1: whether the large batch
+/// trains as fast per example as W5's 64, and the peak memory the recipe's steps reach.
+const W8: StepsWorkload = StepsWorkload {
+    name: "W8 densenet_96px_batch256",
+    model: ModelKind::Densenet,
+    batch: 256,
+    size: 96,
+    warmup: 1,
 };
 
 /// W0: the rate of the best matrix product this CPU runs here, the reference for W4's and W5's
@@ -270,6 +290,22 @@ pub fn densenet_training(
 ) -> anyhow::Result<Record> {
     reset_peak_rss();
     let mut r = steps_training(data, &W5, norm, scale.densenet_steps)?;
+    r.peak_rss_mb = peak_rss_mb();
+    Ok(r)
+}
+
+/// W8: W5's steps at the recipe's batch of 256, with the peak RSS they reach.
+pub fn densenet_large_batch_training(
+    data: &FashionMnist,
+    norm: NormKind,
+    scale: Scale,
+) -> anyhow::Result<Record> {
+    reset_peak_rss();
+    let w = StepsWorkload {
+        batch: scale.densenet_large_batch,
+        ..W8
+    };
+    let mut r = steps_training(data, &w, norm, scale.densenet_large_steps)?;
     r.peak_rss_mb = peak_rss_mb();
     Ok(r)
 }

@@ -359,17 +359,21 @@ fn bench_reports_every_workload() {
     );
     let peak = named("W0").next().expect("W0")["gflops"].as_f64().unwrap();
     assert!(peak > 0.0, "W0: {stdout}");
-    for r in named("W4").chain(named("W5")) {
+    for r in named("W4").chain(named("W5")).chain(named("W8")) {
         let gflops = r["gflops"].as_f64().expect("conv GFLOP/s");
         let share = r["share_of_peak"].as_f64().expect("share of W0");
         assert!(gflops > 0.0 && (share - gflops / peak).abs() < 1e-9, "{r}");
     }
     assert_eq!(named("W5").count(), 1, "W5: {stdout}");
-    assert!(named("W5").all(|r| r["peak_rss_mb"].as_f64().unwrap() > 0.0));
+    assert_eq!(named("W8").count(), 1, "W8: {stdout}");
+    assert!(named("W5")
+        .chain(named("W8"))
+        .all(|r| r["peak_rss_mb"].as_f64().unwrap() > 0.0));
     assert!(named("W1")
         .chain(named("W4"))
         .chain(named("W5"))
         .chain(named("W7"))
+        .chain(named("W8"))
         .all(|r| r["examples_per_sec"].as_f64().unwrap() > 0.0));
     assert!(named("W6").all(|r| r["ms_per_fwd_bwd"].as_f64().unwrap() > 0.0));
     let inference: Vec<(&str, bool)> = named("W7")

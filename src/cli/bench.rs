@@ -17,7 +17,7 @@ pub(crate) fn bench(
     env: &EnvArgs,
 ) -> anyhow::Result<()> {
     use bnlab::bench::{self, Scale, NORMS};
-    const ALL: [&str; 7] = ["W0", "W1", "W4", "W5", "W6", "W7", "RSS"];
+    const ALL: [&str; 8] = ["W0", "W1", "W4", "W5", "W6", "W7", "W8", "RSS"];
     let only: Vec<String> = only.iter().map(|w| w.trim().to_uppercase()).collect();
     if let Some(bad) = only.iter().find(|w| !ALL.contains(&w.as_str())) {
         anyhow::bail!(
@@ -74,7 +74,10 @@ pub(crate) fn bench(
         emit(peak_rss_of_training(quick, env)?);
     }
     // The matrix product's rate, the reference for the convolutions' share of it.
-    let peak = (wanted("W0") || wanted("W4") || wanted("W5")).then(|| bench::matmul_peak(scale));
+    let peak = ["W0", "W4", "W5", "W8"]
+        .into_iter()
+        .any(wanted)
+        .then(|| bench::matmul_peak(scale));
     let peak_gflops = peak.as_ref().and_then(|r| r.gflops);
     let with_share = |mut r: bench::Record| {
         r.share_of_peak = r.gflops.zip(peak_gflops).map(|(g, p)| g / p);
@@ -97,6 +100,13 @@ pub(crate) fn bench(
     }
     if wanted("W5") {
         emit(with_share(bench::densenet_training(
+            &data,
+            NormKind::Fused,
+            scale,
+        )?));
+    }
+    if wanted("W8") {
+        emit(with_share(bench::densenet_large_batch_training(
             &data,
             NormKind::Fused,
             scale,

@@ -146,8 +146,8 @@ enum Command {
         env: EnvArgs,
     },
     /// Time the chapter's workloads (W0 the best matrix product here, W1 LeNet-BN training, W4
-    /// ResNet-18 steps, W5 DenseNet steps, W6 one BN layer, W7 inference, peak memory), as
-    /// ../shared/bench/torch_bench.py times PyTorch's.
+    /// ResNet-18 steps, W5 DenseNet steps, W6 one BN layer, W7 inference, W8 DenseNet at batch
+    /// 256, peak memory), as ../shared/bench/torch_bench.py times PyTorch's.
     Bench {
         /// Print one JSON object per workload.
         #[arg(long)]
@@ -155,7 +155,7 @@ enum Command {
         /// Tiny sizes that only check the plumbing (the figures mean nothing).
         #[arg(long)]
         quick: bool,
-        /// Run only these workloads (comma-separated: W0,W1,W4,W5,W6,W7,RSS).
+        /// Run only these workloads (comma-separated: W0,W1,W4,W5,W6,W7,W8,RSS).
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         only: Vec<String>,
         /// Time W1 and W6 only with these norms (comma-separated) [default: fused,scratch,burn].
