@@ -258,16 +258,54 @@ pub fn product_flops() -> u64 {
 /// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major `a.rows × b.cols`.
 /// `parallel` lets gemm split the product over rayon's threads.
 fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: bool, parallel: bool) {
+    // SAFETY: `dst` is initialised, and gemm_into checks its length.
+    unsafe { gemm_into(dst.as_mut_ptr(), dst.len(), a, b, accumulate, parallel) }
+}
+
+/// `a · b` in a new row-major buffer, which is not zeroed first: without accumulating, gemm
+/// writes every element of its output and reads none.
+fn product<E: Element>(a: Mat<&[E]>, b: Mat<&[E]>, parallel: bool) -> Vec<E> {
+    let mut dst = uninit::<E>(a.rows * b.cols);
+    // SAFETY: gemm_into without `accumulate` writes all `len` elements (gemm-common sets
+    // alpha to zero when it is not to read dst, and its kernels then store without loading;
+    // k = 0 is filled here), so the buffer is initialised after it.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr().cast::<E>(),
+            dst.len(),
+            a,
+            b,
+            false,
+            parallel,
+        );
+        assume_init(dst)
+    }
+}
+
+/// The product into `len` values at `dst`.
+///
+/// # Safety
+/// `dst` is valid for `len` writes, and for reads too (initialised) when `accumulate`.
+unsafe fn gemm_into<E: Element>(
+    dst: *mut E,
+    len: usize,
+    a: Mat<&[E]>,
+    b: Mat<&[E]>,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     PRODUCT_FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     assert_eq!(b.rows, k, "matmul: inner dimensions");
-    assert_eq!(dst.len(), m * n, "matmul: output size");
+    assert_eq!(len, m * n, "matmul: output size");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(E::ZERO);
+            for i in 0..len {
+                dst.add(i).write(E::ZERO);
+            }
         }
         return;
     }
@@ -279,31 +317,29 @@ fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: boo
         true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
         false => gemm::Parallelism::None,
     };
-    // SAFETY: the shapes and strides were checked against the slices above; gemm supports
-    // f32 and f64, the only element types here.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.ptr.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.ptr.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            E::ONE,
-            E::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    // SAFETY: the shapes and strides were checked against the slices above and `dst` holds
+    // m·n values; gemm supports f32 and f64, the only element types here.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a.ptr.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.ptr.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
+        E::ONE,
+        E::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// Whether gemm itself should use the threads: when there are too few groups to share out.
@@ -332,11 +368,6 @@ fn fill_rows<'a, E: Element>(
     unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) }
 }
 
-fn as_uninit<E>(v: &mut [E]) -> &mut [MaybeUninit<E>] {
-    // SAFETY: same layout; writing initialised values into it keeps it initialised.
-    unsafe { &mut *(v as *mut [E] as *mut [MaybeUninit<E>]) }
-}
-
 /// `y = conv(prologue(x)) + bias`, `(N, C_out, H_out, W_out)`.
 pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
     x: &[E],
@@ -363,9 +394,9 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
                 matmul(out, w, cols, true, parallel);
                 return;
             }
-            let mut product = vec![E::ZERO; s.c_out * imgs * p];
-            let product_init = fill_rows(as_uninit(&mut product), bias, imgs * p);
-            matmul(product_init, w, cols, true, parallel);
+            let mut buffer = uninit::<E>(s.c_out * imgs * p);
+            let product = fill_rows(&mut buffer, bias, imgs * p);
+            matmul(product, w, cols, true, parallel);
             // (C_out, imgs·P) to (imgs, C_out, P).
             for (i, image) in out.chunks_mut(s.c_out * p).enumerate() {
                 for (co, o) in image.chunks_mut(p).enumerate() {
@@ -417,12 +448,9 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
             }
         };
         let grads_mat = row_major(grads, s.c_out, imgs * p);
-        let mut dweight = vec![E::ZERO; s.c_out * k];
-        matmul(
-            &mut dweight,
+        let dweight = product(
             grads_mat,
             transposed(row_major(&cols, k, imgs * p)),
-            false,
             parallel,
         );
         let dbias: Vec<E> = grads
@@ -430,8 +458,7 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
             .map(|row| row.iter().fold(E::ZERO, |acc, &v| acc.add(v)))
             .collect();
         if let Some(dx) = dx {
-            let mut dcols = vec![E::ZERO; k * imgs * p];
-            matmul(&mut dcols, transposed(w), grads_mat, false, parallel);
+            let dcols = product(transposed(w), grads_mat, parallel);
             col2im(&dcols, s, imgs, dx);
         }
         (dweight, dbias)
