@@ -198,10 +198,27 @@ fn forward(
             image[..c0 * plane].copy_from_slice(input);
         }
         let (mut means, mut vars, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+        // A channel's values never change once written, so neither do its statistics: each
+        // layer computes only its new channels' (the same numbers as over its whole input).
+        let mut block_stats = Vec::new();
         for l in 0..shape.layers {
             let c = shape.channels(c0, l);
             let (input, x_image) = layer_input(&block, n, c_total, c, plane);
-            let st = stats::channel_stats_in(&input, Dims { n, c, s: plane }, x_image, eps);
+            let st = match plane > 1 {
+                true => {
+                    let known = block_stats.len();
+                    let new = Dims {
+                        n,
+                        c: c - known,
+                        s: plane,
+                    };
+                    let from = &block[known * plane..];
+                    block_stats.extend(stats::channel_stats_in(from, new, x_image, eps));
+                    block_stats.clone()
+                }
+                // 1×1 planes: the row kernels take the gathered input whole.
+                false => stats::channel_stats_in(&input, Dims { n, c, s: plane }, x_image, eps),
+            };
             let at = shape.norm_offset(c0, l);
             let prologue = BnRelu::new(&st, &gammas[at..at + c], &betas[at..at + c]);
             let s = shape.conv([n, c0, h, w], l).with_x_image(x_image);
