@@ -400,6 +400,14 @@ fn bench_reports_every_workload() {
     assert!((20.0..5000.0).contains(&rss), "{rss} MB");
     let err = bnlab(&["bench", "--only", "W9"]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("--only W9: unknown workload"));
+    // Only the BN layers bench times are accepted (and listed) for --norm.
+    let err = bnlab(&["bench", "--norm", "none"]);
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(!err.status.success());
+    assert!(
+        stderr.contains("'none'") && stderr.contains("[possible values: fused, scratch, burn]"),
+        "{stderr}"
+    );
 }
 
 /// `export`, `eval --weights` and `train --init` on the same file give the same model.

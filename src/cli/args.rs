@@ -352,7 +352,14 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
 /// A parser for a library enum of named values: its names, each with its doc comment, are the
 /// flag's possible values.
 pub(crate) fn choice<T: Choice + Send + Sync>() -> impl TypedValueParser<Value = T> {
-    let values = T::ALL.iter().map(|v| {
+    choice_of(T::ALL)
+}
+
+/// [`choice`] restricted to `allowed`: the others are neither accepted nor listed.
+pub(crate) fn choice_of<T: Choice + Send + Sync>(
+    allowed: &'static [T],
+) -> impl TypedValueParser<Value = T> {
+    let values = allowed.iter().map(|v| {
         let help: Vec<&str> = v.help().split_whitespace().collect();
         PossibleValue::new(v.name()).help(help.join(" "))
     });

@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         only: Vec<String>,
         /// Time W1 and W6 only with these norms (comma-separated) [default: fused,scratch,burn].
-        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = choice::<NormKind>())]
+        #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = choice_of(&bnlab::bench::NORMS))]
         norm: Vec<NormKind>,
         #[command(flatten)]
         env: EnvArgs,
