@@ -173,6 +173,10 @@ fn optimizer_steps_match_pytorch() {
     }
 }
 
+/// Held by the tests here that train: the time-budget test measures wall time, which a
+/// training run beside it on the same cores would stretch.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn data() -> FashionMnist {
     FashionMnist::load_default().expect("apt-get install dataset-fashion-mnist")
 }
@@ -196,6 +200,7 @@ fn mirrored(split: &Split) -> Split {
 /// image the same; without it the two differ.
 #[test]
 fn flip_tta_sees_an_image_and_its_mirror_alike() {
+    let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let data = data();
     let config = RunConfig {
         model: ModelKind::LenetBn,
@@ -224,6 +229,7 @@ fn flip_tta_sees_an_image_and_its_mirror_alike() {
 /// A run told to stop after 2 s stops in its first epoch, tests, and ends at the budget.
 #[test]
 fn the_time_budget_ends_training_and_still_tests() {
+    let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let config = RunConfig {
         epochs: 50,
         time_budget: Some(2.0),
