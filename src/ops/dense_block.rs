@@ -204,7 +204,7 @@ fn forward(
         for l in 0..shape.layers {
             let c = shape.channels(c0, l);
             let (input, x_image) = layer_input(&block, n, c_total, c, plane);
-            let st = match plane > 1 {
+            match plane > 1 {
                 true => {
                     let known = block_stats.len();
                     let new = Dims {
@@ -214,13 +214,16 @@ fn forward(
                     };
                     let from = &block[known * plane..];
                     block_stats.extend(stats::channel_stats_in(from, new, x_image, eps));
-                    block_stats.clone()
                 }
                 // 1×1 planes: the row kernels take the gathered input whole.
-                false => stats::channel_stats_in(&input, Dims { n, c, s: plane }, x_image, eps),
-            };
+                false => {
+                    block_stats =
+                        stats::channel_stats_in(&input, Dims { n, c, s: plane }, x_image, eps)
+                }
+            }
+            let st = &block_stats[..];
             let at = shape.norm_offset(c0, l);
-            let prologue = BnRelu::new(&st, &gammas[at..at + c], &betas[at..at + c]);
+            let prologue = BnRelu::new(st, &gammas[at..at + c], &betas[at..at + c]);
             let s = shape.conv([n, c0, h, w], l).with_x_image(x_image);
             let weight = &weights[shape.weight_offset(c0, l)..]
                 [..shape.growth * c * shape.kernel * shape.kernel];
@@ -234,7 +237,7 @@ fn forward(
             {
                 image[c * plane..][..new].copy_from_slice(out);
             }
-            let (mean, var, layer_saved) = stats::batch_outputs(&st);
+            let (mean, var, layer_saved) = stats::batch_outputs(st);
             means.extend(mean);
             vars.extend(var);
             saved.push(layer_saved);
