@@ -179,7 +179,7 @@ pub fn lenet_training(data: &FashionMnist, norm: NormKind, scale: Scale) -> anyh
     );
     r.norm = Some(norm_label(norm));
     r.examples_per_sec = Some(m.examples_per_sec);
-    r.test_acc = Some(m.test_acc);
+    r.test_acc = m.test_acc;
     Ok(r)
 }
 

@@ -134,6 +134,9 @@ pub struct RunConfig {
     pub recalibrate_batches: Option<usize>,
     /// Test on each image and its mirror image, summing the two logits.
     pub tta_flip: bool,
+    /// Test after every N-th epoch only (and always after the last, and when the time budget
+    /// ends the run): test passes are time a wall-time budget could train with.
+    pub test_every: usize,
     /// Stop training when another step and the last test pass (taken to last a quarter longer
     /// than the one before, or guessed from the step time before the first) would pass this
     /// many seconds of wall time, then test.
@@ -190,6 +193,7 @@ impl Default for RunConfig {
             recalibrate_bn: false,
             recalibrate_batches: None,
             tta_flip: false,
+            test_every: 1,
             time_budget: None,
             init_weights: None,
             init_renames: Vec::new(),
@@ -396,6 +400,9 @@ impl RunConfig {
                 "--augment-crop pads by at most 8 pixels, got {}",
                 self.augment_crop
             ));
+        }
+        if self.test_every == 0 {
+            return err("--test-every must be at least 1 (1 tests after every epoch)");
         }
         if self.recalibrate_batches == Some(0) {
             return err("--recalibrate-batches must be at least 1");

@@ -28,7 +28,7 @@ impl Observer for StopAfter<'_> {
     }
 }
 
-fn learning_values(metrics: &[EpochMetrics]) -> Vec<(usize, f64, f64, f64)> {
+fn learning_values(metrics: &[EpochMetrics]) -> Vec<(usize, f64, f64, Option<f64>)> {
     metrics
         .iter()
         .map(|m| (m.epoch, m.train_loss, m.train_acc, m.test_acc))

@@ -29,7 +29,7 @@ fn session<'a>(quiet: &'a mut Quiet, outputs: Outputs) -> Session<'a> {
 }
 
 /// What training computed, without the timings.
-fn learned(metrics: &[EpochMetrics]) -> Vec<(usize, f64, f64, f64)> {
+fn learned(metrics: &[EpochMetrics]) -> Vec<(usize, f64, f64, Option<f64>)> {
     metrics
         .iter()
         .map(|m| (m.epoch, m.train_loss, m.train_acc, m.test_acc))

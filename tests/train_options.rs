@@ -232,6 +232,8 @@ fn the_time_budget_ends_training_and_still_tests() {
     let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let config = RunConfig {
         epochs: 50,
+        // The run's end is tested even between the epochs `test_every` names.
+        test_every: 100,
         time_budget: Some(2.0),
         augment_crop: 2,
         augment_flip: true,
@@ -250,11 +252,41 @@ fn the_time_budget_ends_training_and_still_tests() {
     // depends on the machine's load, so not a fixed figure).
     let model = out.model.valid();
     let tested = evaluate(&model, &data().test, &EvalOptions::of(&config));
-    assert_eq!(last.test_acc, tested, "{last:?}");
+    assert_eq!(last.test_acc, Some(tested), "{last:?}");
     // The first test pass is guessed from the step time (a third of a step per batch), so the
     // run ends at the budget, give or take that guess.
     assert!(last.elapsed > 1.0 && last.elapsed < 2.5, "{last:?}");
     assert!(wall < 2.0 + 10.0, "{wall} s");
+}
+
+/// `test_every: 2` over 5 epochs tests after epochs 2, 4 and 5 (the last), and only those
+/// lines carry a test accuracy; what the other epochs report is unchanged by it.
+#[test]
+fn test_every_tests_every_nth_epoch_and_the_last() {
+    let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let config = |test_every| RunConfig {
+        epochs: 5,
+        limit_batches: Some(3),
+        test_every,
+        ..Default::default()
+    };
+    let sparse = train(&config(2), &data(), &mut Quiet).unwrap();
+    let tested: Vec<bool> = sparse
+        .metrics
+        .iter()
+        .map(|m| m.test_acc.is_some())
+        .collect();
+    assert_eq!(tested, [false, true, false, true, true]);
+    let every = train(&config(1), &data(), &mut Quiet).unwrap();
+    for (a, b) in sparse.metrics.iter().zip(&every.metrics) {
+        assert_eq!((a.train_loss, a.train_acc), (b.train_loss, b.train_acc));
+        if a.test_acc.is_some() {
+            assert_eq!(a.test_acc, b.test_acc, "epoch {}", a.epoch);
+        }
+    }
+    assert!(sparse.metrics[0].line(5).contains("test acc   –  "));
+    let line = sparse.metrics[0].json();
+    assert!(line.contains("\"test_acc\":null"), "{line}");
 }
 
 /// Every option the speedrun recipe uses is refused where it would be ignored or meaningless,
@@ -312,6 +344,13 @@ fn options_out_of_place_are_refused_by_name() {
                 ..Default::default()
             },
             "--recalibrate-batches",
+        ),
+        (
+            RunConfig {
+                test_every: 0,
+                ..Default::default()
+            },
+            "--test-every",
         ),
         (
             RunConfig {

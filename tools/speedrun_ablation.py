@@ -87,7 +87,8 @@ def report(args, variants):
             # The budget ended the last epoch early: it took far less than the others.
             if len(m) > 1 and m[-1]["seconds"] < 0.8 * statistics.median(e["seconds"] for e in m[:-1]):
                 cut += 1
-            lines.append((i, [(e["elapsed"], e["test_acc"]) for e in m]))
+            # Epochs that --test-every left untested (test_acc null) have no point.
+            lines.append((i, [(e["elapsed"], e["test_acc"]) for e in m if e["test_acc"] is not None]))
         if not finals:
             continue
         if name in NO_TTA_OF:
@@ -135,6 +136,8 @@ def svg(lines, variants, target):
     for i, pts in lines:
         path = " ".join(f"{x(t):.1f},{y(a):.1f}" for t, a in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{COLOURS[i % len(COLOURS)]}" stroke-width="1.5"/>')
+        # A run tested only at its end is a point, not a line.
+        out.extend(f'<circle cx="{x(t):.1f}" cy="{y(a):.1f}" r="2.5" fill="{COLOURS[i % len(COLOURS)]}"/>' for t, a in pts)
     for i, (name, _, _) in enumerate(variants):
         ly = top + 10 + 18 * i
         out.append(f'<line x1="{w - right + 10}" y1="{ly}" x2="{w - right + 30}" y2="{ly}" stroke="{COLOURS[i % len(COLOURS)]}" stroke-width="2"/>')

@@ -96,6 +96,9 @@ pub(crate) struct RunArgs {
     /// off).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub(crate) tta_flip: Option<bool>,
+    /// Test after every N-th epoch only, and after the last [default: 1, every epoch].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub(crate) test_every: Option<usize>,
     /// Stop training after this many seconds of wall time, keeping time for the last test
     /// pass [default: none].
     #[arg(long, value_name = "SECONDS", value_parser = positive_float)]
@@ -185,7 +188,13 @@ impl RunArgs {
             label_smoothing,
             augment_crop
         );
-        set!(augment_flip, tta_flip, recalibrate_bn, freeze_affine);
+        set!(
+            augment_flip,
+            tta_flip,
+            recalibrate_bn,
+            freeze_affine,
+            test_every
+        );
         set!(bn_layers, bn_position, conv_bias, dropout);
         set_option!(
             norm,

@@ -15,8 +15,9 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Fraction of training examples classified right while training (train mode).
     pub train_acc: f64,
-    /// Fraction of test examples classified right in eval mode, after the epoch.
-    pub test_acc: f64,
+    /// Fraction of test examples classified right in eval mode, after the epoch; `None` (null)
+    /// for an epoch `--test-every` left untested.
+    pub test_acc: Option<f64>,
     /// Training examples per second of the training phase (the test pass excluded).
     pub examples_per_sec: f64,
     /// Wall time of the whole epoch, test pass included.
@@ -30,12 +31,14 @@ pub struct EpochMetrics {
 impl EpochMetrics {
     /// The readable line printed per epoch.
     pub fn line(&self, epochs: usize) -> String {
+        let test_acc = self
+            .test_acc
+            .map_or("  –  ".to_string(), |a| format!("{a:.3}"));
         format!(
-            "epoch {:>width$}/{epochs}  loss {:.4}  train acc {:.3}  test acc {:.3}  {:>7.0} examples/s  {:.1} s  elapsed {:.1} s",
+            "epoch {:>width$}/{epochs}  loss {:.4}  train acc {:.3}  test acc {test_acc}  {:>7.0} examples/s  {:.1} s  elapsed {:.1} s",
             self.epoch,
             self.train_loss,
             self.train_acc,
-            self.test_acc,
             self.examples_per_sec,
             self.seconds,
             self.elapsed,
@@ -58,12 +61,17 @@ impl EpochMetrics {
             epoch,
             train_loss: 1.0,
             train_acc: 0.5,
-            test_acc,
+            test_acc: Some(test_acc),
             examples_per_sec: 1000.0 * epoch as f64,
             seconds: 2.0,
             elapsed: 2.0 * epoch as f64,
         }
     }
+}
+
+/// The last tested epoch's test accuracy (the run's result), if any epoch was tested.
+pub fn final_test_acc(metrics: &[EpochMetrics]) -> Option<f64> {
+    metrics.iter().rev().find_map(|m| m.test_acc)
 }
 
 /// Metrics as JSON lines, one object per epoch.

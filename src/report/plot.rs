@@ -8,12 +8,12 @@ use plotters::prelude::*;
 
 use super::{write_output, EpochMetrics};
 
-/// A panel: its title and the metric it draws.
-type Panel = (&'static str, fn(&EpochMetrics) -> f64);
+/// A panel: its title and the metric it draws (`None` where an epoch has none: untested).
+type Panel = (&'static str, fn(&EpochMetrics) -> Option<f64>);
 
 const PANELS: [Panel; 3] = [
-    ("train loss", |m| m.train_loss),
-    ("train accuracy", |m| m.train_acc),
+    ("train loss", |m| Some(m.train_loss)),
+    ("train accuracy", |m| Some(m.train_acc)),
     ("test accuracy", |m| m.test_acc),
 ];
 
@@ -55,7 +55,7 @@ pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String
             .unwrap_or(1);
         for (panel, area) in PANELS.iter().zip(root.split_evenly((1, 3))) {
             let (title, value) = panel;
-            let value = |m: &EpochMetrics| drawable(value(m));
+            let value = |m: &EpochMetrics| value(m).and_then(drawable);
             let values: Vec<f64> = runs
                 .iter()
                 .flat_map(|(_, m)| m.iter().filter_map(value))
@@ -330,7 +330,7 @@ mod tests {
                 epoch: i + 1,
                 train_loss: loss,
                 train_acc: 0.5,
-                test_acc: 0.5,
+                test_acc: Some(0.5),
                 examples_per_sec: 1.0,
                 seconds: 1.0,
                 elapsed: (i + 1) as f64,

@@ -22,23 +22,21 @@ pub struct Summary {
     pub examples_per_sec: f64,
 }
 
-/// The row of a run with these epochs' metrics, or `None` for no epochs.
+/// The row of a run with these epochs' metrics, or `None` for no tested epoch.
 pub fn summarize(metrics: &[EpochMetrics]) -> Option<Summary> {
-    let last = metrics.last()?;
-    let best = metrics
-        .iter()
-        .max_by(|a, b| a.test_acc.total_cmp(&b.test_acc))?;
+    let tested = || metrics.iter().filter_map(|m| Some((m.epoch, m.test_acc?)));
+    let final_test_acc = super::metrics::final_test_acc(metrics)?;
+    let (best_epoch, best_test_acc) = tested().max_by(|a, b| a.1.total_cmp(&b.1))?;
     let wall_seconds: f64 = metrics.iter().map(|m| m.seconds).sum();
     // Harmonic mean: total examples over total training time.
     let train_seconds: f64 = metrics.iter().map(|m| 1.0 / m.examples_per_sec).sum();
     Some(Summary {
-        final_test_acc: last.test_acc,
-        best_test_acc: best.test_acc,
-        best_epoch: best.epoch,
-        epoch_to_target: metrics
-            .iter()
-            .find(|m| m.test_acc >= TARGET_ACC)
-            .map(|m| m.epoch),
+        final_test_acc,
+        best_test_acc,
+        best_epoch,
+        epoch_to_target: tested()
+            .find(|&(_, acc)| acc >= TARGET_ACC)
+            .map(|(epoch, _)| epoch),
         wall_seconds,
         examples_per_sec: metrics.len() as f64 / train_seconds,
     })
@@ -52,7 +50,10 @@ pub fn markdown(runs: &[(String, Vec<EpochMetrics>)]) -> String {
     );
     for (name, metrics) in runs {
         let Some(s) = summarize(metrics) else {
-            out.push_str(&format!("| {name} | 0 | – | – | – | – | – |\n"));
+            out.push_str(&format!(
+                "| {name} | {} | – | – | – | – | – |\n",
+                metrics.len()
+            ));
             continue;
         };
         let reached = s

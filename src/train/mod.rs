@@ -242,16 +242,24 @@ pub fn run(
         }
         sums.train_seconds += started.elapsed().as_secs_f64();
 
-        let testing = Instant::now();
-        if config.recalibrate_bn {
-            let limit = match (config.recalibrate_batches, config.limit_batches) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            model = recalibrate_bn(model, &data.train, config.batch_size, size, limit);
+        let tested = epoch % config.test_every == 0 || epoch == config.epochs || out_of_time;
+        let mut test_acc = None;
+        if tested {
+            let testing = Instant::now();
+            if config.recalibrate_bn {
+                let limit = match (config.recalibrate_batches, config.limit_batches) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                model = recalibrate_bn(model, &data.train, config.batch_size, size, limit);
+            }
+            test_acc = Some(evaluate(
+                &model.valid(),
+                &data.test,
+                &EvalOptions::of(config),
+            ));
+            clock.reserve.set(Some(testing.elapsed().as_secs_f64()));
         }
-        let test_acc = evaluate(&model.valid(), &data.test, &EvalOptions::of(config));
-        clock.reserve.set(Some(testing.elapsed().as_secs_f64()));
         let seconds = started.elapsed().as_secs_f64();
         let m = EpochMetrics {
             epoch,

@@ -2,6 +2,7 @@
 //! setting, the mean curves, the Markdown table and the accuracy plot's series.
 
 use super::{Grid, Point, VARIANT};
+use crate::report::metrics::final_test_acc;
 use crate::report::plot::BandSeries;
 use crate::report::EpochMetrics;
 
@@ -79,18 +80,25 @@ pub fn summarize(
                 .filter_map(&metrics)
                 .filter(|m| !m.is_empty())
                 .collect();
-            let finals: Vec<f64> = runs.iter().map(|m| m[m.len() - 1].test_acc).collect();
+            let runs: Vec<Vec<EpochMetrics>> = runs
+                .into_iter()
+                .filter(|m| final_test_acc(m).is_some())
+                .collect();
+            let finals: Vec<f64> = runs.iter().filter_map(|m| final_test_acc(m)).collect();
             let bests: Vec<f64> = runs
                 .iter()
                 .map(|m| {
                     m.iter()
-                        .map(|e| e.test_acc)
+                        .filter_map(|e| e.test_acc)
                         .fold(f64::NEG_INFINITY, f64::max)
                 })
                 .collect();
             let firsts: Vec<f64> = runs
                 .iter()
-                .filter_map(|m| m.iter().find(|e| e.test_acc >= threshold))
+                .filter_map(|m| {
+                    m.iter()
+                        .find(|e| e.test_acc.is_some_and(|a| a >= threshold))
+                })
                 .map(|e| e.epoch as f64)
                 .collect();
             let seconds: Vec<f64> = runs
@@ -126,7 +134,11 @@ pub fn mean_curve(runs: &[Vec<EpochMetrics>]) -> Vec<EpochMetrics> {
                 epoch: i + 1,
                 train_loss: mean(|m| m.train_loss),
                 train_acc: mean(|m| m.train_acc),
-                test_acc: mean(|m| m.test_acc),
+                // Over the runs that tested this epoch.
+                test_acc: {
+                    let tested: Vec<f64> = at.iter().filter_map(|m| m.test_acc).collect();
+                    (!tested.is_empty()).then(|| tested.iter().sum::<f64>() / tested.len() as f64)
+                },
                 examples_per_sec: mean(|m| m.examples_per_sec),
                 seconds: mean(|m| m.seconds),
                 elapsed: mean(|m| m.elapsed),
@@ -240,7 +252,7 @@ mod tests {
             vec![epoch(1, 0.5), epoch(2, 0.7)],
             vec![epoch(1, 0.7), epoch(2, 0.9), epoch(3, 0.95)],
         ]);
-        let accs: Vec<f64> = curve.iter().map(|m| m.test_acc).collect();
+        let accs: Vec<f64> = curve.iter().filter_map(|m| m.test_acc).collect();
         assert_eq!(accs.len(), 3);
         assert!((accs[0] - 0.6).abs() < 1e-12 && (accs[1] - 0.8).abs() < 1e-12);
         assert_eq!(accs[2], 0.95);
