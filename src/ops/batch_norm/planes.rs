@@ -10,7 +10,7 @@ use super::rows::{self, RowsOut};
 use super::stats::ChannelStats;
 use crate::norm::epilogue::{Activation, Epilogue, Pool};
 use crate::ops::cpu::{assume_init, fill, lane_sums, planes_per_task, simd_fn, uninit, Dims, Real};
-use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane};
+use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane, unpool_max2};
 
 /// The training-mode forward: `pool(activation(gamma · x̂ + beta))`.
 ///
@@ -159,6 +159,33 @@ simd_fn! {
         epilogue: Epilogue,
         dz: &mut [MaybeUninit<E>],
     ) -> (f64, f64) {
+        if epilogue.pool == Pool::Max(2) && epilogue.activation != Activation::Sigmoid {
+            // One place per window has a gradient: the sums take those places alone, gathered
+            // (with their x) a block of windows at a time.
+            const BLOCK: usize = 256;
+            let (mut grads, mut at) = ([E::ZERO; BLOCK], [E::ZERO; BLOCK]);
+            let (mut sums, mut filled) = ((0.0, 0.0), 0);
+            let mut add = |grads: &[E], at: &[E]| {
+                let (s0, s1) = lane_sums(
+                    at,
+                    grads,
+                    |_, g| g.to_f64(),
+                    |v, g| g.to_f64() * st.centered(v).to_f64(),
+                );
+                sums = (sums.0 + s0, sums.1 + s1);
+            };
+            unpool_max2(a, dout, plane, epilogue.activation, dz, |_, place, g| {
+                grads[filled] = g;
+                at[filled] = xs[place];
+                filled += 1;
+                if filled == BLOCK {
+                    add(&grads, &at);
+                    filled = 0;
+                }
+            });
+            add(&grads[..filled], &at[..filled]);
+            return sums;
+        }
         let dz = epilogue_grad_plane(a, dout, plane, epilogue, dz);
         lane_sums(
             xs,

@@ -111,18 +111,23 @@ pub(crate) fn epilogue_grad_plane<'a, E: Real>(
 ) -> &'a mut [E] {
     let act = epilogue.activation;
     let (k, dz) = match epilogue.pool {
+        // The activation matched once, not per value, so that each loop vectorises.
         Pool::None => {
-            let grads = dout.iter().zip(a);
-            return fill(
-                dz,
-                grads.map(|(&g, &a)| g.mul(act.derivative_from_output(a))),
-            );
+            return match act {
+                Activation::Identity => through(a, dout, dz, |g, _| g),
+                Activation::Sigmoid => through(a, dout, dz, |g, a| {
+                    g.mul(Activation::Sigmoid.derivative_from_output(a))
+                }),
+                Activation::Relu => through(a, dout, dz, |g, a| {
+                    g.mul(Activation::Relu.derivative_from_output(a))
+                }),
+            };
         }
         // ReLU (or nothing) then a 2 × 2 max pool, the chapter's and speednet's block: each
         // window's four gradients are written at once, with no zeroing or second pass. (Their
         // derivative is finite, so the zeros off the maximum stay zeros, as below.)
         Pool::Max(2) if act != Activation::Sigmoid => {
-            return unpool_max2(a, dout, (h, w), act, dz);
+            return unpool_max2(a, dout, (h, w), act, dz, |_, _, _| {});
         }
         Pool::Avg(k) | Pool::Max(k) => (k, fill(dz, std::iter::repeat(E::ZERO))),
     };
@@ -141,16 +146,59 @@ pub(crate) fn epilogue_grad_plane<'a, E: Real>(
     dz
 }
 
+/// `dz = grad(dout, a)` value by value.
+#[inline(always)]
+fn through<'a, E: Real>(
+    a: &[E],
+    dout: &[E],
+    dz: &'a mut [MaybeUninit<E>],
+    grad: impl Fn(E, E) -> E,
+) -> &'a mut [E] {
+    let (a, dout) = (&a[..dz.len()], &dout[..dz.len()]);
+    for ((d, &g), &av) in dz.iter_mut().zip(dout).zip(a) {
+        d.write(grad(g, av));
+    }
+    // SAFETY: the loop wrote every element of dz (a and dout are at least as long).
+    unsafe { assume_init_mut(dz) }
+}
+
 /// The backward of `act` then a 2 × 2 max pool over one `(h, w)` plane: the gradient goes to
 /// each window's first maximum in row-major order (NaN first), times the activation's
 /// derivative there; every other place, leftover rows and columns included, gets 0.
+///
+/// `at_max(window, place, grad)` is told each window's index, the place of its maximum in the
+/// plane and its gradient: the only values of `dz` that are not 0, so that BN's sums over `dz`
+/// can take those alone.
 #[inline(always)]
-fn unpool_max2<'a, E: Real>(
+pub(crate) fn unpool_max2<'a, E: Real>(
+    a: &[E],
+    dout: &[E],
+    plane: (usize, usize),
+    act: Activation,
+    dz: &'a mut [MaybeUninit<E>],
+    at_max: impl FnMut(usize, usize, E),
+) -> &'a mut [E] {
+    // The activation matched once, not per window.
+    match act {
+        Activation::Identity => unpool_max2_through(a, dout, plane, dz, at_max, |_| E::ONE),
+        Activation::Sigmoid => unpool_max2_through(a, dout, plane, dz, at_max, |v| {
+            Activation::Sigmoid.derivative_from_output(v)
+        }),
+        Activation::Relu => unpool_max2_through(a, dout, plane, dz, at_max, |v| {
+            Activation::Relu.derivative_from_output(v)
+        }),
+    }
+}
+
+/// [`unpool_max2`] with the activation's derivative `derivative`.
+#[inline(always)]
+fn unpool_max2_through<'a, E: Real>(
     a: &[E],
     dout: &[E],
     (h, w): (usize, usize),
-    act: Activation,
     dz: &'a mut [MaybeUninit<E>],
+    mut at_max: impl FnMut(usize, usize, E),
+    derivative: impl Fn(E) -> E,
 ) -> &'a mut [E] {
     let (ho, wo) = (h / 2, w / 2);
     let zero = MaybeUninit::new(E::ZERO);
@@ -160,13 +208,18 @@ fn unpool_max2<'a, E: Real>(
         for (j, &g) in dout_row.iter().enumerate() {
             let c = 2 * j;
             let v = [a_top[c], a_top[c + 1], a_bottom[c], a_bottom[c + 1]];
-            let mut best = 0;
-            for i in 1..4 {
-                if v[i] > v[best] || (v[i].is_nan() && !v[best].is_nan()) {
-                    best = i;
+            let (mut best, mut max) = (0, v[0]);
+            for (i, &vi) in v.iter().enumerate().skip(1) {
+                if vi > max || (vi.is_nan() && !max.is_nan()) {
+                    (best, max) = (i, vi);
                 }
             }
-            let grad = g.mul(act.derivative_from_output(v[best]));
+            let grad = g.mul(derivative(max));
+            at_max(
+                r * wo + j,
+                2 * r * w + c + (best >> 1) * w + (best & 1),
+                grad,
+            );
             let at = |i: usize| MaybeUninit::new(if i == best { grad } else { E::ZERO });
             top[c] = at(0);
             top[c + 1] = at(1);
