@@ -55,9 +55,18 @@ def run_all(args, variants):
             d = run_dir(args.out, name, seed)
             if (d / "model.bpk").is_file():
                 continue
+            if (d / "diverged.txt").is_file():
+                continue
             cmd = [args.bnlab, "run", recipe, *flags, "--seed", str(seed), "--out", str(d)]
             print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+            sys.stderr.write(done.stderr)
+            if done.returncode != 0:
+                # bnlab stops a run whose loss blows up and says so: a result of the variant
+                # (counted in the table), not a failure of the script.
+                if "diverged" not in done.stderr:
+                    raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode})")
+                (d / "diverged.txt").write_text(done.stderr)
     for name, seed in [(n, s) for n in NO_TTA_OF for s in args.seeds]:
         d = run_dir(args.out, name, seed)
         if (d / "model.bpk").is_file() and not (d / "eval-no-tta.json").is_file():
@@ -75,9 +84,10 @@ def fmt(values, digits):
 def report(args, variants):
     rows, lines, tta_rows = [], [], []
     for i, (name, recipe, flags) in enumerate(variants):
-        finals, walls, epochs, cut = [], [], [], 0
+        finals, walls, epochs, cut, diverged = [], [], [], 0, 0
         for seed in args.seeds:
             d = run_dir(args.out, name, seed)
+            diverged += (d / "diverged.txt").is_file()
             if not (d / "model.bpk").is_file():
                 continue
             m = metrics(d)
@@ -90,6 +100,8 @@ def report(args, variants):
             # Epochs that --test-every left untested (test_acc null) have no point.
             lines.append((i, [(e["elapsed"], e["test_acc"]) for e in m if e["test_acc"] is not None]))
         if not finals:
+            if diverged:
+                rows.append(f"| {name} | `{' '.join(flags)}` | 0 | | | | | | | | {diverged} |")
             continue
         if name in NO_TTA_OF:
             no_tta = [json.loads((run_dir(args.out, name, seed) / "eval-no-tta.json").read_text())["test_acc"]
@@ -98,16 +110,17 @@ def report(args, variants):
                 a, lo, hi = fmt(no_tta, 4)
                 reached = sum(v >= args.target for v in no_tta)
                 tta_rows.append(f"| {name}, tested without flip TTA (same models) | `eval --tta-flip=false` | "
-                                f"{len(no_tta)} | {a} | {lo} | {hi} | {reached}/{len(no_tta)} | | | |")
+                                f"{len(no_tta)} | {a} | {lo} | {hi} | {reached}/{len(no_tta)} | | | | |")
         acc, acc_min, acc_max = fmt(finals, 4)
         wall, _, wall_max = fmt(walls, 1)
         flags_text = " ".join(flags) or "(as the recipe)"
         reached = sum(a >= args.target for a in finals)
         rows.append(f"| {name} | `{flags_text}` | {len(finals)} | {acc} | {acc_min} | {acc_max} | "
-                    f"{reached}/{len(finals)} | {wall} | {wall_max} | {cut}/{len(finals)} |")
+                    f"{reached}/{len(finals)} | {wall} | {wall_max} | {cut}/{len(finals)} | {diverged} |")
     table = ("| variant | flags | seeds | final test acc (mean ± std) | min | max | "
-             f"≥ {args.target} | wall time, s (mean ± std) | max | last epoch cut by the budget |\n"
-             "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows + tta_rows) + "\n")
+             f"≥ {args.target} | wall time, s (mean ± std) | max | last epoch cut by the budget | "
+             "diverged (not in the other columns) |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows + tta_rows) + "\n")
     (args.out / "table.md").write_text(table)
     print(table)
     (args.out / "accuracy-vs-time.svg").write_text(svg(lines, variants, args.target))
