@@ -167,3 +167,22 @@ fn recalibration_averages_batch_statistics_exactly() {
     // The momentum is restored afterwards.
     assert_eq!(bn1.update.momentum.weight(), Some(0.1));
 }
+
+/// Precise BN runs its forward passes without gradients (so that they keep no graph), and
+/// hands back a model whose every parameter takes a gradient again, as before it: training
+/// goes on after each test pass of a run with `recalibrate_bn`.
+#[test]
+fn recalibration_leaves_every_parameter_trainable() {
+    use burn::optim::GradientsParams;
+    let data = data();
+    let device = train_device();
+    let gradients = |model: &Model| {
+        let (x, _) = input_batch(&data.train, &[0, 1, 2, 3], 28, &device);
+        GradientsParams::from_grads(model.forward(x).sum().backward(), model).len()
+    };
+    let model = bnlab::models::ModelSpec::of(ModelKind::Speednet, NormKind::Fused).init(0, &device);
+    let before = gradients(&model);
+    assert!(before >= 14, "{before} parameters with a gradient");
+    let recalibrated = recalibrate_bn(model, &data.train, 64, 28, Some(2));
+    assert_eq!(gradients(&recalibrated), before);
+}

@@ -32,6 +32,11 @@ pub fn recalibrate_bn(
     if saved.iter().all(Option::is_none) {
         return model;
     }
+    // Without gradients the forward passes build no graph: Burn's autodiff frees a dropped
+    // graph (and the activations it saved) only at a backward pass, and speedrun's ten passes
+    // of precise BN held about 1.75 GB until then. Every parameter of bnlab's models takes a
+    // gradient, so they all take one again at the end.
+    let mut model = burn::module::Module::no_grad(model);
     let order: Vec<usize> = (0..split.len()).collect();
     let mut chunks = batches(&order, batch_size, true);
     if let Some(limit) = limit {
@@ -53,5 +58,5 @@ pub fn recalibrate_bn(
             layer.set_running_update(update);
         }
     }
-    model
+    burn::module::Module::set_require_grad(model, true)
 }
