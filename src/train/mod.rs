@@ -242,7 +242,8 @@ pub fn run(
         }
         sums.train_seconds += started.elapsed().as_secs_f64();
 
-        let tested = epoch.is_multiple_of(config.test_every) || epoch == config.epochs || out_of_time;
+        let tested =
+            epoch.is_multiple_of(config.test_every) || epoch == config.epochs || out_of_time;
         let mut test_acc = None;
         if tested {
             let testing = Instant::now();
