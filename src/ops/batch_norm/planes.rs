@@ -174,7 +174,7 @@ simd_fn! {
                 );
                 sums = (sums.0 + s0, sums.1 + s1);
             };
-            unpool_max2(a, dout, plane, epilogue.activation, dz, |_, place, g| {
+            unpool_max2(a, dout, plane, epilogue.activation, dz, |place, g| {
                 grads[filled] = g;
                 at[filled] = xs[place];
                 filled += 1;

@@ -127,7 +127,7 @@ pub(crate) fn epilogue_grad_plane<'a, E: Real>(
         // window's four gradients are written at once, with no zeroing or second pass. (Their
         // derivative is finite, so the zeros off the maximum stay zeros, as below.)
         Pool::Max(2) if act != Activation::Sigmoid => {
-            return unpool_max2(a, dout, (h, w), act, dz, |_, _, _| {});
+            return unpool_max2(a, dout, (h, w), act, dz, |_, _| {});
         }
         Pool::Avg(k) | Pool::Max(k) => (k, fill(dz, std::iter::repeat(E::ZERO))),
     };
@@ -166,9 +166,9 @@ fn through<'a, E: Real>(
 /// each window's first maximum in row-major order (NaN first), times the activation's
 /// derivative there; every other place, leftover rows and columns included, gets 0.
 ///
-/// `at_max(window, place, grad)` is told each window's index, the place of its maximum in the
-/// plane and its gradient: the only values of `dz` that are not 0, so that BN's sums over `dz`
-/// can take those alone.
+/// `at_max(place, grad)` is told the place of each window's maximum in the plane and its
+/// gradient: the only values of `dz` that are not 0, so that BN's sums over `dz` can take those
+/// alone.
 #[inline(always)]
 pub(crate) fn unpool_max2<'a, E: Real>(
     a: &[E],
@@ -176,7 +176,7 @@ pub(crate) fn unpool_max2<'a, E: Real>(
     plane: (usize, usize),
     act: Activation,
     dz: &'a mut [MaybeUninit<E>],
-    at_max: impl FnMut(usize, usize, E),
+    at_max: impl FnMut(usize, E),
 ) -> &'a mut [E] {
     // The activation matched once, not per window.
     match act {
@@ -197,7 +197,7 @@ fn unpool_max2_through<'a, E: Real>(
     dout: &[E],
     (h, w): (usize, usize),
     dz: &'a mut [MaybeUninit<E>],
-    mut at_max: impl FnMut(usize, usize, E),
+    mut at_max: impl FnMut(usize, E),
     derivative: impl Fn(E) -> E,
 ) -> &'a mut [E] {
     let (ho, wo) = (h / 2, w / 2);
@@ -215,11 +215,7 @@ fn unpool_max2_through<'a, E: Real>(
                 }
             }
             let grad = g.mul(derivative(max));
-            at_max(
-                r * wo + j,
-                2 * r * w + c + (best >> 1) * w + (best & 1),
-                grad,
-            );
+            at_max(2 * r * w + c + (best >> 1) * w + (best & 1), grad);
             let at = |i: usize| MaybeUninit::new(if i == best { grad } else { E::ZERO });
             top[c] = at(0);
             top[c + 1] = at(1);
