@@ -160,31 +160,7 @@ simd_fn! {
         dz: &mut [MaybeUninit<E>],
     ) -> (f64, f64) {
         if epilogue.pool == Pool::Max(2) && epilogue.activation != Activation::Sigmoid {
-            // One place per window has a gradient: the sums take those places alone, gathered
-            // (with their x) a block of windows at a time.
-            const BLOCK: usize = 256;
-            let (mut grads, mut at) = ([E::ZERO; BLOCK], [E::ZERO; BLOCK]);
-            let (mut sums, mut filled) = ((0.0, 0.0), 0);
-            let mut add = |grads: &[E], at: &[E]| {
-                let (s0, s1) = lane_sums(
-                    at,
-                    grads,
-                    |_, g| g.to_f64(),
-                    |v, g| g.to_f64() * st.centered(v).to_f64(),
-                );
-                sums = (sums.0 + s0, sums.1 + s1);
-            };
-            unpool_max2(a, dout, plane, epilogue.activation, dz, |place, g| {
-                grads[filled] = g;
-                at[filled] = xs[place];
-                filled += 1;
-                if filled == BLOCK {
-                    add(&grads, &at);
-                    filled = 0;
-                }
-            });
-            add(&grads[..filled], &at[..filled]);
-            return sums;
+            return max2_plane_sums(xs, a, dout, st, plane, epilogue.activation, dz);
         }
         let dz = epilogue_grad_plane(a, dout, plane, epilogue, dz);
         lane_sums(
@@ -193,6 +169,45 @@ simd_fn! {
             |_, g| g.to_f64(),
             |v, g| g.to_f64() * st.centered(v).to_f64(),
         )
+    }
+}
+
+simd_fn! {
+    /// [`epilogue_plane_sums`] through a 2 × 2 max pool: one place per window has a gradient,
+    /// so the sums take those places alone, gathered (with their x) a block of windows at a
+    /// time. Its own function, so that the other epilogues' loops are compiled as before.
+    fn max2_plane_sums<E: Real>(
+        xs: &[E],
+        a: &[E],
+        dout: &[E],
+        st: ChannelStats<E>,
+        plane: (usize, usize),
+        activation: Activation,
+        dz: &mut [MaybeUninit<E>],
+    ) -> (f64, f64) {
+        const BLOCK: usize = 256;
+        let (mut grads, mut at) = ([E::ZERO; BLOCK], [E::ZERO; BLOCK]);
+        let (mut sums, mut filled) = ((0.0, 0.0), 0);
+        let mut add = |grads: &[E], at: &[E]| {
+            let (s0, s1) = lane_sums(
+                at,
+                grads,
+                |_, g| g.to_f64(),
+                |v, g| g.to_f64() * st.centered(v).to_f64(),
+            );
+            sums = (sums.0 + s0, sums.1 + s1);
+        };
+        unpool_max2(a, dout, plane, activation, dz, |place, g| {
+            grads[filled] = g;
+            at[filled] = xs[place];
+            filled += 1;
+            if filled == BLOCK {
+                add(&grads, &at);
+                filled = 0;
+            }
+        });
+        add(&grads[..filled], &at[..filled]);
+        sums
     }
 }
 
