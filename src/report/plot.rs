@@ -41,6 +41,20 @@ fn drawable(v: f64) -> Option<f64> {
     v.is_finite().then(|| v.clamp(-DRAWABLE, DRAWABLE))
 }
 
+/// A value axis's tick label: enough decimals (two at least) for ticks a tenth of `span` apart
+/// to read apart (a lone point's axis spans 0.02: "0.198", not "0.20" five times).
+fn value_label(y: f64, span: f64) -> String {
+    if y.abs() >= 1e5 {
+        return format!("{y:.1e}");
+    }
+    let step = span / 10.0;
+    let decimals = match step > 0.0 && step.is_finite() {
+        true => (-step.log10()).ceil().clamp(2.0, 6.0) as usize,
+        false => 2,
+    };
+    format!("{y:.decimals$}")
+}
+
 /// Draws the three panels side by side as an SVG document.
 pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String> {
     let (width, height) = (1500u32, 480u32);
@@ -83,10 +97,7 @@ pub fn curves_svg(runs: &[(String, Vec<EpochMetrics>)]) -> anyhow::Result<String
                 .y_desc(*title)
                 .x_labels(max_epoch.min(10))
                 .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| match y.abs() {
-                    a if a >= 1e5 => format!("{y:.1e}"),
-                    _ => format!("{y:.2}"),
-                })
+                .y_label_formatter(&|y| value_label(*y, hi - lo + 2.0 * pad))
                 .label_style(("sans-serif", 15))
                 .axis_desc_style(("sans-serif", 17))
                 .draw()?;
@@ -367,6 +378,15 @@ mod tests {
             "{svg}"
         );
         svg_to_png(&svg).unwrap();
+    }
+
+    #[test]
+    fn value_labels_have_the_decimals_their_ticks_need() {
+        assert_eq!(value_label(0.198, 0.02), "0.198");
+        assert_eq!(value_label(0.85, 0.5), "0.85");
+        assert_eq!(value_label(2.5, 10.0), "2.50");
+        assert_eq!(value_label(1.7e300, 1e300), "1.7e300");
+        assert_eq!(value_label(0.5, 0.0), "0.50");
     }
 
     #[test]
