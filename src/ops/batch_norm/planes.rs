@@ -103,16 +103,23 @@ simd_fn! {
         let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
             let start = (n * dims.c + c) * dims.s;
-            let (a, b) = lane_sums(
-                &x[n * image + c * dims.s..][..dims.s],
-                &dy[start..][..dims.s],
-                |_, g| g.to_f64(),
-                |v, g| g.to_f64() * st.centered(v).to_f64(),
-            );
+            let xs = &x[n * image + c * dims.s..][..dims.s];
+            let (a, b) = dz_sums(xs, &dy[start..][..dims.s], st);
             sums = (sums.0 + a, sums.1 + b);
         }
         sums
     }
+}
+
+/// `Σ g` and `Σ g · (x - mean)` over a run of `x` and its gradient `g`: BN's backward sums.
+#[inline(always)]
+fn dz_sums<E: Real>(x: &[E], g: &[E], st: ChannelStats<E>) -> (f64, f64) {
+    lane_sums(
+        x,
+        g,
+        |_, g| g.to_f64(),
+        |v, g| g.to_f64() * st.centered(v).to_f64(),
+    )
 }
 
 /// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass, for BN alone.
@@ -163,12 +170,7 @@ simd_fn! {
             return max2_plane_sums(xs, a, dout, st, plane, epilogue.activation, dz);
         }
         let dz = epilogue_grad_plane(a, dout, plane, epilogue, dz);
-        lane_sums(
-            xs,
-            dz,
-            |_, g| g.to_f64(),
-            |v, g| g.to_f64() * st.centered(v).to_f64(),
-        )
+        dz_sums(xs, dz, st)
     }
 }
 
@@ -189,12 +191,7 @@ simd_fn! {
         let (mut grads, mut at) = ([E::ZERO; BLOCK], [E::ZERO; BLOCK]);
         let (mut sums, mut filled) = ((0.0, 0.0), 0);
         let mut add = |grads: &[E], at: &[E]| {
-            let (s0, s1) = lane_sums(
-                at,
-                grads,
-                |_, g| g.to_f64(),
-                |v, g| g.to_f64() * st.centered(v).to_f64(),
-            );
+            let (s0, s1) = dz_sums(at, grads, st);
             sums = (sums.0 + s0, sums.1 + s1);
         };
         unpool_max2(a, dout, plane, activation, dz, |place, g| {
