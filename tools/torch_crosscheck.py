@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
-KINDS = ["lenet", "lenet-bn", "lenet-gluon", "resnet18", "densenet", "speednet", "speednet-wide"]
+KINDS = ["lenet", "lenet-bn", "lenet-gluon", "resnet18", "densenet", "speednet", "speednet-wide",
+         "speednet-deep"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -77,6 +78,8 @@ def lenet(bn, eps=1e-5, pool="avg", activation="sigmoid"):
 SPEEDNET_BLOCKS = {
     "speednet": [(1, 24, True), (24, 48, False), (48, 48, True), (48, 96, True)],
     "speednet-wide": [(1, 32, True), (32, 64, False), (64, 64, True), (64, 128, True)],
+    "speednet-deep": [(1, 32, True), (32, 64, False), (64, 64, True), (64, 128, False),
+                      (128, 128, True)],
 }
 
 

@@ -196,6 +196,8 @@ networks! {
         Speednet = "speednet",
         /// speednet with 32 to 128 channels, for speedrun-long.
         SpeednetWide = "speednet-wide",
+        /// speednet-wide with a second conv at 7 × 7 (five convs), for speedrun-long.
+        SpeednetDeep = "speednet-deep",
     }
 }
 

@@ -7,7 +7,9 @@
 //! Conv 3×3 (48→96) → BN → ReLU → MaxPool 2        7 → 3
 //! Flatten → Linear 864→10
 //! ```
-//! `speednet-wide` has 32, 64, 64 and 128 channels (Linear 1152→10). Every conv pads by 1, so
+//! `speednet-wide` has 32, 64, 64 and 128 channels (Linear 1152→10); `speednet-deep` is
+//! `speednet-wide` with a second conv at 7 × 7 (64→128, then 128→128 before the last pool).
+//! Every conv pads by 1, so
 //! the side changes only at the pools. In PyTorch each is one `nn.Sequential` of those items in
 //! that order.
 
@@ -38,10 +40,20 @@ pub const WIDE_BLOCKS: [(usize, usize, bool); 4] = [
     (64, 128, true),
 ];
 
+/// The blocks of `speednet-deep`: `speednet-wide` with a second conv at 7 × 7.
+pub const DEEP_BLOCKS: [(usize, usize, bool); 5] = [
+    (1, 32, true),
+    (32, 64, false),
+    (64, 64, true),
+    (64, 128, false),
+    (128, 128, true),
+];
+
 /// The blocks of `kind`.
 pub fn blocks(kind: ModelKind) -> &'static [(usize, usize, bool)] {
     match kind {
         ModelKind::SpeednetWide => &WIDE_BLOCKS,
+        ModelKind::SpeednetDeep => &DEEP_BLOCKS,
         _ => &BLOCKS,
     }
 }
