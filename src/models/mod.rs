@@ -194,7 +194,7 @@ networks! {
     Speed(SpeedNet) => {
         /// A small BN CNN for the speedrun recipe: four 3×3 convs (24 to 96 channels), BN after each.
         Speednet = "speednet",
-        /// speednet with 32 to 128 channels, for speedrun-long.
+        /// speednet with 32 to 128 channels.
         SpeednetWide = "speednet-wide",
         /// speednet-wide with a second conv at 7 × 7 (five convs), for speedrun-long.
         SpeednetDeep = "speednet-deep",

@@ -9,9 +9,8 @@
 //! ```
 //! `speednet-wide` has 32, 64, 64 and 128 channels (Linear 1152→10); `speednet-deep` is
 //! `speednet-wide` with a second conv at 7 × 7 (64→128, then 128→128 before the last pool).
-//! Every conv pads by 1, so
-//! the side changes only at the pools. In PyTorch each is one `nn.Sequential` of those items in
-//! that order.
+//! Every conv pads by 1, so the side changes only at the pools. In PyTorch each is one
+//! `nn.Sequential` of those items in that order.
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
