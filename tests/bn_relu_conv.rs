@@ -188,6 +188,8 @@ fn cases() -> Vec<(&'static str, Case)> {
             "small maps, grouped images",
             Case::new(9, 12, 3, 8, 3, 1, 3),
         ),
+        // 2×2 maps: four regions, each a product over its own taps (ops::conv2d's regions).
+        ("2x2 maps by regions", Case::new(5, 6, 2, 4, 3, 1, 4)),
     ]
 }
 

@@ -1,7 +1,8 @@
 //! The im2col convolution (`bnlab::ops::conv2d`) against Burn's own `Conv2d`, forward and
 //! backward, in float64 (tolerance 1e-10 of each tensor's largest value: the same sums in a
 //! different order) and float32 (1e-5), on the geometries the models use: LeNet's 5×5 without
-//! padding, ResNet's 3×3 with padding 1 and stride 1 or 2, 1×1 shortcuts of stride 2, the
+//! padding, ResNet's 3×3 with padding 1 and stride 1 or 2 (on maps down to 1×1, where the
+//! products run by regions of taps), 1×1 shortcuts of stride 2, the
 //! 7×7 stem of stride 2 and padding 3, DenseNet's 3×3 and 1×1 layers of stride 1 (whose dx is a
 //! convolution of dy), and batches that do not fill a group evenly.
 
@@ -88,7 +89,9 @@ fn resnet_convolutions_match_burn() {
     check(7, 8, 7, 8, 3, 1, 1);
     check(7, 8, 7, 16, 3, 2, 1);
     check(7, 8, 7, 16, 1, 2, 0); // shortcut
-    check(130, 4, 1, 6, 3, 1, 1); // 1×1 maps: one group of 256 images and a short one
+    check(130, 4, 1, 6, 3, 1, 1); // 1×1 maps: the centre tap alone, one group of images
+    check(6, 8, 2, 16, 3, 1, 1); // 2×2 maps: four corner regions of 2×2 taps
+    check(6, 8, 2, 16, 3, 2, 1); // 2×2 → 1×1 with stride 2: dx scattered by region
 }
 
 #[test]
@@ -99,7 +102,8 @@ fn densenet_convolutions_match_burn() {
     check(5, 24, 6, 8, 3, 1, 1);
     check(3, 24, 16, 12, 1, 1, 0);
     check(9, 24, 6, 12, 1, 1, 0);
-    // Padding wider than the window allows no convolution for dx: the col2im path.
+    // Padding wider than the window allows no convolution for dx; windows wholly in the
+    // padding (regions without taps) give the bias alone.
     check(2, 3, 8, 4, 3, 1, 3);
 }
 

@@ -39,6 +39,7 @@ use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
 
 mod im2col;
+mod regions;
 
 use im2col::{col2im, columns};
 pub(crate) use im2col::{Identity, Prologue};
@@ -163,7 +164,13 @@ impl Shape {
 
     /// Group `gi`'s `imgs` images of `x`: from its first value to the last of its last image.
     fn x_group<'a, E>(&self, x: &'a [E], gi: usize, imgs: usize) -> &'a [E] {
-        &x[gi * self.group() * self.x_image..][..(imgs - 1) * self.x_image + self.image_len()]
+        self.x_images(x, gi * self.group(), imgs)
+    }
+
+    /// Images `first..first + imgs` of `x`: from the first one's first value to the last one's
+    /// last.
+    fn x_images<'a, E>(&self, x: &'a [E], first: usize, imgs: usize) -> &'a [E] {
+        &x[first * self.x_image..][..(imgs - 1) * self.x_image + self.image_len()]
     }
 
     /// `(N, C_out, H_out, W_out)`.
@@ -258,8 +265,44 @@ pub fn product_flops() -> u64 {
 /// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major `a.rows × b.cols`.
 /// `parallel` lets gemm split the product over rayon's threads.
 fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: bool, parallel: bool) {
-    // SAFETY: `dst` is initialised, and gemm_into checks its length.
-    unsafe { gemm_into(dst.as_mut_ptr(), dst.len(), a, b, accumulate, parallel) }
+    let n = b.cols;
+    assert_eq!(dst.len(), a.rows * n, "matmul: output size");
+    // SAFETY: `dst` is initialised, and gemm_into checks its bounds.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            dst.len(),
+            (n, 1),
+            a,
+            b,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// [`matmul`] into the `a.rows × b.cols` matrix of `dst` whose element `(i, j)` is
+/// `dst[i·strides.0 + j·strides.1]`.
+fn matmul_strided<E: Element>(
+    dst: &mut [E],
+    strides: (usize, usize),
+    a: Mat<&[E]>,
+    b: Mat<&[E]>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    // SAFETY: `dst` is initialised, and gemm_into checks its bounds.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            dst.len(),
+            strides,
+            a,
+            b,
+            accumulate,
+            parallel,
+        )
+    }
 }
 
 /// `a · b` in a new row-major buffer, which is not zeroed first: without accumulating, gemm
@@ -273,6 +316,7 @@ fn product<E: Element>(a: Mat<&[E]>, b: Mat<&[E]>, parallel: bool) -> Vec<E> {
         gemm_into(
             dst.as_mut_ptr().cast::<E>(),
             dst.len(),
+            (b.cols, 1),
             a,
             b,
             false,
@@ -282,13 +326,15 @@ fn product<E: Element>(a: Mat<&[E]>, b: Mat<&[E]>, parallel: bool) -> Vec<E> {
     }
 }
 
-/// The product into `len` values at `dst`.
+/// The product into the matrix at `dst` with the given (row, column) strides, within `len`
+/// values.
 ///
 /// # Safety
 /// `dst` is valid for `len` writes, and for reads too (initialised) when `accumulate`.
 unsafe fn gemm_into<E: Element>(
     dst: *mut E,
     len: usize,
+    (row_stride, col_stride): (usize, usize),
     a: Mat<&[E]>,
     b: Mat<&[E]>,
     accumulate: bool,
@@ -297,14 +343,19 @@ unsafe fn gemm_into<E: Element>(
     let (m, n, k) = (a.rows, b.cols, a.cols);
     PRODUCT_FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     assert_eq!(b.rows, k, "matmul: inner dimensions");
-    assert_eq!(len, m * n, "matmul: output size");
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        (m - 1) * row_stride + (n - 1) * col_stride < len,
+        "matmul: output bounds"
+    );
     if k == 0 {
         if !accumulate {
-            for i in 0..len {
-                dst.add(i).write(E::ZERO);
+            for i in 0..m {
+                for j in 0..n {
+                    dst.add(i * row_stride + j * col_stride).write(E::ZERO);
+                }
             }
         }
         return;
@@ -317,15 +368,15 @@ unsafe fn gemm_into<E: Element>(
         true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
         false => gemm::Parallelism::None,
     };
-    // SAFETY: the shapes and strides were checked against the slices above and `dst` holds
-    // m·n values; gemm supports f32 and f64, the only element types here.
+    // SAFETY: the shapes and strides were checked against the slices above; gemm supports
+    // f32 and f64, the only element types here.
     gemm::gemm(
         m,
         n,
         k,
         dst,
-        1,
-        n as isize,
+        col_stride as isize,
+        row_stride as isize,
         accumulate,
         a.ptr.as_ptr(),
         a.col_stride as isize,
@@ -376,6 +427,9 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
     s: Shape,
     prologue: &P,
 ) -> Vec<E> {
+    if let Some(regions) = regions::plan(s) {
+        return regions::forward(x, weight, bias, s, prologue, &regions);
+    }
     let (p, g) = (s.p(), s.group());
     let mut y = uninit::<E>(s.n * s.c_out * p);
     let groups = s.n.div_ceil(g);
@@ -423,6 +477,9 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
     need_dx: bool,
     prologue: &P,
 ) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
+    if let Some(regions) = regions::plan(s) {
+        return regions::backward(x, weight, dy, s, need_dx, prologue, &regions);
+    }
     let (p, g, k) = (s.p(), s.group(), s.k());
     let groups = s.n.div_ceil(g);
     let parallel = few_groups(groups);

@@ -1,0 +1,403 @@
+//! Convolutions of small feature maps without the padding's products.
+//!
+//! On a small map most windows hang over the edge: a 3×3 window with padding 1 reads one value
+//! and eight zeros of a 1×1 map, and four values of nine on a 2×2 one. im2col writes those
+//! zeros and the matrix product multiplies them (in ResNet-18 on 28-pixel images, its 1×1 and
+//! 2×2 maps, a third of its convolutions' products). Here the output positions are split into
+//! regions whose windows read the same taps inside the input (corners, edges, interior), the
+//! region's columns are gathered for those taps only, and each tap is one product with the
+//! weight's `(C_out, C_in)` matrix of that tap, read in place. Gradients follow the same
+//! regions: the weight's gradient is accumulated tap by tap in place.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{
+    dx_by_convolution, few_groups, fill_rows, matmul, matmul_strided, row_major, sum_partials,
+    transposed, Mat, Prologue, Shape, MIN_COLUMNS,
+};
+use crate::ops::cpu::{assume_init, uninit};
+use crate::ops::flex::Element;
+
+/// The share of the window's taps, over all output positions, that must fall inside the input
+/// for im2col to run as it is: below it the regions' products run instead. A 3×3 window with
+/// padding 1 has 11% of its taps inside on 1×1 maps and 44% on 2×2 ones, where the regions
+/// win; on 4×4 maps (69%) their many small products ran slower than im2col's one in ResNet-18
+/// (docs/performance.md).
+const MIN_INSIDE: f64 = 0.5;
+
+/// Output rows × columns whose windows all read taps `ky` × `kx` inside the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Region {
+    rows: Range<usize>,
+    cols: Range<usize>,
+    ky: Range<usize>,
+    kx: Range<usize>,
+}
+
+impl Region {
+    fn positions(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+
+    fn taps(&self) -> usize {
+        self.ky.len() * self.kx.len()
+    }
+
+    /// The output positions `(oy, ox)`, row by row.
+    fn positions_iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.rows
+            .clone()
+            .flat_map(move |oy| self.cols.clone().map(move |ox| (oy, ox)))
+    }
+
+    /// The taps `(ky, kx)`, row by row.
+    fn taps_iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.ky
+            .clone()
+            .flat_map(move |ky| self.kx.clone().map(move |kx| (ky, kx)))
+    }
+}
+
+/// Along one axis: runs of output coordinates whose windows read the same taps inside the
+/// input, with those taps.
+fn runs(
+    len_in: usize,
+    len_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    let mut runs: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+    for o in 0..len_out {
+        // Tap t reads input o·stride + t - padding: inside when it lies in [0, len_in).
+        let start = o * stride;
+        let lo = padding.saturating_sub(start).min(k);
+        let hi = (len_in + padding).saturating_sub(start).clamp(lo, k);
+        match runs.last_mut() {
+            Some((outs, taps)) if *taps == (lo..hi) => outs.end = o + 1,
+            _ => runs.push((o..o + 1, lo..hi)),
+        }
+    }
+    runs
+}
+
+/// The regions of `s`, when fewer than [`MIN_INSIDE`] of its taps fall inside the input.
+pub(super) fn plan(s: Shape) -> Option<Vec<Region>> {
+    let rows = runs(s.h, s.h_out, s.k_h, s.stride, s.padding);
+    let cols = runs(s.w, s.w_out, s.k_w, s.stride, s.padding);
+    let mut regions = Vec::with_capacity(rows.len() * cols.len());
+    for (oy, ky) in &rows {
+        for (ox, kx) in &cols {
+            regions.push(Region {
+                rows: oy.clone(),
+                cols: ox.clone(),
+                ky: ky.clone(),
+                kx: kx.clone(),
+            });
+        }
+    }
+    let inside: usize = regions.iter().map(|r| r.positions() * r.taps()).sum();
+    let all = s.p() * s.k_h * s.k_w;
+    ((inside as f64) < MIN_INSIDE * all as f64).then_some(regions)
+}
+
+/// Images per group: enough that the smallest region's products have [`MIN_COLUMNS`] columns.
+fn group(s: Shape, regions: &[Region]) -> usize {
+    let fewest = regions.iter().map(Region::positions).min().unwrap_or(1);
+    MIN_COLUMNS.div_ceil(fewest).clamp(1, s.n.max(1))
+}
+
+/// The weight's `(C_out, C_in)` matrix of tap `(ky, kx)`, read in place.
+fn tap_weight<E>(weight: &[E], s: Shape, (ky, kx): (usize, usize)) -> Mat<&[E]> {
+    Mat {
+        ptr: &weight[ky * s.k_w + kx..],
+        rows: s.c_out,
+        cols: s.c_in,
+        row_stride: s.k(),
+        col_stride: s.k_h * s.k_w,
+    }
+}
+
+/// The `(C_in, n)` rows of tap number `t` of a region's columns ([`input_columns`]' layout).
+fn tap_rows<'a, E>(cols: &'a [E], s: Shape, r: &Region, t: usize, n: usize) -> Mat<&'a [E]> {
+    Mat {
+        ptr: &cols[t * n..],
+        rows: s.c_in,
+        cols: n,
+        row_stride: r.taps() * n,
+        col_stride: 1,
+    }
+}
+
+/// Where output position `(oy, ox)` reads tap `(ky, kx)` in a plane (inside it, by the
+/// region's construction).
+fn input_at(s: Shape, (oy, ox): (usize, usize), (ky, kx): (usize, usize)) -> usize {
+    (oy * s.stride + ky - s.padding) * s.w + ox * s.stride + kx - s.padding
+}
+
+/// The region's columns for `imgs` images of `x`: row `(c, ky, kx)` of its taps, column
+/// `(oy, ox, i)` of its positions, each value through the prologue. The images vary fastest:
+/// a region holds a few positions of many images, so the copies run along the images.
+fn input_columns<E: Element, P: Prologue<E>>(
+    x: &[E],
+    s: Shape,
+    imgs: usize,
+    r: &Region,
+    prologue: &P,
+) -> Vec<E> {
+    let n = imgs * r.positions();
+    let per_channel = r.taps() * n;
+    if per_channel == 0 {
+        return Vec::new();
+    }
+    let mut cols = uninit::<E>(s.c_in * per_channel);
+    cols.par_chunks_mut(per_channel)
+        .enumerate()
+        .for_each(|(c, block)| {
+            let f = prologue.channel(c);
+            let x = &x[c * s.h * s.w..];
+            let mut rows = block.chunks_mut(n);
+            for tap in r.taps_iter() {
+                let row = rows.next().expect("one row per tap");
+                for (position, out) in r.positions_iter().zip(row.chunks_mut(imgs)) {
+                    let at = input_at(s, position, tap);
+                    for (i, o) in out.iter_mut().enumerate() {
+                        o.write(f(x[i * s.x_image + at]));
+                    }
+                }
+            }
+        });
+    // SAFETY: every (channel, tap) row was written above, each position for every image.
+    unsafe { assume_init(cols) }
+}
+
+/// The region's output gradients for `imgs` images of `dy`: `(C_out, positions·imgs)`,
+/// columns as [`input_columns`] orders them.
+fn output_columns<E: Element>(dy: &[E], s: Shape, imgs: usize, r: &Region) -> Vec<E> {
+    let p = s.p();
+    let mut out = Vec::with_capacity(s.c_out * imgs * r.positions());
+    for co in 0..s.c_out {
+        for (oy, ox) in r.positions_iter() {
+            let at = co * p + oy * s.w_out + ox;
+            out.extend((0..imgs).map(|i| dy[i * s.c_out * p + at]));
+        }
+    }
+    out
+}
+
+/// `y = conv(prologue(x)) + bias` by regions, `(N, C_out, H_out, W_out)`.
+pub(super) fn forward<E: Element, P: Prologue<E>>(
+    x: &[E],
+    weight: &[E],
+    bias: &[E],
+    s: Shape,
+    prologue: &P,
+    regions: &[Region],
+) -> Vec<E> {
+    let (p, g) = (s.p(), group(s, regions));
+    let parallel = few_groups(s.n.div_ceil(g));
+    let mut y = uninit::<E>(s.n * s.c_out * p);
+    y.par_chunks_mut(g * s.c_out * p)
+        .enumerate()
+        .for_each(|(gi, out)| {
+            let imgs = out.len() / (s.c_out * p);
+            let x = s.x_images(x, gi * g, imgs);
+            for r in regions {
+                let n = imgs * r.positions();
+                let cols = input_columns(x, s, imgs, r, prologue);
+                let mut buffer = uninit::<E>(s.c_out * n);
+                let product = fill_rows(&mut buffer, bias, n);
+                // One product per tap, each reading its weights in place: gathering the
+                // region's columns of the weight would read all of it for each region.
+                for (t, tap) in r.taps_iter().enumerate() {
+                    let (w, cols) = (tap_weight(weight, s, tap), tap_rows(&cols, s, r, t, n));
+                    matmul(product, w, cols, true, parallel);
+                }
+                scatter(out, product, s, imgs, r);
+            }
+        });
+    // SAFETY: the regions cover every output position of every image once.
+    unsafe { assume_init(y) }
+}
+
+/// The region's `(C_out, positions·imgs)` product into the group's NCHW output, image by
+/// image in parallel (each image's values lie `imgs` apart in the product).
+fn scatter<E: Element>(
+    out: &mut [MaybeUninit<E>],
+    product: &[E],
+    s: Shape,
+    imgs: usize,
+    r: &Region,
+) {
+    let (p, n) = (s.p(), imgs * r.positions());
+    out.par_chunks_mut(s.c_out * p)
+        .enumerate()
+        .for_each(|(i, image)| {
+            for (co, plane) in image.chunks_mut(p).enumerate() {
+                let from = &product[co * n + i..];
+                for (j, (oy, ox)) in r.positions_iter().enumerate() {
+                    plane[oy * s.w_out + ox].write(from[j * imgs]);
+                }
+            }
+        });
+}
+
+/// `(dx, dweight, dbias)` by regions, as `backward_typed` returns them.
+pub(super) fn backward<E: Element, P: Prologue<E>>(
+    x: &[E],
+    weight: &[E],
+    dy: &[E],
+    s: Shape,
+    need_dx: bool,
+    prologue: &P,
+    regions: &[Region],
+) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
+    let (p, g) = (s.p(), group(s, regions));
+    let groups = s.n.div_ceil(g);
+    let parallel = few_groups(groups);
+    let group = |gi: usize, mut dx: Option<&mut [E]>| {
+        let imgs = (s.n - gi * g).min(g);
+        let x = s.x_images(x, gi * g, imgs);
+        let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
+        let mut dweight = vec![E::ZERO; s.c_out * s.k()];
+        for r in regions {
+            let n = imgs * r.positions();
+            let cols = input_columns(x, s, imgs, r, prologue);
+            let grads = output_columns(dy, s, imgs, r);
+            let grads = row_major(&grads, s.c_out, n);
+            let mut dcols = match dx {
+                Some(_) => vec![E::ZERO; s.c_in * r.taps() * n],
+                None => Vec::new(),
+            };
+            for (t, (ky, kx)) in r.taps_iter().enumerate() {
+                // dW[:, :, ky, kx] += dy · colsᵀ of the tap, in place.
+                let at = ky * s.k_w + kx;
+                let rows = tap_rows(&cols, s, r, t, n);
+                let strides = (s.k(), s.k_h * s.k_w);
+                matmul_strided(
+                    &mut dweight[at..],
+                    strides,
+                    grads,
+                    transposed(rows),
+                    true,
+                    parallel,
+                );
+                if dx.is_some() {
+                    let w = transposed(tap_weight(weight, s, (ky, kx)));
+                    let strides = (r.taps() * n, 1);
+                    matmul_strided(&mut dcols[t * n..], strides, w, grads, false, parallel);
+                }
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                add_input_columns(dx, &dcols, s, imgs, r);
+            }
+        }
+        let dbias = (0..s.c_out)
+            .map(|co| {
+                (0..imgs).fold(E::ZERO, |acc, i| {
+                    dy[(i * s.c_out + co) * p..][..p]
+                        .iter()
+                        .fold(acc, |acc, &v| acc.add(v))
+                })
+            })
+            .collect::<Vec<E>>();
+        (dweight, dbias)
+    };
+    let by_convolution = match need_dx {
+        true => dx_by_convolution(weight, dy, s),
+        false => None,
+    };
+    if need_dx && by_convolution.is_none() {
+        let mut dx = vec![E::ZERO; s.n * s.image_len()];
+        let partials = dx
+            .par_chunks_mut(g * s.image_len())
+            .enumerate()
+            .map(|(gi, dx)| group(gi, Some(dx)))
+            .collect();
+        let (dweight, dbias) = sum_partials(partials, s);
+        return (Some(dx), dweight, dbias);
+    }
+    let partials = (0..groups)
+        .into_par_iter()
+        .map(|gi| group(gi, None))
+        .collect();
+    let (dweight, dbias) = sum_partials(partials, s);
+    (by_convolution, dweight, dbias)
+}
+
+/// Adds the region's input-column gradients (laid out as [`input_columns`]) into the group's
+/// input gradient `dx`, `(imgs, C_in, H, W)`.
+fn add_input_columns<E: Element>(dx: &mut [E], dcols: &[E], s: Shape, imgs: usize, r: &Region) {
+    let n = imgs * r.positions();
+    if r.taps() == 0 {
+        return;
+    }
+    for (c, block) in dcols.chunks(r.taps() * n).enumerate() {
+        let dx = &mut dx[c * s.h * s.w..];
+        for (tap, row) in r.taps_iter().zip(block.chunks(n)) {
+            for (position, grads) in r.positions_iter().zip(row.chunks(imgs)) {
+                let at = input_at(s, position, tap);
+                for (i, &g) in grads.iter().enumerate() {
+                    let v = &mut dx[i * s.image_len() + at];
+                    *v = v.add(g);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv2d::ConvGeometry;
+
+    fn shape(hw: usize, k: usize, stride: usize, padding: usize) -> Shape {
+        Shape::of(
+            &[2, 3, hw, hw],
+            &[4, 3, k, k],
+            ConvGeometry { stride, padding },
+        )
+    }
+
+    #[test]
+    fn a_one_by_one_map_reads_only_the_centre_tap() {
+        let regions = plan(shape(1, 3, 1, 1)).expect("8 of 9 taps are padding");
+        assert_eq!(
+            regions,
+            vec![Region {
+                rows: 0..1,
+                cols: 0..1,
+                ky: 1..2,
+                kx: 1..2
+            }]
+        );
+    }
+
+    #[test]
+    fn a_two_by_two_map_has_four_corner_regions() {
+        let regions = plan(shape(2, 3, 1, 1)).expect("5 of 9 taps are padding");
+        assert_eq!(regions.len(), 4);
+        assert_eq!((regions[0].ky.clone(), regions[0].kx.clone()), (1..3, 1..3));
+        assert_eq!((regions[3].ky.clone(), regions[3].kx.clone()), (0..2, 0..2));
+    }
+
+    #[test]
+    fn larger_maps_keep_im2col() {
+        assert!(plan(shape(4, 3, 1, 1)).is_none());
+        assert!(plan(shape(7, 3, 1, 1)).is_none());
+        assert!(plan(shape(28, 5, 1, 0)).is_none());
+    }
+
+    #[test]
+    fn stride_two_runs_split_at_both_edges() {
+        // 7 → 4 with stride 2 and padding 1: output 0 starts in the padding, output 3 ends
+        // past the input's edge.
+        assert_eq!(
+            runs(7, 4, 3, 2, 1),
+            vec![(0..1, 1..3), (1..3, 0..3), (3..4, 0..2)]
+        );
+    }
+}
