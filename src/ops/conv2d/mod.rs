@@ -575,15 +575,17 @@ fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec
     }
     let window = s.k_h * s.k_w;
     let mut flipped = uninit::<E>(weight.len());
-    for co in 0..s.c_out {
-        for ci in 0..s.c_in {
-            let from = &weight[(co * s.c_in + ci) * window..][..window];
-            let to = &mut flipped[(ci * s.c_out + co) * window..][..window];
-            for (t, &v) in to.iter_mut().zip(from.iter().rev()) {
-                t.write(v);
+    flipped
+        .par_chunks_mut(s.c_out * window)
+        .enumerate()
+        .for_each(|(ci, to)| {
+            for (co, to) in to.chunks_mut(window).enumerate() {
+                let from = &weight[(co * s.c_in + ci) * window..][..window];
+                for (t, &v) in to.iter_mut().zip(from.iter().rev()) {
+                    t.write(v);
+                }
             }
-        }
-    }
+        });
     // SAFETY: every (ci, co) window was written above.
     let flipped = unsafe { assume_init(flipped) };
     let geometry = ConvGeometry {
