@@ -510,42 +510,62 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
             transposed(row_major(&cols, k, imgs * p)),
             parallel,
         );
-        let dbias: Vec<E> = grads
-            .chunks(imgs * p)
-            .map(|row| row.iter().fold(E::ZERO, |acc, &v| acc.add(v)))
-            .collect();
+        let dbias = bias_gradient(dy, s, imgs);
         if let Some(dx) = dx {
             let dcols = product(transposed(w), grads_mat, parallel);
             col2im(&dcols, s, imgs, dx);
         }
         (dweight, dbias)
     };
-    if need_dx {
-        if let Some(dx) = dx_by_convolution(weight, dy, s) {
-            let (dweight, dbias) = sum_partials(
-                (0..groups)
-                    .into_par_iter()
-                    .map(|gi| group(gi, None))
-                    .collect(),
-                s,
-            );
-            return (Some(dx), dweight, dbias);
-        }
-    }
-    let mut dx = need_dx.then(|| vec![E::ZERO; s.n * s.image_len()]);
-    let partials: Vec<(Vec<E>, Vec<E>)> = match dx.as_mut() {
-        Some(dx) => dx
+    backward_by_groups(weight, dy, s, g, need_dx, group)
+}
+
+/// The backward's driver: `group(gi, dx)` for each group of `g` images in parallel, their
+/// `(dweight, dbias)` summed in group order; `dx` by [`dx_by_convolution`] where it applies,
+/// otherwise each group adds into its slice of a zeroed `dx`, passed to it.
+fn backward_by_groups<E: Element>(
+    weight: &[E],
+    dy: &[E],
+    s: Shape,
+    g: usize,
+    need_dx: bool,
+    group: impl Fn(usize, Option<&mut [E]>) -> (Vec<E>, Vec<E>) + Sync,
+) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
+    let by_convolution = match need_dx {
+        true => dx_by_convolution(weight, dy, s),
+        false => None,
+    };
+    if need_dx && by_convolution.is_none() {
+        let mut dx = vec![E::ZERO; s.n * s.image_len()];
+        let partials = dx
             .par_chunks_mut(g * s.image_len())
             .enumerate()
             .map(|(gi, dx)| group(gi, Some(dx)))
-            .collect(),
-        None => (0..groups)
-            .into_par_iter()
-            .map(|gi| group(gi, None))
-            .collect(),
-    };
+            .collect();
+        let (dweight, dbias) = sum_partials(partials, s);
+        return (Some(dx), dweight, dbias);
+    }
+    let partials = (0..s.n.div_ceil(g))
+        .into_par_iter()
+        .map(|gi| group(gi, None))
+        .collect();
     let (dweight, dbias) = sum_partials(partials, s);
-    (dx, dweight, dbias)
+    (by_convolution, dweight, dbias)
+}
+
+/// `db` of one group's `imgs` images of `dy`: each channel summed image by image, position by
+/// position.
+fn bias_gradient<E: Element>(dy: &[E], s: Shape, imgs: usize) -> Vec<E> {
+    let p = s.p();
+    (0..s.c_out)
+        .map(|co| {
+            (0..imgs).fold(E::ZERO, |acc, i| {
+                dy[(i * s.c_out + co) * p..][..p]
+                    .iter()
+                    .fold(acc, |acc, &v| acc.add(v))
+            })
+        })
+        .collect()
 }
 
 /// The groups' `(dweight, dbias)` summed in group order: the same result for any number of

@@ -15,7 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{
-    dx_by_convolution, few_groups, fill_rows, matmul, matmul_strided, row_major, sum_partials,
+    backward_by_groups, bias_gradient, few_groups, fill_rows, matmul, matmul_strided, row_major,
     transposed, Mat, Prologue, Shape, MIN_COLUMNS,
 };
 use crate::ops::cpu::{assume_init, uninit};
@@ -295,37 +295,9 @@ pub(super) fn backward<E: Element, P: Prologue<E>>(
                 add_input_columns(dx, &dcols, s, imgs, r);
             }
         }
-        let dbias = (0..s.c_out)
-            .map(|co| {
-                (0..imgs).fold(E::ZERO, |acc, i| {
-                    dy[(i * s.c_out + co) * p..][..p]
-                        .iter()
-                        .fold(acc, |acc, &v| acc.add(v))
-                })
-            })
-            .collect::<Vec<E>>();
-        (dweight, dbias)
+        (dweight, bias_gradient(dy, s, imgs))
     };
-    let by_convolution = match need_dx {
-        true => dx_by_convolution(weight, dy, s),
-        false => None,
-    };
-    if need_dx && by_convolution.is_none() {
-        let mut dx = vec![E::ZERO; s.n * s.image_len()];
-        let partials = dx
-            .par_chunks_mut(g * s.image_len())
-            .enumerate()
-            .map(|(gi, dx)| group(gi, Some(dx)))
-            .collect();
-        let (dweight, dbias) = sum_partials(partials, s);
-        return (Some(dx), dweight, dbias);
-    }
-    let partials = (0..groups)
-        .into_par_iter()
-        .map(|gi| group(gi, None))
-        .collect();
-    let (dweight, dbias) = sum_partials(partials, s);
-    (by_convolution, dweight, dbias)
+    backward_by_groups(weight, dy, s, g, need_dx, group)
 }
 
 /// Adds the region's input-column gradients (laid out as [`input_columns`]) into the group's
