@@ -265,20 +265,9 @@ pub fn product_flops() -> u64 {
 /// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major `a.rows × b.cols`.
 /// `parallel` lets gemm split the product over rayon's threads.
 fn matmul<E: Element>(dst: &mut [E], a: Mat<&[E]>, b: Mat<&[E]>, accumulate: bool, parallel: bool) {
-    let n = b.cols;
-    assert_eq!(dst.len(), a.rows * n, "matmul: output size");
-    // SAFETY: `dst` is initialised, and gemm_into checks its bounds.
-    unsafe {
-        gemm_into(
-            dst.as_mut_ptr(),
-            dst.len(),
-            (n, 1),
-            a,
-            b,
-            accumulate,
-            parallel,
-        )
-    }
+    assert_eq!(dst.len(), a.rows * b.cols, "matmul: output size");
+    let strides = (b.cols, 1);
+    matmul_strided(dst, strides, a, b, accumulate, parallel);
 }
 
 /// [`matmul`] into the `a.rows × b.cols` matrix of `dst` whose element `(i, j)` is
