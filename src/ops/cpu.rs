@@ -21,6 +21,10 @@ pub trait Real: Copy + Send + Sync + PartialEq + PartialOrd + 'static {
     fn sub(self, other: Self) -> Self;
     /// `self * other`.
     fn mul(self, other: Self) -> Self;
+    /// `self / other`.
+    fn div(self, other: Self) -> Self;
+    /// The square root (correctly rounded, as IEEE 754 has it).
+    fn sqrt(self) -> Self;
     /// `self * a + b`, rounded twice (no FMA: results stay the same on CPUs without it).
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// `1 / (1 + e^-self)`.
@@ -54,6 +58,14 @@ macro_rules! impl_real {
             #[inline(always)]
             fn mul(self, other: Self) -> Self {
                 self * other
+            }
+            #[inline(always)]
+            fn div(self, other: Self) -> Self {
+                self / other
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
             }
             #[inline(always)]
             fn mul_add(self, a: Self, b: Self) -> Self {

@@ -11,9 +11,11 @@
 //!   (Flex), the stem of ResNet and DenseNet, keeping neither activations nor indices;
 //! - [`dense_block`]: a whole dense block of such layers in one buffer (Flex), its
 //!   concatenations never copied into tensors of their own;
+//! - [`adam`]: Adam's update of a parameter in one pass (Flex), Burn's arithmetic fused;
 //! - [`seeded_backward`]: a backward from a given upstream gradient (W6's benchmark);
 //! - [`cpu`] and [`flex`]: what the CPU kernels share.
 
+pub mod adam;
 pub mod batch_norm;
 pub mod bn_relu_conv2d;
 pub mod bn_relu_max_pool;
