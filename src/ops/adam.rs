@@ -13,7 +13,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::Real;
-use super::flex::{owned_contiguous, slice, tensor, Element};
+use super::flex::{owned_contiguous, slice, Element};
 use super::{family, Family};
 
 /// The factors of one Adam step as Burn's `Adam` forms them: in float32 (its configuration's
@@ -60,34 +60,7 @@ impl AdamBackend for Flex {
         grad: FlexTensor,
         factors: AdamFactors,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        fn typed<E: Element>(
-            param: FlexTensor,
-            grad: FlexTensor,
-            factors: AdamFactors,
-        ) -> (FlexTensor, FlexTensor, FlexTensor) {
-            let shape = param.layout().shape().to_vec();
-            let mut param = owned_contiguous::<E>(param);
-            let grad = owned_contiguous::<E>(grad);
-            let len = shape.iter().product();
-            let mut moment_1 = vec![E::ZERO; len];
-            let mut moment_2 = vec![E::ZERO; len];
-            update::<E, true>(
-                param.storage_mut::<E>(),
-                slice::<E>(&grad),
-                &mut moment_1,
-                &mut moment_2,
-                factors,
-            );
-            (
-                param,
-                tensor(moment_1, shape.clone()),
-                tensor(moment_2, shape),
-            )
-        }
-        match param.dtype() {
-            DType::F64 => typed::<f64>(param, grad, factors),
-            _ => typed::<f32>(param, grad, factors),
-        }
+        flex_step(param, grad, None, factors)
     }
 
     fn adam_step(
@@ -97,30 +70,50 @@ impl AdamBackend for Flex {
         moment_2: FlexTensor,
         factors: AdamFactors,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        fn typed<E: Element>(
-            param: FlexTensor,
-            grad: FlexTensor,
-            moment_1: FlexTensor,
-            moment_2: FlexTensor,
-            factors: AdamFactors,
-        ) -> (FlexTensor, FlexTensor, FlexTensor) {
-            let mut param = owned_contiguous::<E>(param);
-            let grad = owned_contiguous::<E>(grad);
-            let mut moment_1 = owned_contiguous::<E>(moment_1);
-            let mut moment_2 = owned_contiguous::<E>(moment_2);
-            update::<E, false>(
-                param.storage_mut::<E>(),
-                slice::<E>(&grad),
-                moment_1.storage_mut::<E>(),
-                moment_2.storage_mut::<E>(),
-                factors,
-            );
-            (param, moment_1, moment_2)
-        }
-        match param.dtype() {
-            DType::F64 => typed::<f64>(param, grad, moment_1, moment_2, factors),
-            _ => typed::<f32>(param, grad, moment_1, moment_2, factors),
-        }
+        flex_step(param, grad, Some((moment_1, moment_2)), factors)
+    }
+}
+
+/// The step on Flex tensors, in place where a tensor holds its buffer alone; the first step
+/// (`moments` none) writes fresh moments without reading them.
+fn flex_step(
+    param: FlexTensor,
+    grad: FlexTensor,
+    moments: Option<(FlexTensor, FlexTensor)>,
+    factors: AdamFactors,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    fn typed<E: Element>(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moments: Option<(FlexTensor, FlexTensor)>,
+        factors: AdamFactors,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let first = moments.is_none();
+        let (moment_1, moment_2) = moments.unwrap_or_else(|| {
+            let zeros = || FlexTensor::zeros(param.layout().shape().clone(), param.dtype());
+            (zeros(), zeros())
+        });
+        let mut param = owned_contiguous::<E>(param);
+        let grad = owned_contiguous::<E>(grad);
+        let mut moment_1 = owned_contiguous::<E>(moment_1);
+        let mut moment_2 = owned_contiguous::<E>(moment_2);
+        let run = if first {
+            update::<E, true>
+        } else {
+            update::<E, false>
+        };
+        run(
+            param.storage_mut::<E>(),
+            slice::<E>(&grad),
+            moment_1.storage_mut::<E>(),
+            moment_2.storage_mut::<E>(),
+            factors,
+        );
+        (param, moment_1, moment_2)
+    }
+    match param.dtype() {
+        DType::F64 => typed::<f64>(param, grad, moments, factors),
+        _ => typed::<f32>(param, grad, moments, factors),
     }
 }
 
@@ -140,19 +133,19 @@ fn update<E: Real, const FIRST: bool>(
     assert!(grad.len() == param.len() && moment_1.len() == param.len());
     assert!(moment_2.len() == param.len());
     let scalars = Scalars::<E>::of(factors);
-    let run = |(((p, g), m), v): (((&mut [E], &[E]), &mut [E]), &mut [E])| match factors.penalty {
+    let run = |p: &mut [E], g: &[E], m: &mut [E], v: &mut [E]| match factors.penalty {
         Some(_) => update_chunk::<E, FIRST, true>(p, g, m, v, &scalars),
         None => update_chunk::<E, FIRST, false>(p, g, m, v, &scalars),
     };
     if param.len() <= CHUNK {
-        run((((param, grad), moment_1), moment_2));
+        run(param, grad, moment_1, moment_2);
     } else {
         param
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks(CHUNK))
             .zip(moment_1.par_chunks_mut(CHUNK))
             .zip(moment_2.par_chunks_mut(CHUNK))
-            .for_each(run);
+            .for_each(|(((p, g), m), v)| run(p, g, m, v));
     }
 }
 

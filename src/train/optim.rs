@@ -41,29 +41,24 @@ pub fn optimizer(config: &RunConfig) -> ModuleOptimizer {
 #[derive(Clone)]
 pub struct Adam {
     burn: burn::optim::Adam,
-    beta_1: f32,
-    beta_2: f32,
-    epsilon: f32,
     penalty: Option<f32>,
 }
+
+/// PyTorch's β₁, β₂ and ε.
+const BETA_1: f32 = 0.9;
+const BETA_2: f32 = 0.999;
+const EPSILON: f32 = 1e-8;
 
 impl Adam {
     /// With PyTorch's coupled weight decay `penalty`, if any.
     pub fn new(penalty: Option<f32>) -> Self {
-        let (beta_1, beta_2, epsilon) = (0.9, 0.999, 1e-8);
         let burn = AdamConfig::new()
-            .with_beta_1(beta_1)
-            .with_beta_2(beta_2)
-            .with_epsilon(epsilon)
+            .with_beta_1(BETA_1)
+            .with_beta_2(BETA_2)
+            .with_epsilon(EPSILON)
             .with_weight_decay(penalty.map(WeightDecayConfig::new))
             .build();
-        Self {
-            burn,
-            beta_1,
-            beta_2,
-            epsilon,
-            penalty,
-        }
+        Self { burn, penalty }
     }
 }
 
@@ -92,12 +87,12 @@ impl Optimizer for Adam {
         };
         // Burn's bias corrections, in its float32.
         let t = time as i32;
-        let root_2 = (1.0 - self.beta_2.powi(t)).sqrt();
+        let root_2 = (1.0 - BETA_2.powi(t)).sqrt();
         let factors = AdamFactors {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            correction: root_2 / (1.0 - self.beta_1.powi(t)),
-            epsilon: self.epsilon * root_2,
+            beta_1: BETA_1,
+            beta_2: BETA_2,
+            correction: root_2 / (1.0 - BETA_1.powi(t)),
+            epsilon: EPSILON * root_2,
             lr,
             penalty: self.penalty,
         };
@@ -115,18 +110,12 @@ impl Optimizer for Adam {
 mod tests {
     use super::*;
     use burn::tensor::{DType, TensorData};
+    use rand::{Rng, SeedableRng};
 
-    /// Pseudo-random values in (-1, 1), a fixed sequence per seed.
+    /// Pseudo-random values in [-1, 1), a fixed sequence per seed.
     fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
     fn tensor(len: usize, seed: u64, dtype: DType) -> Tensor<1> {
