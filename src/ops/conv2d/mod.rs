@@ -417,7 +417,8 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
     prologue: &P,
 ) -> Vec<E> {
     if let Some(regions) = regions::plan(s) {
-        return regions::forward(x, weight, bias, s, prologue, &regions);
+        let kernel = regions::Kernel::Plain(weight);
+        return regions::forward(x, kernel, bias, s, prologue, &regions);
     }
     let (p, g) = (s.p(), s.group());
     let mut y = uninit::<E>(s.n * s.c_out * p);
@@ -582,6 +583,21 @@ fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec
     if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h || !keeps_size {
         return None;
     }
+    let geometry = ConvGeometry {
+        stride: 1,
+        padding: s.k_h - 1 - s.padding,
+    };
+    let t = Shape::of(
+        &[s.n, s.c_out, s.h_out, s.w_out],
+        &[s.c_in, s.c_out, s.k_h, s.k_w],
+        geometry,
+    );
+    debug_assert_eq!((t.h_out, t.w_out), (s.h, s.w));
+    let zeros = vec![E::ZERO; s.c_in];
+    if let Some(regions) = regions::plan(t) {
+        let kernel = regions::Kernel::Adjoint(weight);
+        return Some(regions::forward(dy, kernel, &zeros, t, &Identity, &regions));
+    }
     let window = s.k_h * s.k_w;
     let mut flipped = uninit::<E>(weight.len());
     flipped
@@ -597,23 +613,7 @@ fn dx_by_convolution<E: Element>(weight: &[E], dy: &[E], s: Shape) -> Option<Vec
         });
     // SAFETY: every (ci, co) window was written above.
     let flipped = unsafe { assume_init(flipped) };
-    let geometry = ConvGeometry {
-        stride: 1,
-        padding: s.k_h - 1 - s.padding,
-    };
-    let t = Shape::of(
-        &[s.n, s.c_out, s.h_out, s.w_out],
-        &[s.c_in, s.c_out, s.k_h, s.k_w],
-        geometry,
-    );
-    debug_assert_eq!((t.h_out, t.w_out), (s.h, s.w));
-    Some(forward_typed(
-        dy,
-        &flipped,
-        &vec![E::ZERO; s.c_in],
-        t,
-        &Identity,
-    ))
+    Some(forward_typed(dy, &flipped, &zeros, t, &Identity))
 }
 
 fn forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, g: ConvGeometry) -> FlexTensor {

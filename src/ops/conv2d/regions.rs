@@ -121,6 +121,41 @@ fn tap_weight<E>(weight: &[E], s: Shape, (ky, kx): (usize, usize)) -> Mat<&[E]> 
     }
 }
 
+/// The weight a [`forward`] by regions multiplies with.
+#[derive(Clone, Copy)]
+pub(super) enum Kernel<'a, E> {
+    /// The convolution's own `(C_out, C_in, k_h, k_w)` weight.
+    Plain(&'a [E]),
+    /// The `(C_in, C_out, k_h, k_w)` weight of the convolution whose input gradient this one
+    /// computes (`dx_by_convolution`): its channel axes swapped and its window flipped, read
+    /// in place by strides instead of copied (ResNet-18's 1×1 and 2×2 maps hold most of its
+    /// weights).
+    Adjoint(&'a [E]),
+}
+
+impl<'a, E> Kernel<'a, E> {
+    /// The `(C_out, C_in)` matrix of tap `(ky, kx)` of the convolution `s`.
+    fn tap(self, s: Shape, (ky, kx): (usize, usize)) -> Mat<&'a [E]> {
+        match self {
+            Kernel::Plain(weight) => tap_weight(weight, s, (ky, kx)),
+            Kernel::Adjoint(weight) => {
+                // Tap (ky, kx) here is tap (k_h-1-ky, k_w-1-kx) of the given weight, whose
+                // shape is `s` with C_in and C_out swapped; transposed.
+                let given = Shape {
+                    c_in: s.c_out,
+                    c_out: s.c_in,
+                    ..s
+                };
+                transposed(tap_weight(
+                    weight,
+                    given,
+                    (s.k_h - 1 - ky, s.k_w - 1 - kx),
+                ))
+            }
+        }
+    }
+}
+
 /// The `(C_in, n)` rows of tap number `t` of a region's columns ([`input_columns`]' layout).
 fn tap_rows<'a, E>(cols: &'a [E], s: Shape, r: &Region, t: usize, n: usize) -> Mat<&'a [E]> {
     Mat {
@@ -191,7 +226,7 @@ fn output_columns<E: Element>(dy: &[E], s: Shape, imgs: usize, r: &Region) -> Ve
 /// `y = conv(prologue(x)) + bias` by regions, `(N, C_out, H_out, W_out)`.
 pub(super) fn forward<E: Element, P: Prologue<E>>(
     x: &[E],
-    weight: &[E],
+    kernel: Kernel<'_, E>,
     bias: &[E],
     s: Shape,
     prologue: &P,
@@ -213,7 +248,7 @@ pub(super) fn forward<E: Element, P: Prologue<E>>(
                 // One product per tap, each reading its weights in place: gathering the
                 // region's columns of the weight would read all of it for each region.
                 for (t, tap) in r.taps_iter().enumerate() {
-                    let (w, cols) = (tap_weight(weight, s, tap), tap_rows(&cols, s, r, t, n));
+                    let (w, cols) = (kernel.tap(s, tap), tap_rows(&cols, s, r, t, n));
                     matmul(product, w, cols, true, parallel);
                 }
                 scatter(out, product, s, imgs, r);
