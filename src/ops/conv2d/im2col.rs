@@ -62,12 +62,8 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
                             continue;
                         }
                         let input = &plane[iy * s.w..][..s.w];
-                        out[..lo].iter_mut().for_each(|o| {
-                            o.write(E::ZERO);
-                        });
-                        out[hi..].iter_mut().for_each(|o| {
-                            o.write(E::ZERO);
-                        });
+                        zero_edge(&mut out[..lo]);
+                        zero_edge(&mut out[hi..]);
                         let first = lo * s.stride + kx - s.padding;
                         // Every column in [lo, hi) reads inside the row (see Shape::columns),
                         // so the loops below write all of them.
@@ -170,8 +166,20 @@ fn same_width_row<E: Element>(
         o.write(f(v));
     }
     for row in out[first_row * w..end_row * w].chunks_mut(w) {
-        row[..lo].iter_mut().for_each(zero);
-        row[hi..].iter_mut().for_each(zero);
+        zero_edge(&mut row[..lo]);
+        zero_edge(&mut row[hi..]);
+    }
+}
+
+/// Zeros for a row's columns under the padding: as many values as the padding is wide. Plain
+/// stores, because the compiler turns a zeroing loop into a call to `memset`, and one such
+/// call per edge of every row cost more than the row's copy (`perf`, docs/performance.md).
+#[inline(always)]
+fn zero_edge<E: Element>(out: &mut [MaybeUninit<E>]) {
+    for o in out {
+        // SAFETY: `o` is a valid, aligned element of the slice; the volatile store only keeps
+        // the loop from becoming a `memset` call.
+        unsafe { std::ptr::write_volatile(o.as_mut_ptr(), E::ZERO) }
     }
 }
 
