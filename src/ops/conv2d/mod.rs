@@ -561,8 +561,11 @@ fn bias_gradient<E: Element>(dy: &[E], s: Shape, imgs: usize) -> Vec<E> {
 /// The groups' `(dweight, dbias)` summed in group order: the same result for any number of
 /// threads.
 fn sum_partials<E: Element>(partials: Vec<(Vec<E>, Vec<E>)>, s: Shape) -> (Vec<E>, Vec<E>) {
-    let mut dweight = vec![E::ZERO; s.c_out * s.k()];
-    let mut dbias = vec![E::ZERO; s.c_out];
+    let mut partials = partials.into_iter();
+    // The first group's sums are the start: no zeroed buffer to add them to.
+    let (mut dweight, mut dbias) = partials
+        .next()
+        .unwrap_or_else(|| (vec![E::ZERO; s.c_out * s.k()], vec![E::ZERO; s.c_out]));
     for (dw, db) in partials {
         dweight.iter_mut().zip(dw).for_each(|(a, b)| *a = a.add(b));
         dbias.iter_mut().zip(db).for_each(|(a, b)| *a = a.add(b));
