@@ -419,7 +419,7 @@ mod tests {
                 stride,
                 padding,
             };
-            for (h, w) in [(7, 7), (8, 5), (3, 4)] {
+            for (h, w) in [(7, 7), (8, 5), (3, 4), (14, 14)] {
                 if window.output_side(h).is_none() || window.output_side(w).is_none() {
                     continue;
                 }
@@ -427,6 +427,8 @@ mod tests {
                 let mut a: Vec<f64> = (0..h * w).map(|i| ((i * 7) % 5) as f64 - 2.0).collect();
                 a[h * w / 2] = f64::NAN;
                 a[h * w / 3] = f64::NEG_INFINITY;
+                // A second NaN in the windows of the first: the last NaN read wins.
+                a[h * w / 2 + 1] = f64::NAN;
                 let expected = naive(window, &a, (h, w));
                 let mut values = uninit::<f64>(expected.len());
                 let mut places = vec![0u8; expected.len()];
