@@ -146,11 +146,7 @@ impl<'a, E> Kernel<'a, E> {
                     c_out: s.c_in,
                     ..s
                 };
-                transposed(tap_weight(
-                    weight,
-                    given,
-                    (s.k_h - 1 - ky, s.k_w - 1 - kx),
-                ))
+                transposed(tap_weight(weight, given, (s.k_h - 1 - ky, s.k_w - 1 - kx)))
             }
         }
     }
