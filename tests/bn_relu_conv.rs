@@ -1,10 +1,12 @@
 //! BN → ReLU → Conv as one op (`bnlab::ops::bn_relu_conv2d`, what `BatchNorm::forward_relu_conv`
-//! runs in training mode with the fused kernel on Flex), on DenseNet's geometries, and BN →
+//! runs in training mode with the fused kernel on Flex), on DenseNet's geometries, with and
+//! without a 2×2 average pool before the convolution (its transition, pool first:
+//! `BatchNorm::forward_relu_avg_pool_conv`), and BN →
 //! ReLU → an overlapping max pool as one op (`bnlab::ops::bn_relu_max_pool`, the ResNet and
 //! DenseNet stem's 3×3/2 pad 1, what `BatchNorm::forward_relu_max_pool` runs):
 //!
-//! - against the same layers composed (the fused BN op with its ReLU epilogue, then the im2col
-//!   convolution, or Burn's `MaxPool2d`): output, the gradients of x, γ, β (and the weight and
+//! - against the same layers composed (the fused BN op with its ReLU epilogue, or its ReLU and
+//!   average-pool epilogue, then the im2col convolution, or Burn's `MaxPool2d`): output, the gradients of x, γ, β (and the weight and
 //!   the bias), and the running statistics after the step, equal bit for bit in float32 and
 //!   float64 (the ops run the same arithmetic per value and the same sums in the same order;
 //!   they only skip keeping the BN output);
@@ -22,7 +24,7 @@ use bnlab::ops::bn_relu_max_pool::{bn_relu_max_pool, MaxPoolWindow};
 use bnlab::ops::conv2d::conv2d;
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::pool::{AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -40,6 +42,8 @@ struct Case {
     weight: Vec<f64>,
     bias: Vec<f64>,
     g: Vec<f64>,
+    /// A 2×2 average pool of stride 2 between the ReLU and the convolution.
+    avg_pool: bool,
 }
 
 impl Case {
@@ -53,6 +57,7 @@ impl Case {
         seed: u64,
     ) -> Self {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+        // Long enough for the pooled cases' smaller output too.
         let out = hw + 2 * pad - k + 1;
         Self {
             shape: [n, c_in, hw, hw],
@@ -65,13 +70,28 @@ impl Case {
             weight: random(c_out * c_in * k * k, 0.5, 0.0, &mut rng),
             bias: random(c_out, 0.5, 0.0, &mut rng),
             g: random(n * c_out * out * out, 1.0, 0.0, &mut rng),
+            avg_pool: false,
+        }
+    }
+
+    /// The same case with a 2×2 average pool before the convolution.
+    fn pooled(self) -> Self {
+        Self {
+            avg_pool: true,
+            ..self
         }
     }
 
     fn out_shape(&self) -> [usize; 4] {
         let [n, _, hw, _] = self.shape;
-        let out = hw + 2 * self.pad - self.k + 1;
+        let side = if self.avg_pool { hw / 2 } else { hw };
+        let out = side + 2 * self.pad - self.k + 1;
         [n, self.c_out, out, out]
+    }
+
+    /// The output's share of `g`.
+    fn g(&self) -> &[f64] {
+        &self.g[..self.out_shape().iter().product()]
     }
 
     fn layers(&self, dtype: DType, device: &Device) -> (BatchNorm, Conv2d) {
@@ -113,16 +133,22 @@ impl Case {
     }
 
     /// `[y, dx, dγ, dβ, dW, db, running mean, running var]` of one training step.
-    fn run(&self, dtype: DType, fused: bool) -> Vec<Vec<f64>> {
+    fn run(&self, dtype: DType, path: Path) -> Vec<Vec<f64>> {
         let device = Device::flex().autodiff();
         let (bn, conv) = self.layers(dtype, &device);
         let x = tensor(&self.x, self.shape, dtype, &device).require_grad();
-        let y = if fused {
-            bn.forward_relu_conv(x.clone(), &conv)
-        } else {
-            conv2d(&conv, bn.forward_then(x.clone(), Epilogue::RELU))
+        let y = match (path, self.avg_pool) {
+            (Path::Fused, false) => bn.forward_relu_conv(x.clone(), &conv),
+            (Path::Fused, true) => bn.forward_relu_avg_pool_conv(x.clone(), &conv),
+            (Path::Composed, false) => conv2d(&conv, bn.forward_then(x.clone(), Epilogue::RELU)),
+            (Path::Composed, true) => {
+                conv2d(&conv, bn.forward_then(x.clone(), Epilogue::RELU_AVG_POOL_2))
+            }
+            (Path::PoolAfterConv, _) => AvgPool2dConfig::new([2, 2])
+                .init()
+                .forward(conv2d(&conv, bn.forward_then(x.clone(), Epilogue::RELU))),
         };
-        let grads = (y.clone() * tensor(&self.g, self.out_shape(), dtype, &device))
+        let grads = (y.clone() * tensor(self.g(), self.out_shape(), dtype, &device))
             .sum()
             .backward();
         let grad = |t: Tensor<1>| values(t.grad(&grads).expect("a gradient"));
@@ -162,11 +188,25 @@ impl Case {
             tensor(beta, [c_in], DType::F64, &device),
             1e-5,
             &conv,
+            self.avg_pool,
         )
         .expect("the fused op applies on Flex");
-        let g = tensor(&self.g, self.out_shape(), DType::F64, &device);
+        let g = tensor(self.g(), self.out_shape(), DType::F64, &device);
         values((y * g).sum())[0]
     }
+}
+
+/// How [`Case::run`] computes the layers.
+#[derive(Clone, Copy)]
+enum Path {
+    /// The fused op.
+    Fused,
+    /// The fused BN op with its epilogue (ReLU, or ReLU and the average pool), then the
+    /// convolution.
+    Composed,
+    /// The fused BN op with its ReLU, the convolution, then Burn's `AvgPool2d` 2×2: the
+    /// transition's order in d2l and PyTorch.
+    PoolAfterConv,
 }
 
 const NAMES: [&str; 8] = [
@@ -190,6 +230,18 @@ fn cases() -> Vec<(&'static str, Case)> {
         ),
         // 2×2 maps: four regions, each a product over its own taps (ops::conv2d's regions).
         ("2x2 maps by regions", Case::new(5, 6, 2, 4, 3, 1, 4)),
+        // DenseNet's transition, pool first.
+        (
+            "transition 1x1, pooled",
+            Case::new(3, 16, 16, 8, 1, 0, 6).pooled(),
+        ),
+        // An odd side: the last row and column are in no window, their gradient is BN's alone.
+        ("odd side, pooled", Case::new(4, 6, 7, 5, 1, 0, 7).pooled()),
+        // Pooled to 2×2, then a 3×3 convolution by regions.
+        (
+            "3x3 after the pool",
+            Case::new(3, 5, 4, 4, 3, 1, 8).pooled(),
+        ),
     ]
 }
 
@@ -197,10 +249,33 @@ fn cases() -> Vec<(&'static str, Case)> {
 fn fused_op_equals_the_composed_layers_bit_for_bit() {
     for (name, case) in cases() {
         for dtype in [DType::F32, DType::F64] {
-            let fused = case.run(dtype, true);
-            let composed = case.run(dtype, false);
+            let fused = case.run(dtype, Path::Fused);
+            let composed = case.run(dtype, Path::Composed);
             for (i, what) in NAMES.iter().enumerate() {
                 assert_eq!(fused[i], composed[i], "{name} {dtype:?}: {what}");
+            }
+        }
+    }
+}
+
+/// The transition pools before its 1×1 convolution, where d2l pools after it: the two orders
+/// are equal in exact arithmetic (`mean(W·a + b) = W·mean(a) + b`) and differ by rounding
+/// alone: within 1e-12 of the largest value in float64 and 1e-5 in float32.
+#[test]
+fn pooling_before_the_1x1_conv_equals_pooling_after_it() {
+    for (name, case) in cases().into_iter().filter(|(_, c)| c.avg_pool && c.k == 1) {
+        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let first = case.run(dtype, Path::Fused);
+            let after = case.run(dtype, Path::PoolAfterConv);
+            for (i, what) in NAMES.iter().enumerate() {
+                let scale = after[i].iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                for (j, (a, b)) in first[i].iter().zip(&after[i]).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tolerance * scale,
+                        "{name} {dtype:?}: {what}[{j}]: {a} pooled first, {b} after"
+                    );
+                }
+                assert_eq!(first[i].len(), after[i].len(), "{name}: {what}");
             }
         }
     }
@@ -210,7 +285,7 @@ fn fused_op_equals_the_composed_layers_bit_for_bit() {
 fn fused_op_gradients_match_finite_differences() {
     let h = 1e-6;
     for (name, case) in cases() {
-        let got = case.run(DType::F64, true);
+        let got = case.run(DType::F64, Path::Fused);
         let params = [&case.x, &case.gamma, &case.beta, &case.weight, &case.bias];
         for (p, analytic) in params.iter().zip(&got[1..6]) {
             let scale = analytic.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
@@ -242,10 +317,13 @@ fn the_op_declines_what_it_does_not_take() {
     let x = tensor(&case.x, case.shape, DType::F32, &device);
     let one = |n: usize| Tensor::<1>::ones([n], (&device, DType::F32));
     // γ of the wrong length, and one value per channel: the caller composes the layers.
-    assert!(try_bn_relu_conv2d(x.clone(), one(3), one(4), 1e-5, &conv).is_none());
-    let single = x.slice([0..1, 0..4, 0..1, 0..1]);
+    assert!(try_bn_relu_conv2d(x.clone(), one(3), one(4), 1e-5, &conv, false).is_none());
+    let single = x.clone().slice([0..1, 0..4, 0..1, 0..1]);
     let (_, conv1) = Case::new(1, 4, 1, 4, 1, 0, 5).layers(DType::F32, &device);
-    assert!(try_bn_relu_conv2d(single, one(4), one(4), 1e-5, &conv1).is_none());
+    assert!(try_bn_relu_conv2d(single, one(4), one(4), 1e-5, &conv1, false).is_none());
+    // A 1×1 side has no 2×2 window to pool.
+    let row = x.slice([0..2, 0..4, 0..1, 0..6]);
+    assert!(try_bn_relu_conv2d(row, one(4), one(4), 1e-5, &conv1, true).is_none());
 }
 
 /// The stem's pool: 3×3, stride 2, padding 1.

@@ -17,7 +17,9 @@ use burn::tensor::{Device, Tensor};
 
 use super::layers::{Initializer, LayerList, Sequential, Stem, Trace};
 use super::{Facts, ModelKind, ModelSpec, Network};
-use crate::norm::{norm_relu_conv, norm_then, BatchNorm, Epilogue, NormLayer};
+use crate::norm::{
+    norm_relu_avg_pool_conv, norm_relu_conv, norm_then, BatchNorm, Epilogue, NormLayer,
+};
 
 const GROWTH: usize = 32;
 const LAYERS_PER_BLOCK: usize = 4;
@@ -67,13 +69,14 @@ pub struct Transition {
     pub bn: Option<NormLayer>,
     /// Conv(c→c/2, 1×1).
     pub conv: Conv2d,
-    /// AvgPool 2×2, stride 2.
+    /// AvgPool 2×2, stride 2: run before the convolution, with which it commutes (the
+    /// convolution then has a quarter of the positions).
     pub pool: AvgPool2d,
 }
 
 impl Transition {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.pool.forward(norm_relu_conv(&self.bn, x, &self.conv))
+        norm_relu_avg_pool_conv(&self.bn, x, &self.conv)
     }
 }
 

@@ -144,6 +144,13 @@ impl Epilogue {
         pool: Pool::None,
     };
 
+    /// Batch norm, ReLU, then a 2×2 average pool: DenseNet's transition before its 1×1
+    /// convolution.
+    pub const RELU_AVG_POOL_2: Self = Self {
+        activation: Activation::Relu,
+        pool: Pool::Avg(2),
+    };
+
     /// Whether this is [`Epilogue::NONE`]: the identity.
     pub fn is_none(&self) -> bool {
         *self == Self::NONE

@@ -526,6 +526,23 @@ impl BatchNorm {
     /// # Panics
     /// As [`Self::forward_then`].
     pub fn forward_relu_conv(&self, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
+        self.relu_then_conv(x, conv, false)
+    }
+
+    /// The layer, then ReLU, then a 2×2 average pool of stride 2, then `conv`: DenseNet's
+    /// transition with its pool moved before its 1×1 convolution, with which it commutes. In
+    /// training mode with the fused kernel on Flex, one op ([`crate::ops::bn_relu_conv2d`])
+    /// whose convolution runs on the pooled activations; otherwise [`Self::forward_then`]
+    /// with the ReLU and the pool as its epilogue, and the convolution.
+    ///
+    /// # Panics
+    /// As [`Self::forward_then`].
+    pub fn forward_relu_avg_pool_conv(&self, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
+        self.relu_then_conv(x, conv, true)
+    }
+
+    /// [`Self::forward_relu_conv`], or with `avg_pool` [`Self::forward_relu_avg_pool_conv`].
+    fn relu_then_conv(&self, x: Tensor<4>, conv: &Conv2d, avg_pool: bool) -> Tensor<4> {
         if self.fused_applies() && self.is_training_for(&x) {
             let device = x.device();
             let channels = x.dims()[1];
@@ -535,14 +552,18 @@ impl BatchNorm {
             let gamma = gamma.unwrap_or_else(|| Tensor::ones([channels], (&device, x.dtype())));
             let beta = beta.unwrap_or_else(|| Tensor::zeros([channels], (&device, x.dtype())));
             if channels == self.num_features {
-                if let Some((y, stats)) = try_bn_relu_conv2d(x.clone(), gamma, beta, self.eps, conv)
-                {
+                let fused = try_bn_relu_conv2d(x.clone(), gamma, beta, self.eps, conv, avg_pool);
+                if let Some((y, stats)) = fused {
                     self.track(&stats, &device);
                     return y;
                 }
             }
         }
-        conv2d(conv, self.forward_then(x, Epilogue::RELU))
+        let epilogue = match avg_pool {
+            true => Epilogue::RELU_AVG_POOL_2,
+            false => Epilogue::RELU,
+        };
+        conv2d(conv, self.forward_then(x, epilogue))
     }
 
     /// Training-mode normalisation with batch statistics, then `epilogue`.

@@ -457,6 +457,16 @@ pub fn norm_relu_conv(norm: &Option<NormLayer>, x: Tensor<4>, conv: &Conv2d) -> 
     }
 }
 
+/// Applies an optional norm layer (the identity when the model has none), then ReLU, then a
+/// 2×2 average pool of stride 2, then `conv`: one op where `--norm fused` trains on Flex
+/// ([`BatchNorm::forward_relu_avg_pool_conv`]).
+pub fn norm_relu_avg_pool_conv(norm: &Option<NormLayer>, x: Tensor<4>, conv: &Conv2d) -> Tensor<4> {
+    match norm {
+        Some(NormLayer::Scratch(bn)) => bn.forward_relu_avg_pool_conv(x, conv),
+        _ => conv2d(conv, norm_then(norm, x, Epilogue::RELU_AVG_POOL_2)),
+    }
+}
+
 /// Applies an optional norm layer (the identity when the model has none), then ReLU, then
 /// `pool`: one op where `--norm fused` trains on Flex ([`BatchNorm::forward_relu_max_pool`]).
 pub fn norm_relu_max_pool(norm: &Option<NormLayer>, x: Tensor<4>, pool: &MaxPool2d) -> Tensor<4> {

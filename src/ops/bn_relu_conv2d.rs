@@ -2,6 +2,12 @@
 //! transitions. The normalised, rectified tensor is never written: [`super::conv2d`]'s im2col
 //! applies `relu(γ·x̂ + β)` to each value as it forms the convolution's columns.
 //!
+//! A transition's BN → ReLU → Conv 1×1 → AvgPool 2 runs as BN → ReLU → AvgPool 2 → Conv 1×1
+//! (`avg_pool`): a 1×1 convolution and an average pool commute (each output is
+//! `W·mean(a) + b = mean(W·a + b)`), and pooled first the convolution has a quarter of the
+//! positions. The op then writes the pooled activations (a quarter of `x`'s size) and the
+//! convolution takes them as they are; the backward recomputes them from `x`.
+//!
 //! - forward: the batch statistics of `x` (one pass, as the fused BN op computes them), then
 //!   the convolution of `x` through that prologue;
 //! - backward: the convolution's backward forms its weight gradient's columns through the same
@@ -25,8 +31,10 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor};
 
 use super::batch_norm::{planes, stats};
-use super::conv2d::{backward_typed, forward_typed, geometry_of, ConvGeometry, Prologue, Shape};
-use super::cpu::{Dims, Real};
+use super::conv2d::{
+    backward_typed, forward_typed, geometry_of, ConvGeometry, Identity, Prologue, Shape,
+};
+use super::cpu::{assume_init, uninit, Dims, Real};
 use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
 use crate::norm::epilogue::Activation;
@@ -36,8 +44,9 @@ use crate::norm::functional::BatchStats;
 /// Reached through [`try_bn_relu_conv2d`].
 #[backend_extension(Flex, Autodiff)]
 pub trait BnReluConv2dBackend: Backend {
-    /// `conv(relu(γ·x̂ + β))` with batch statistics over axis 1 of `x` `(N, C, H, W)`, and the
-    /// batch mean and biased variance (which carry no gradient).
+    /// `conv(relu(γ·x̂ + β))` with batch statistics over axis 1 of `x` `(N, C, H, W)`, or
+    /// with `avg_pool` `conv(avg_pool_2x2(relu(γ·x̂ + β)))`, and the batch mean and biased
+    /// variance (which carry no gradient).
     #[allow(clippy::too_many_arguments)]
     fn bn_relu_conv2d(
         x: FloatTensor<Self>,
@@ -47,24 +56,36 @@ pub trait BnReluConv2dBackend: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         geometry: ConvGeometry,
+        avg_pool: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Training-mode `conv(relu(bn(x)))` by the fused op, with the batch statistics for the
-/// running ones; `None` where it does not apply (another backend or dtype, a convolution the
-/// im2col kernel does not take, fewer than two values per channel): the caller composes the
-/// layers then. `gamma` and `beta` must have one value per channel of `x`.
+/// running ones, or with `avg_pool` `conv(avg_pool_2x2(relu(bn(x))))` (a 2×2 average pool of
+/// stride 2, the side halved, rounding down); `None` where it does not apply (another backend
+/// or dtype, a convolution the im2col kernel does not take, fewer than two values per channel,
+/// a side shorter than the pool): the caller composes the layers then. `gamma` and `beta`
+/// must have one value per channel of `x`.
 pub fn try_bn_relu_conv2d(
     x: Tensor<4>,
     gamma: Tensor<1>,
     beta: Tensor<1>,
     eps: f64,
     conv: &Conv2d,
+    avg_pool: bool,
 ) -> Option<(Tensor<4>, BatchStats)> {
     let geometry = geometry_of(conv, &x)?;
     let [n, c, h, w] = x.dims();
     let count = n * h * w;
     if family(&x.device()) != Some(Family::Flex) || count < 2 || gamma.dims() != [c] {
+        return None;
+    }
+    let [k_h, k_w] = conv.kernel_size;
+    let pooled_fits = h >= 2
+        && w >= 2
+        && h / 2 + 2 * geometry.padding >= k_h
+        && w / 2 + 2 * geometry.padding >= k_w;
+    if avg_pool && !pooled_fits {
         return None;
     }
     let weight = conv.weight.val();
@@ -80,6 +101,7 @@ pub fn try_bn_relu_conv2d(
         weight.into_dispatch(),
         bias.into_dispatch(),
         geometry,
+        avg_pool,
     );
     let stats = BatchStats {
         mean: Tensor::from_dispatch(mean),
@@ -134,6 +156,62 @@ impl<E: Real> BnRelu<E> {
     }
 }
 
+impl<E: Element> BnRelu<E> {
+    /// `avg_pool_2x2(relu(γ·x̂ + β))` of `x` `(N, C, H, W)`: `(N, C, ⌊H/2⌋, ⌊W/2⌋)`, each
+    /// window summed row by row and scaled by ¼, as the fused BN op's average-pool epilogue
+    /// computes it.
+    fn pooled(&self, x: &[E], [n, c, h, w]: [usize; 4]) -> Vec<E> {
+        use rayon::prelude::*;
+        let (ho, wo) = (h / 2, w / 2);
+        let quarter = E::from_f64(0.25);
+        let mut out = uninit::<E>(n * c * ho * wo);
+        out.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .enumerate()
+            .for_each(|(plane, (out, x))| {
+                let f = self.channel(plane % c);
+                for (r, out) in out.chunks_mut(wo).enumerate() {
+                    let (top, bottom) = (&x[2 * r * w..][..w], &x[(2 * r + 1) * w..][..w]);
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let sum = E::ZERO
+                            .add(f(top[2 * j]))
+                            .add(f(top[2 * j + 1]))
+                            .add(f(bottom[2 * j]))
+                            .add(f(bottom[2 * j + 1]));
+                        o.write(sum.mul(quarter));
+                    }
+                }
+            });
+        // SAFETY: every plane's ho × wo values were written above.
+        unsafe { assume_init(out) }
+    }
+}
+
+/// The average pool's backward: `dpooled` `(N, C, ⌊H/2⌋, ⌊W/2⌋)` spread over `(N, C, H, W)`,
+/// ¼ of each window's gradient to each of its four places and 0 to a last row or column no
+/// window covers.
+fn unpool<E: Element>(dpooled: &[E], [n, c, h, w]: [usize; 4]) -> Vec<E> {
+    use rayon::prelude::*;
+    let (ho, wo) = (h / 2, w / 2);
+    let quarter = E::from_f64(0.25);
+    let mut da = uninit::<E>(n * c * h * w);
+    da.par_chunks_mut(h * w)
+        .zip(dpooled.par_chunks(ho * wo))
+        .for_each(|(da, dp)| {
+            for (r, row) in da.chunks_mut(w).enumerate() {
+                let from = (r / 2 < ho).then(|| &dp[(r / 2) * wo..][..wo]);
+                for (j, d) in row.iter_mut().enumerate() {
+                    d.write(match from {
+                        Some(from) if j / 2 < wo => from[j / 2].mul(quarter),
+                        _ => E::ZERO,
+                    });
+                }
+            }
+        });
+    // SAFETY: every value of every plane was written above.
+    unsafe { assume_init(da) }
+}
+
 /// BN → ReLU's backward in place: `da`, the gradient at the ReLU's output, becomes the input
 /// gradient (left at BN's output gradient when `need_dx` is false); returns per channel
 /// `(Σ dz, Σ dz·x̂)` (dβ, dγ). The activations are not needed: the ReLU's mask is recomputed
@@ -176,9 +254,20 @@ pub struct Saved {
     /// Per channel: pivot, shifted mean, inverse std (as float64, whatever the dtype).
     stats: Vec<[f64; 3]>,
     geometry: ConvGeometry,
+    /// Whether a 2×2 average pool comes between the ReLU and the convolution.
+    avg_pool: bool,
+}
+
+/// The shape of the convolution's input: `x`'s, or with `avg_pool` the pooled one.
+fn conv_input_shape(x: &[usize], avg_pool: bool) -> [usize; 4] {
+    match avg_pool {
+        true => [x[0], x[1], x[2] / 2, x[3] / 2],
+        false => [x[0], x[1], x[2], x[3]],
+    }
 }
 
 /// The forward on Flex tensors: `(y, mean, var, saved)`.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     x: FlexTensor,
     gamma: FlexTensor,
@@ -187,7 +276,9 @@ fn forward(
     weight: FlexTensor,
     bias: FlexTensor,
     geometry: ConvGeometry,
+    avg_pool: bool,
 ) -> (FlexTensor, FlexTensor, FlexTensor, Saved) {
+    #[allow(clippy::too_many_arguments)]
     fn typed<E: Element>(
         x: &FlexTensor,
         gamma: &FlexTensor,
@@ -196,13 +287,21 @@ fn forward(
         weight: &FlexTensor,
         bias: &FlexTensor,
         s: Shape,
+        avg_pool: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor, Vec<[f64; 3]>) {
         let shape = x.layout().shape().to_vec();
         let dims = Dims::of(&shape);
         let xs = slice::<E>(x);
         let st = stats::channel_stats(xs, dims, eps);
         let prologue = BnRelu::new(&st, slice(gamma), slice(beta));
-        let y = forward_typed(xs, slice(weight), slice(bias), s, &prologue);
+        let (weight, bias) = (slice(weight), slice(bias));
+        let y = match avg_pool {
+            true => {
+                let pooled = prologue.pooled(xs, conv_input_shape(&shape, false));
+                forward_typed(&pooled, weight, bias, s, &Identity)
+            }
+            false => forward_typed(xs, weight, bias, s, &prologue),
+        };
         let (mean, var, saved) = stats::batch_outputs(&st);
         (
             tensor(y, s.output_shape()),
@@ -213,10 +312,11 @@ fn forward(
     }
     let (x, gamma, beta) = (contiguous(&x), contiguous(&gamma), contiguous(&beta));
     let (weight, bias) = (contiguous(&weight), contiguous(&bias));
-    let s = Shape::of(x.layout().shape(), weight.layout().shape(), geometry);
+    let input = conv_input_shape(x.layout().shape(), avg_pool);
+    let s = Shape::of(&input, weight.layout().shape(), geometry);
     let (y, mean, var, stats) = match x.dtype() {
-        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps, &weight, &bias, s),
-        _ => typed::<f32>(&x, &gamma, &beta, eps, &weight, &bias, s),
+        DType::F64 => typed::<f64>(&x, &gamma, &beta, eps, &weight, &bias, s, avg_pool),
+        _ => typed::<f32>(&x, &gamma, &beta, eps, &weight, &bias, s, avg_pool),
     };
     let saved = Saved {
         x,
@@ -225,6 +325,7 @@ fn forward(
         weight,
         stats,
         geometry,
+        avg_pool,
     };
     (y, mean, var, saved)
 }
@@ -246,9 +347,19 @@ fn backward(
         let st = stats::from_saved::<E>(&saved.stats);
         let (xs, gamma) = (slice::<E>(&saved.x), slice::<E>(&saved.gamma));
         let prologue = BnRelu::new(&st, gamma, slice(&saved.beta));
-        let s = Shape::of(&shape, saved.weight.layout().shape(), saved.geometry);
-        let (da, dweight, dbias) =
-            backward_typed(xs, slice(&saved.weight), slice(dy), s, true, &prologue);
+        let input = conv_input_shape(&shape, saved.avg_pool);
+        let s = Shape::of(&input, saved.weight.layout().shape(), saved.geometry);
+        let (weight, dy) = (slice(&saved.weight), slice(dy));
+        let (da, dweight, dbias) = match saved.avg_pool {
+            true => {
+                let pooled = prologue.pooled(xs, conv_input_shape(&shape, false));
+                let (dpooled, dweight, dbias) =
+                    backward_typed(&pooled, weight, dy, s, true, &Identity);
+                let da = dpooled.map(|dp| unpool(&dp, conv_input_shape(&shape, false)));
+                (da, dweight, dbias)
+            }
+            false => backward_typed(xs, weight, dy, s, true, &prologue),
+        };
         let mut da = da.expect("asked for");
         let image = dims.c * dims.s;
         let sums =
@@ -283,8 +394,9 @@ impl BnReluConv2dBackend for Flex {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         geometry: ConvGeometry,
+        avg_pool: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, mean, var, _) = forward(x, gamma, beta, eps, weight, bias, geometry);
+        let (y, mean, var, _) = forward(x, gamma, beta, eps, weight, bias, geometry, avg_pool);
         (y, mean, var)
     }
 }
@@ -319,6 +431,7 @@ impl<C: CheckpointStrategy> BnReluConv2dBackend for Autodiff<Flex, C> {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         geometry: ConvGeometry,
+        avg_pool: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let prepared = BnReluConv2dBackward
             .prepare::<C>([
@@ -338,6 +451,7 @@ impl<C: CheckpointStrategy> BnReluConv2dBackend for Autodiff<Flex, C> {
             weight.primitive().clone(),
             bias.primitive().clone(),
             geometry,
+            avg_pool,
         );
         let y = match prepared {
             OpsKind::Tracked(prep) => prep.finish(saved, y),
