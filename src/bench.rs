@@ -7,7 +7,7 @@
 //! | W1 | LeNet-BN training, SGD lr 1.0, batch 256, one epoch, per `--norm` | examples/s |
 //! | W4 | ResNet-18 on 28×28, batch 128, Adam 1e-3, 30 steps after 3 warm-up | examples/s, conv GFLOP/s |
 //! | W5 | DenseNet on 96×96, batch 64, Adam 1e-3, 10 steps after 2 warm-up | examples/s, conv GFLOP/s, peak RSS |
-//! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms |
+//! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms, GB/s of its least traffic and share of a plain copy's |
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
 //! | W8 | W5 at the recipe's batch of 256, 4 steps after 1 warm-up | examples/s, conv GFLOP/s, peak RSS |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
@@ -47,6 +47,15 @@ pub struct Record {
     /// W6: the median time of one forward and backward pass, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ms_per_fwd_bwd_median: Option<f64>,
+    /// W6: the layer's least memory traffic (x read forward; x and dy read backward; y and dx
+    /// written: five tensors) over its mean time, in GB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gb_per_sec: Option<f64>,
+    /// W6: the rate of a plain copy of a tensor of the same size on all threads (bytes read
+    /// plus bytes written, over the best of as many copies as W6 has iterations), measured in
+    /// the same process, in GB/s: what `gb_per_sec` is set against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_gb_per_sec: Option<f64>,
     /// RSS: the peak resident memory, in MB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mb: Option<f64>,
@@ -80,6 +89,8 @@ impl Record {
             examples_per_sec: None,
             ms_per_fwd_bwd: None,
             ms_per_fwd_bwd_median: None,
+            gb_per_sec: None,
+            copy_gb_per_sec: None,
             peak_rss_mb: None,
             gflops: None,
             share_of_peak: None,
@@ -423,9 +434,37 @@ pub fn bn_layer(norm: NormKind, scale: Scale) -> Record {
         ),
     );
     r.norm = Some(norm_label(norm));
-    r.ms_per_fwd_bwd = Some(seconds * 1e3 / scale.bn_iters as f64);
+    let mean = seconds / scale.bn_iters as f64;
+    r.ms_per_fwd_bwd = Some(mean * 1e3);
     r.ms_per_fwd_bwd_median = Some(times[times.len() / 2]);
+    let tensor_bytes = (shape.iter().product::<usize>() * std::mem::size_of::<f32>()) as f64;
+    r.gb_per_sec = Some(5.0 * tensor_bytes / mean / 1e9);
+    r.copy_gb_per_sec = Some(copy_rate(shape.iter().product(), scale.bn_iters));
     r
+}
+
+/// The rate of a plain copy of `len` float32 values, split over rayon's threads (each copies
+/// its contiguous share with `copy_from_slice`, the C library's `memcpy`): bytes read plus
+/// bytes written over the best of `reps` copies, after one that also faults the pages in, in
+/// GB/s.
+pub fn copy_rate(len: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let from: Vec<f32> = (0..len).map(|i| (i % 251) as f32).collect();
+    let mut to = vec![0.0f32; len];
+    let share = len.div_ceil(rayon::current_num_threads()).max(1);
+    let mut copy = || {
+        let started = Instant::now();
+        to.par_chunks_mut(share)
+            .zip(from.par_chunks(share))
+            .for_each(|(to, from)| to.copy_from_slice(from));
+        started.elapsed().as_secs_f64()
+    };
+    copy();
+    let best = (0..reps.max(1))
+        .map(|_| copy())
+        .fold(f64::INFINITY, f64::min);
+    std::hint::black_box(&to);
+    2.0 * (len * std::mem::size_of::<f32>()) as f64 / best / 1e9
 }
 
 /// W7: eval-mode inference over the test set.

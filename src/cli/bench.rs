@@ -41,6 +41,12 @@ pub(crate) fn bench(
                 (_, _, Some(mb)) => format!("{mb:>9.0} MB peak RSS"),
                 _ => String::new(),
             };
+            if let (Some(rate), Some(copy)) = (r.gb_per_sec, r.copy_gb_per_sec) {
+                figure += &format!(
+                    ", {rate:.1} GB/s of its least traffic ({:.0}% of a copy's {copy:.1})",
+                    100.0 * rate / copy
+                );
+            }
             match (r.gflops, r.share_of_peak, figure.is_empty()) {
                 (Some(g), None, true) => figure = format!("{g:>9.1} GFLOP/s"),
                 (Some(g), Some(share), _) => {
