@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use super::rows::{self, RowsOut};
 use super::stats::ChannelStats;
 use crate::norm::epilogue::{Activation, Epilogue, Pool};
-use crate::ops::cpu::{assume_init, fill, lane_sums, planes_per_task, simd_fn, uninit, Dims, Real};
+use crate::ops::cpu::{
+    assume_init, fill, planes_per_task, product_sums, simd_fn, uninit, Centred, Dims, Real,
+};
 use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane, unpool_max2};
 
 /// The training-mode forward: `pool(activation(gamma · x̂ + beta))`.
@@ -114,12 +116,12 @@ simd_fn! {
 /// `Σ g` and `Σ g · (x - mean)` over a run of `x` and its gradient `g`: BN's backward sums.
 #[inline(always)]
 fn dz_sums<E: Real>(x: &[E], g: &[E], st: ChannelStats<E>) -> (f64, f64) {
-    lane_sums(
-        x,
-        g,
-        |_, g| g.to_f64(),
-        |v, g| g.to_f64() * st.centered(v).to_f64(),
-    )
+    // `centered` as ChannelStats computes it: (x - pivot) - shifted mean.
+    let centred = Centred::Gradient {
+        pivot: st.pivot,
+        shifted_mean: st.shifted_mean,
+    };
+    product_sums(x, g, centred)
 }
 
 /// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass, for BN alone.

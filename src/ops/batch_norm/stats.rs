@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::cpu::{lane_sums, simd_fn, Dims, Real};
+use crate::ops::cpu::{product_sums, simd_fn, Centred, Dims, Real};
 
 /// One channel's batch statistics, kept in the element type for the element-wise passes.
 #[derive(Debug, Clone, Copy)]
@@ -45,8 +45,7 @@ simd_fn! {
         let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
             let run = &x[n * image + c * dims.s..][..dims.s];
-            let d = |v: E| v.sub(pivot).to_f64();
-            let (s, q) = lane_sums(run, run, |v, _| d(v), |v, _| d(v) * d(v));
+            let (s, q) = product_sums(run, run, Centred::Shifted { pivot });
             sums = (sums.0 + s, sums.1 + q);
         }
         sums
