@@ -269,8 +269,11 @@ pub(crate) enum Centred<E> {
 /// passes that read BN's inputs from memory.
 #[inline(always)]
 pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f64, f64) {
+    // Short runs (ResNet-18's 2×2 and 4×4 maps) stay in the inlined loop: the kernel's call
+    // and its lanes' final sum would outweigh them.
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+    if a.len() >= 8 * LANES
+        && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
         && std::arch::is_x86_feature_detected!("avx2")
     {
         // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2.
