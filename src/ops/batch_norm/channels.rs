@@ -31,6 +31,16 @@ fn channel_major(dims: Dims) -> bool {
     dims.s > 1 && dims.c >= 32 && dims.count() >= 32 * 1024
 }
 
+/// Whether the channel-major passes write BN's output and input gradient with stores that
+/// bypass the cache ([`stream_plane`]): where the tensor is larger than half the last-level
+/// cache, so that it would not stay there beside its input anyway.
+fn streams<E>(dims: Dims) -> bool {
+    dims.len() * std::mem::size_of::<E>() >= STREAM_BYTES
+}
+
+/// Half of this machine's 32 MB last-level cache.
+const STREAM_BYTES: usize = 16 << 20;
+
 /// The training-mode forward, statistics included: `(stats, activations, pooled)` as
 /// [`channel_stats`] then [`forward`] give them, bit for bit.
 ///
@@ -75,8 +85,12 @@ pub fn train_forward<E: Real>(
             let st = channel_stat(x, dims, dims.c * dims.s, c, eps);
             let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
             let mut pooled = pooled.map(|p| p.into_iter());
+            let stream = streams::<E>(dims) && epilogue.is_none();
             for (n, out) in outs.into_iter().enumerate() {
                 let input = &x[(n * dims.c + c) * dims.s..][..dims.s];
+                if stream && stream_plane(input, st, (scale, beta[c]), None, out) {
+                    continue;
+                }
                 let pooled = pooled.as_mut().map(|p| p.next().expect("one per plane"));
                 forward_plane(input, st, scale, beta[c], epilogue, plane, out, pooled);
             }
@@ -150,10 +164,14 @@ pub fn train_backward<E: Real>(
                     let (s0, s1) = dy_sums(x, dims.c * dims.s, dout, dims, c, st);
                     let sums = (s0, s1 * st.inv_std.to_f64());
                     let coefficient = input_grad_coefficient(dims, st, gamma[c], sums);
+                    let stream = streams::<E>(dims);
+                    let (a, b, k) = coefficient;
                     for (n, out) in outs.into_iter().enumerate() {
                         let at = (n, c, dims.c);
                         let (xs, gs) = (plane_of(x, at, dims.s), plane_of(dout, at, dims.s));
-                        input_grad_plane(xs, gs, st, coefficient, out);
+                        if !(stream && stream_plane(xs, st, (b, k), Some((gs, a)), out)) {
+                            input_grad_plane(xs, gs, st, coefficient, out);
+                        }
                     }
                     sums
                 }

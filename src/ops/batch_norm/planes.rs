@@ -98,6 +98,93 @@ simd_fn! {
     }
 }
 
+/// Writes `out[i] = g[i]·a + (((x[i] - pivot) - shifted mean)·b + k)`, or without `g`
+/// `((x[i] - pivot) - shifted mean)·b + k` (BN's output: `b` the scale, `k` the shift), with
+/// stores that bypass the cache, bit for bit what [`input_grad_plane`] and [`forward_plane`]
+/// (without an epilogue) write. For outputs larger than the cache can keep beside their
+/// input: an ordinary store first reads each line it writes, a seventh tensor's traffic in
+/// W6's five. Returns false, writing nothing, where it has no kernel (not float32, no AVX2).
+pub(crate) fn stream_plane<E: Real>(
+    x: &[E],
+    st: ChannelStats<E>,
+    (b, k): (E, E),
+    g: Option<(&[E], E)>,
+    out: &mut [MaybeUninit<E>],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+        && std::arch::is_x86_feature_detected!("avx2")
+    {
+        let f = |v: E| v.to_f64() as f32;
+        // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2.
+        unsafe {
+            let cast = |s: &[E]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
+            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len());
+            let g = g.map(|(g, a)| (cast(g), f(a)));
+            let centring = (f(st.pivot), f(st.shifted_mean));
+            stream_plane_f32_avx2(cast(x), centring, (f(b), f(k)), g, out);
+        }
+        return true;
+    }
+    false
+}
+
+/// [`stream_plane`] on float32 with AVX2: a scalar head up to a 32-byte boundary of `out`,
+/// eight values a step with `vmovntps`, a scalar tail, then a store fence.
+///
+/// # Safety
+/// The CPU must have AVX2; `x` (and `g`) at least as long as `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn stream_plane_f32_avx2(
+    x: &[f32],
+    (pivot, shifted_mean): (f32, f32),
+    (b, k): (f32, f32),
+    g: Option<(&[f32], f32)>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    use std::arch::x86_64::*;
+    let len = out.len();
+    assert!(x.len() >= len && g.is_none_or(|(g, _)| g.len() >= len));
+    let value = |i: usize| {
+        let t = ((x[i] - pivot) - shifted_mean) * b + k;
+        match g {
+            Some((g, a)) => g[i] * a + t,
+            None => t,
+        }
+    };
+    let misalignment = (out.as_ptr() as usize % 32) / 4;
+    let head = if misalignment == 0 {
+        0
+    } else {
+        (8 - misalignment).min(len)
+    };
+    for (i, o) in out[..head].iter_mut().enumerate() {
+        o.write(value(i));
+    }
+    let steps = (len - head) / 8;
+    let (vp, vm) = (_mm256_set1_ps(pivot), _mm256_set1_ps(shifted_mean));
+    let (vb, vk) = (_mm256_set1_ps(b), _mm256_set1_ps(k));
+    let va = _mm256_set1_ps(g.map_or(0.0, |(_, a)| a));
+    let dst = out.as_mut_ptr().cast::<f32>();
+    for step in 0..steps {
+        let i = head + step * 8;
+        // SAFETY: i + 8 ≤ len ≤ x.len() (and g's), and dst + i is 32-byte aligned.
+        let v = _mm256_loadu_ps(x.as_ptr().add(i));
+        let centred = _mm256_sub_ps(_mm256_sub_ps(v, vp), vm);
+        let t = _mm256_add_ps(_mm256_mul_ps(centred, vb), vk);
+        let y = match g {
+            Some((g, _)) => _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(g.as_ptr().add(i)), va), t),
+            None => t,
+        };
+        _mm256_stream_ps(dst.add(i), y);
+    }
+    for i in head + steps * 8..len {
+        out[i].write(value(i));
+    }
+    _mm_sfence();
+}
+
 simd_fn! {
     /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`, the images of `x` `image` values
     /// apart (`C·S` when `x` is its own tensor; `dy` is always).
@@ -385,6 +472,58 @@ pub(crate) fn input_grad_in_place_in<E: Real>(
 mod tests {
     use super::super::stats::channel_stats;
     use super::*;
+    use crate::ops::cpu::assume_init_mut;
+
+    /// The cache-bypassing stores write what the ordinary passes write, bit for bit, at every
+    /// alignment of the output and with a tail.
+    #[test]
+    fn streamed_planes_equal_the_ordinary_ones() {
+        let len = 203;
+        let x: Vec<f32> = (0..len + 8)
+            .map(|i| 50.0 + ((i * 37) % 101) as f32 * 0.031)
+            .collect();
+        let g: Vec<f32> = (0..len + 8)
+            .map(|i| ((i * 53) % 97) as f32 * 0.021 - 1.0)
+            .collect();
+        let st = ChannelStats {
+            pivot: 50.5f32,
+            shifted_mean: 1.125,
+            inv_std: 0.75,
+            mean: 51.625,
+            var: 1.0,
+        };
+        let (scale, shift, a) = (0.8125f32, -0.3f32, 1.7f32);
+        for offset in 0..8 {
+            let (x, g) = (&x[offset..][..len], &g[offset..][..len]);
+            let mut want = uninit::<f32>(len + 8);
+            let mut got = uninit::<f32>(len + 8);
+            let (want_out, got_out) = (&mut want[offset..][..len], &mut got[offset..][..len]);
+            let plane = (1, len);
+            forward_plane(x, st, scale, shift, Epilogue::NONE, plane, want_out, None);
+            if !stream_plane(x, st, (scale, shift), None, got_out) {
+                return; // no kernel on this CPU: nothing to compare
+            }
+            // SAFETY: both planes were written in full above.
+            let (w, o) = unsafe { (assume_init_mut(want_out), assume_init_mut(got_out)) };
+            assert_eq!(w, o, "forward at offset {offset}");
+            let coefficients = (a, scale, shift);
+            input_grad_plane(x, g, st, coefficients, want_out_of(w));
+            assert!(stream_plane(
+                x,
+                st,
+                (scale, shift),
+                Some((g, a)),
+                want_out_of(o)
+            ));
+            assert_eq!(w, o, "input gradient at offset {offset}");
+        }
+    }
+
+    /// An initialised slice as an output buffer again.
+    fn want_out_of(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+        // SAFETY: `MaybeUninit<f32>` has f32's layout; writing through it only re-initialises.
+        unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    }
 
     #[test]
     fn input_gradient_is_zero_for_a_constant_upstream_gradient() {
