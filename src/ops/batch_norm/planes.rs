@@ -179,8 +179,9 @@ unsafe fn stream_plane_f32_avx2(
         };
         _mm256_stream_ps(dst.add(i), y);
     }
-    for i in head + steps * 8..len {
-        out[i].write(value(i));
+    let tail = head + steps * 8;
+    for (i, o) in out[tail..].iter_mut().enumerate() {
+        o.write(value(tail + i));
     }
     _mm_sfence();
 }
