@@ -32,14 +32,39 @@ fn channel_major(dims: Dims) -> bool {
 }
 
 /// Whether the channel-major passes write BN's output and input gradient with stores that
-/// bypass the cache ([`stream_plane`]): where the tensor is larger than half the last-level
+/// bypass the cache ([`stream_plane`]): where the tensor is at least half the last-level
 /// cache, so that it would not stay there beside its input anyway.
 fn streams<E>(dims: Dims) -> bool {
-    dims.len() * std::mem::size_of::<E>() >= STREAM_BYTES
+    static LAST_LEVEL_CACHE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cache = *LAST_LEVEL_CACHE.get_or_init(last_level_cache_bytes);
+    dims.len() * std::mem::size_of::<E>() >= cache / 2
 }
 
-/// Half of this machine's 32 MB last-level cache.
-const STREAM_BYTES: usize = 16 << 20;
+/// The size of the CPU's last-level cache as Linux reports it (the highest-level cache of CPU
+/// 0 in sysfs), or 32 MB where it cannot be read.
+fn last_level_cache_bytes() -> usize {
+    const FALLBACK: usize = 32 << 20;
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let sizes = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+            let level: usize = read("level")?.trim().parse().ok()?;
+            let size = read("size")?;
+            let size = size.trim();
+            let bytes = match size.strip_suffix('K') {
+                Some(k) => k.parse::<usize>().ok()? << 10,
+                None => match size.strip_suffix('M') {
+                    Some(m) => m.parse::<usize>().ok()? << 20,
+                    None => size.parse().ok()?,
+                },
+            };
+            Some((level, bytes))
+        });
+    sizes.max().map_or(FALLBACK, |(_, bytes)| bytes)
+}
 
 /// The training-mode forward, statistics included: `(stats, activations, pooled)` as
 /// [`channel_stats`] then [`forward`] give them, bit for bit.
