@@ -252,6 +252,15 @@ pub(crate) fn lane_sums<E: Real>(
     (sf.iter().sum(), sg.iter().sum())
 }
 
+/// Whether `E` is float32 and the CPU has AVX2: where the explicit float32 kernels
+/// ([`product_sums`], BN's streamed stores) run, their slices cast to `f32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn f32_with_avx2<E: 'static>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+        && std::arch::is_x86_feature_detected!("avx2")
+}
+
 /// The two centred runs [`product_sums`] reduces.
 #[derive(Clone, Copy)]
 pub(crate) enum Centred<E> {
@@ -272,10 +281,7 @@ pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f
     // Short runs (ResNet-18's 2×2 and 4×4 maps) stay in the inlined loop: the kernel's call
     // and its lanes' final sum would outweigh them.
     #[cfg(target_arch = "x86_64")]
-    if a.len() >= 8 * LANES
-        && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
-        && std::arch::is_x86_feature_detected!("avx2")
-    {
+    if a.len() >= 8 * LANES && f32_with_avx2::<E>() {
         // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2.
         unsafe {
             let cast = |s: &[E]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());

@@ -112,9 +112,7 @@ pub(crate) fn stream_plane<E: Real>(
     out: &mut [MaybeUninit<E>],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
-        && std::arch::is_x86_feature_detected!("avx2")
-    {
+    if crate::ops::cpu::f32_with_avx2::<E>() {
         let f = |v: E| v.to_f64() as f32;
         // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2.
         unsafe {
