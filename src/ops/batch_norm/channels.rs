@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::planes::*;
-use super::stats::{channel_stat, channel_stats, ChannelStats};
+use super::stats::{channel_stats, group_stats, ChannelStats};
 use crate::norm::epilogue::Epilogue;
 use crate::ops::cpu::{assume_init, assume_init_mut, uninit, Dims, Real};
 
@@ -19,6 +19,29 @@ fn by_channel<T>(buf: &mut [T], plane: usize, dims: Dims) -> Vec<Vec<&mut [T]>> 
         groups[i % dims.c].push(p);
     }
     groups
+}
+
+/// `items` in groups of `size` (the last one shorter), in order.
+fn grouped<T>(items: impl IntoIterator<Item = T>, size: usize) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i % size == 0 {
+            groups.push(Vec::with_capacity(size));
+        }
+        groups.last_mut().expect("pushed above").push(item);
+    }
+    groups
+}
+
+/// How many neighbouring channels a task of the channel-major passes takes: enough that each
+/// image's runs of them together span 12 KB (a lone channel's run in W6 is 3 KB, an image
+/// apart from the next, and its reads wait on memory), but few enough to leave each thread
+/// four tasks to balance.
+fn channels_per_task<E>(dims: Dims) -> usize {
+    let run = dims.s * std::mem::size_of::<E>();
+    let wanted = (12usize << 10).div_ceil(run).next_power_of_two();
+    let most = dims.c / (4 * rayon::current_num_threads());
+    wanted.min(most).max(1)
 }
 
 /// Whether [`train_forward`] and [`train_backward`] go channel by channel. That keeps a
@@ -102,24 +125,32 @@ pub fn train_forward<E: Real>(
             .collect(),
         None => (0..dims.c).map(|_| None).collect(),
     };
-    let stats = outputs
+    let group = channels_per_task::<E>(dims);
+    let stream = streams::<E>(dims) && epilogue.is_none();
+    let stats = grouped(outputs.into_iter().zip(pooled_outputs), group)
         .into_par_iter()
-        .zip(pooled_outputs)
         .enumerate()
-        .map(|(c, (outs, pooled))| {
-            let st = channel_stat(x, dims, dims.c * dims.s, c, eps);
-            let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
-            let mut pooled = pooled.map(|p| p.into_iter());
-            let stream = streams::<E>(dims) && epilogue.is_none();
-            for (n, out) in outs.into_iter().enumerate() {
-                let input = &x[(n * dims.c + c) * dims.s..][..dims.s];
-                if stream && stream_plane(input, st, (scale, beta[c]), None, out) {
-                    continue;
+        .flat_map_iter(|(t, task)| {
+            let channels = t * group..t * group + task.len();
+            let stats = group_stats(x, dims, dims.c * dims.s, channels.clone(), eps);
+            let mut task: Vec<_> = task
+                .into_iter()
+                .map(|(outs, pooled)| (outs.into_iter(), pooled.map(|p| p.into_iter())))
+                .collect();
+            for n in 0..dims.n {
+                for (c, ((outs, pooled), &st)) in channels.clone().zip(task.iter_mut().zip(&stats))
+                {
+                    let out = outs.next().expect("one per image");
+                    let input = &x[(n * dims.c + c) * dims.s..][..dims.s];
+                    let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
+                    if stream && stream_plane(input, st, (scale, beta[c]), None, out) {
+                        continue;
+                    }
+                    let pooled = pooled.as_mut().map(|p| p.next().expect("one per plane"));
+                    forward_plane(input, st, scale, beta[c], epilogue, plane, out, pooled);
                 }
-                let pooled = pooled.as_mut().map(|p| p.next().expect("one per plane"));
-                forward_plane(input, st, scale, beta[c], epilogue, plane, out, pooled);
             }
-            st
+            stats
         })
         .collect();
     // SAFETY: every plane of both buffers was filled above.
@@ -176,31 +207,50 @@ pub fn train_backward<E: Real>(
     }
     let out_plane = dout.len() / (dims.n * dims.c);
     let mut dx = uninit::<E>(dims.len());
-    let sums = by_channel(&mut dx, dims.s, dims)
+    fn plane_of<E>(t: &[E], (n, c, channels): (usize, usize, usize), len: usize) -> &[E] {
+        &t[(n * channels + c) * len..][..len]
+    }
+    let group = channels_per_task::<E>(dims);
+    let stream = streams::<E>(dims);
+    let sums = grouped(by_channel(&mut dx, dims.s, dims), group)
         .into_par_iter()
         .enumerate()
-        .map(|(c, outs)| {
-            let st = stats[c];
-            fn plane_of<E>(t: &[E], (n, c, channels): (usize, usize, usize), len: usize) -> &[E] {
-                &t[(n * channels + c) * len..][..len]
-            }
-            let sums = match activations {
-                None => {
-                    let (s0, s1) = dy_sums(x, dims.c * dims.s, dout, dims, c, st);
-                    let sums = (s0, s1 * st.inv_std.to_f64());
-                    let coefficient = input_grad_coefficient(dims, st, gamma[c], sums);
-                    let stream = streams::<E>(dims);
-                    let (a, b, k) = coefficient;
-                    for (n, out) in outs.into_iter().enumerate() {
+        .flat_map_iter(|(t, task)| {
+            let channels = t * group..t * group + task.len();
+            let stats = &stats[channels.clone()];
+            let Some(a) = activations else {
+                let sums: Vec<(f64, f64)> =
+                    dy_sums(x, dims.c * dims.s, dout, dims, channels.clone(), stats)
+                        .into_iter()
+                        .zip(stats)
+                        .map(|((s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+                        .collect();
+                let coefficients: Vec<_> = channels
+                    .clone()
+                    .zip(stats.iter().zip(&sums))
+                    .map(|(c, (&st, &sums))| input_grad_coefficient(dims, st, gamma[c], sums))
+                    .collect();
+                let mut task: Vec<_> = task.into_iter().map(Vec::into_iter).collect();
+                for n in 0..dims.n {
+                    for (c, (outs, (&st, &coefficient))) in channels
+                        .clone()
+                        .zip(task.iter_mut().zip(stats.iter().zip(&coefficients)))
+                    {
+                        let out = outs.next().expect("one per image");
                         let at = (n, c, dims.c);
                         let (xs, gs) = (plane_of(x, at, dims.s), plane_of(dout, at, dims.s));
+                        let (a, b, k) = coefficient;
                         if !(stream && stream_plane(xs, st, (b, k), Some((gs, a)), out)) {
                             input_grad_plane(xs, gs, st, coefficient, out);
                         }
                     }
-                    sums
                 }
-                Some(a) => {
+                return sums;
+            };
+            channels
+                .zip(task)
+                .zip(stats)
+                .map(|((c, outs), &st)| {
                     let mut sums = (0.0, 0.0);
                     let mut written = Vec::with_capacity(dims.n);
                     for (n, dz) in outs.into_iter().enumerate() {
@@ -221,9 +271,8 @@ pub fn train_backward<E: Real>(
                         }
                     }
                     sums
-                }
-            };
-            sums
+                })
+                .collect()
         })
         .collect();
     // SAFETY: every plane was written above (by the input gradient or the epilogue's).
@@ -235,16 +284,33 @@ mod tests {
     use super::*;
     use crate::norm::epilogue::{Activation, Pool};
 
-    /// large enough to take them (32 channels of 32k values), with and without an epilogue.
+    /// large enough to take them, with and without an epilogue: 32 channels of 64×64 planes,
+    /// a task each, and 34 channels of 28×28 planes, in tasks of several channels (the last
+    /// one shorter).
     #[test]
     fn channel_major_passes_equal_the_separate_ones() {
-        let dims = Dims {
+        let single = Dims {
             n: 8,
             c: 32,
             s: 64 * 64,
         };
+        let several = Dims {
+            n: 48,
+            c: 34,
+            s: 28 * 28,
+        };
+        assert_eq!(channels_per_task::<f32>(single), 1);
+        assert!(
+            channels_per_task::<f32>(several) > 1
+                && !several.c.is_multiple_of(channels_per_task::<f32>(several))
+        );
+        for (dims, plane) in [(single, (64, 64)), (several, (28, 28))] {
+            channel_major_case(dims, plane);
+        }
+    }
+
+    fn channel_major_case(dims: Dims, plane: (usize, usize)) {
         assert!(channel_major(dims));
-        let plane = (64, 64);
         let value = |i: usize, k: f64| ((i as f64 * k).sin() * 3.0) as f32;
         let x: Vec<f32> = (0..dims.len()).map(|i| value(i, 0.37) + 50.0).collect();
         let gamma: Vec<f32> = (0..dims.c).map(|c| 0.5 + c as f32 * 0.1).collect();

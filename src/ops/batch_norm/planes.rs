@@ -3,6 +3,7 @@
 //! and the input gradient.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -185,15 +186,19 @@ unsafe fn stream_plane_f32_avx2(
 }
 
 simd_fn! {
-    /// `Σ dy` and `Σ dy · (x - mean)` over channel `c`, the images of `x` `image` values
-    /// apart (`C·S` when `x` is its own tensor; `dy` is always).
-    pub(crate) fn dy_sums<E: Real>(x: &[E], image: usize, dy: &[E], dims: Dims, c: usize, st: ChannelStats<E>) -> (f64, f64) {
-        let mut sums = (0.0, 0.0);
+    /// Per channel of `channels`, `Σ dy` and `Σ dy · (x - mean)` (`stats` theirs, in the same
+    /// order), the images of `x` `image` values apart (`C·S` when `x` is its own tensor; `dy`
+    /// is always). Image by image, a run of each channel in turn, as
+    /// [`shifted_sums`](super::stats::shifted_sums) reads.
+    pub(crate) fn dy_sums<E: Real>(x: &[E], image: usize, dy: &[E], dims: Dims, channels: Range<usize>, stats: &[ChannelStats<E>]) -> Vec<(f64, f64)> {
+        let mut sums = vec![(0.0, 0.0); channels.len()];
         for n in 0..dims.n {
-            let start = (n * dims.c + c) * dims.s;
-            let xs = &x[n * image + c * dims.s..][..dims.s];
-            let (a, b) = dz_sums(xs, &dy[start..][..dims.s], st);
-            sums = (sums.0 + a, sums.1 + b);
+            for (c, (sum, &st)) in channels.clone().zip(sums.iter_mut().zip(stats)) {
+                let start = (n * dims.c + c) * dims.s;
+                let xs = &x[n * image + c * dims.s..][..dims.s];
+                let (a, b) = dz_sums(xs, &dy[start..][..dims.s], st);
+                *sum = (sum.0 + a, sum.1 + b);
+            }
         }
         sums
     }
@@ -237,7 +242,7 @@ pub(crate) fn grad_sums_in<E: Real>(
         .into_par_iter()
         .map(|c| {
             let st = stats[c];
-            let (sum_dy, sum_dy_d) = dy_sums(x, image, dy, dims, c, st);
+            let (sum_dy, sum_dy_d) = dy_sums(x, image, dy, dims, c..c + 1, &stats[c..=c])[0];
             (sum_dy, sum_dy_d * st.inv_std.to_f64())
         })
         .collect()

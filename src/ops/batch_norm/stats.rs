@@ -6,6 +6,8 @@
 //! nothing to cancellation. Sums run over planes in a fixed order, so results do not depend on
 //! the number of threads.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::ops::cpu::{product_sums, simd_fn, Centred, Dims, Real};
@@ -34,19 +36,26 @@ impl<E: Real> ChannelStats<E> {
 }
 
 simd_fn! {
-    /// `Σ (x - pivot)` and `Σ (x - pivot)²` over channel `c`, the images of `x` `image` values
-    /// apart (`C·S` when `x` is its own tensor).
-    pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, image: usize, c: usize, pivot: E) -> (f64, f64) {
+    /// Per channel of `channels`, `Σ (x - pivot)` and `Σ (x - pivot)²` (`pivots` in the same
+    /// order), the images of `x` `image` values apart (`C·S` when `x` is its own tensor). Image
+    /// by image, a run of each channel in turn: contiguous reads, where channel after channel
+    /// reads runs an image apart; each channel's sum is still taken run by run in image order.
+    pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, image: usize, channels: Range<usize>, pivots: &[E]) -> Vec<(f64, f64)> {
+        let mut sums = vec![(0.0, 0.0); channels.len()];
         if dims.s == 1 {
-            // (N, C) input: the channel's values are a column.
-            let column = x[c..].iter().step_by(dims.c).map(|&v| v.sub(pivot).to_f64());
-            return column.fold((0.0, 0.0), |(s, q), d| (s + d, q + d * d));
+            // (N, C) input: a channel's values are a column.
+            for (c, (sum, &pivot)) in channels.zip(sums.iter_mut().zip(pivots)) {
+                let column = x[c..].iter().step_by(dims.c).map(|&v| v.sub(pivot).to_f64());
+                *sum = column.fold((0.0, 0.0), |(s, q), d| (s + d, q + d * d));
+            }
+            return sums;
         }
-        let mut sums = (0.0, 0.0);
         for n in 0..dims.n {
-            let run = &x[n * image + c * dims.s..][..dims.s];
-            let (s, q) = product_sums(run, run, Centred::Shifted { pivot });
-            sums = (sums.0 + s, sums.1 + q);
+            for (c, (sum, &pivot)) in channels.clone().zip(sums.iter_mut().zip(pivots)) {
+                let run = &x[n * image + c * dims.s..][..dims.s];
+                let (s, q) = product_sums(run, run, Centred::Shifted { pivot });
+                *sum = (sum.0 + s, sum.1 + q);
+            }
         }
         sums
     }
@@ -68,30 +77,36 @@ pub(crate) fn channel_stats_in<E: Real>(
 ) -> Vec<ChannelStats<E>> {
     (0..dims.c)
         .into_par_iter()
-        .map(|c| channel_stat(x, dims, image, c, eps))
+        .flat_map_iter(|c| group_stats(x, dims, image, c..c + 1, eps))
         .collect()
 }
 
-/// Channel `c`'s statistics, the images of `x` `image` values apart.
-pub(crate) fn channel_stat<E: Real>(
+/// The statistics of `channels`, the images of `x` `image` values apart.
+pub(crate) fn group_stats<E: Real>(
     x: &[E],
     dims: Dims,
     image: usize,
-    c: usize,
+    channels: Range<usize>,
     eps: f64,
-) -> ChannelStats<E> {
+) -> Vec<ChannelStats<E>> {
     let m = dims.count() as f64;
-    let pivot = x[c * dims.s];
-    let (sum, sq) = shifted_sums(x, dims, image, c, pivot);
-    let shifted_mean = sum / m;
-    let var = (sq / m - shifted_mean * shifted_mean).max(0.0);
-    ChannelStats {
-        pivot,
-        shifted_mean: E::from_f64(shifted_mean),
-        inv_std: E::from_f64(1.0 / (var + eps).sqrt()),
-        mean: pivot.to_f64() + shifted_mean,
-        var,
-    }
+    let pivots: Vec<E> = channels.clone().map(|c| x[c * dims.s]).collect();
+    let sums = shifted_sums(x, dims, image, channels, &pivots);
+    pivots
+        .into_iter()
+        .zip(sums)
+        .map(|(pivot, (sum, sq))| {
+            let shifted_mean = sum / m;
+            let var = (sq / m - shifted_mean * shifted_mean).max(0.0);
+            ChannelStats {
+                pivot,
+                shifted_mean: E::from_f64(shifted_mean),
+                inv_std: E::from_f64(1.0 / (var + eps).sqrt()),
+                mean: pivot.to_f64() + shifted_mean,
+                var,
+            }
+        })
+        .collect()
 }
 
 /// What a fused op hands on from its statistics: the batch means and biased variances (for
