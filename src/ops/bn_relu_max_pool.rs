@@ -27,7 +27,7 @@ use super::batch_norm::planes::{
     epilogue_plane_sums, forward_plane, input_grad_coefficient, input_grad_plane_in_place,
 };
 use super::batch_norm::stats::{batch_outputs, channel_stats, from_saved, ChannelStats};
-use super::cpu::{assume_init, assume_init_mut, uninit, Dims, Real};
+use super::cpu::{assume_init, assume_init_mut, simd_fn, uninit, Dims, Real};
 use super::flex::{contiguous, slice, tensor, Element};
 use crate::norm::epilogue::Epilogue;
 
@@ -70,36 +70,13 @@ impl MaxPoolWindow {
     fn pool_plane<E: Real>(
         &self,
         a: &[E],
-        (h, w): (usize, usize),
+        plane: (usize, usize),
         values: &mut [MaybeUninit<E>],
         places: &mut [u8],
+        scratch: &mut PoolScratch<E>,
     ) {
-        let wo = self.output_side(w).unwrap_or(0);
-        let columns: Vec<(usize, usize, isize)> = (0..wo).map(|ox| self.span(ox, w)).collect();
-        let rows = values
-            .chunks_mut(wo.max(1))
-            .zip(places.chunks_mut(wo.max(1)));
-        for (oy, (values, places)) in rows.enumerate() {
-            let (ylo, yhi, y0) = self.span(oy, h);
-            for ((value, place), &(xlo, xhi, x0)) in values.iter_mut().zip(places).zip(&columns) {
-                let mut best = ylo * self.kernel + xlo;
-                let mut max = E::from_f64(f64::NEG_INFINITY);
-                for ky in ylo..yhi {
-                    let row = &a[(y0 + ky as isize) as usize * w..][..w];
-                    for kx in xlo..xhi {
-                        let v = row[(x0 + kx as isize) as usize];
-                        if v > max || v.is_nan() {
-                            max = v;
-                            best = ky * self.kernel + kx;
-                        }
-                    }
-                }
-                value.write(max);
-                *place = best as u8;
-            }
-        }
+        max_pool_plane(*self, a, plane, values, places, scratch);
     }
-
     /// The plane index of output `o`'s maximum, from its place in the window.
     fn source(&self, o: usize, place: u8, (h, w): (usize, usize)) -> usize {
         let wo = self.output_side(w).unwrap_or(1);
@@ -107,6 +84,81 @@ impl MaxPoolWindow {
         let (_, _, x0) = self.span(o % wo, w);
         let (ky, kx) = (place as usize / self.kernel, place as usize % self.kernel);
         (y0 + ky as isize) as usize * w + (x0 + kx as isize) as usize
+    }
+}
+
+/// The buffers [`max_pool_plane`] reuses from plane to plane.
+#[derive(Debug, Default)]
+pub(crate) struct PoolScratch<E> {
+    /// Each input row padded with −∞ and split by column modulo the stride.
+    phases: Vec<E>,
+    /// One output row's running maxima, and their places.
+    max: Vec<E>,
+    best: Vec<u32>,
+}
+
+simd_fn! {
+    /// [`MaxPoolWindow::pool_plane`]. Each input row is first padded with −∞ (which never wins,
+    /// so a window's first place inside the plane stays its place when nothing beats −∞) and
+    /// split into its `s` column phases: window column `kx` of outputs `ox = 0, 1, …` is then
+    /// the run `ox + ⌊kx/s⌋` of phase `kx mod s`, and every window position is one vector pass
+    /// over a whole output row, in the same row-major order as a window at a time.
+    fn max_pool_plane<E: Real>(
+        window: MaxPoolWindow,
+        a: &[E],
+        plane: (usize, usize),
+        values: &mut [MaybeUninit<E>],
+        places: &mut [u8],
+        scratch: &mut PoolScratch<E>,
+    ) {
+        let (h, w) = plane;
+        let (k, s, p) = (window.kernel, window.stride, window.padding);
+        let wo = window.output_side(w).unwrap_or(0);
+        if wo == 0 {
+            return;
+        }
+        // Phase length: the last output's window reaches run wo - 1 + ⌊(k - 1)/s⌋.
+        let run = wo + (k - 1) / s;
+        let PoolScratch { phases, max, best } = scratch;
+        let lowest = E::from_f64(f64::NEG_INFINITY);
+        phases.clear();
+        for row in a[..h * w].chunks_exact(w) {
+            for q in 0..s {
+                phases.extend((0..run).map(|j| {
+                    let col = (j * s + q) as isize - p as isize;
+                    if (0..w as isize).contains(&col) {
+                        row[col as usize]
+                    } else {
+                        lowest
+                    }
+                }));
+            }
+        }
+        let first_inside: Vec<u32> = (0..wo).map(|ox| window.span(ox, w).0 as u32).collect();
+        let rows = values.chunks_mut(wo).zip(places.chunks_mut(wo));
+        for (oy, (values, places)) in rows.enumerate() {
+            let (ylo, yhi, y0) = window.span(oy, h);
+            max.clear();
+            max.resize(wo, lowest);
+            best.clear();
+            best.extend(first_inside.iter().map(|&xlo| (ylo * k) as u32 + xlo));
+            for ky in ylo..yhi {
+                let y = (y0 + ky as isize) as usize;
+                for kx in 0..k {
+                    let from = &phases[(y * s + kx % s) * run + kx / s..][..wo];
+                    let place = (ky * k + kx) as u32;
+                    for ((m, b), &v) in max.iter_mut().zip(best.iter_mut()).zip(from) {
+                        let take = (v > *m) | v.is_nan();
+                        *m = if take { v } else { *m };
+                        *b = if take { place } else { *b };
+                    }
+                }
+            }
+            for ((value, place), (&m, &b)) in values.iter_mut().zip(places).zip(max.iter().zip(best.iter())) {
+                value.write(m);
+                *place = b as u8;
+            }
+        }
     }
 }
 
@@ -213,12 +265,12 @@ fn forward(
             .zip(places.par_chunks_mut(ho * wo))
             .enumerate()
             .for_each_init(
-                || uninit::<E>(dims.s),
-                |scratch, (i, (out, places))| {
+                || (uninit::<E>(dims.s), PoolScratch::default()),
+                |(activated, scratch), (i, (out, places))| {
                     let c = i % dims.c;
                     let input = &xs[i * dims.s..][..dims.s];
-                    let a = activations(input, st[c], gamma[c], beta[c], scratch);
-                    window.pool_plane(a, (h, w), out, places);
+                    let a = activations(input, st[c], gamma[c], beta[c], activated);
+                    window.pool_plane(a, (h, w), out, places, scratch);
                 },
             );
         // SAFETY: every output plane was written above.
@@ -432,7 +484,8 @@ mod tests {
                 let expected = naive(window, &a, (h, w));
                 let mut values = uninit::<f64>(expected.len());
                 let mut places = vec![0u8; expected.len()];
-                window.pool_plane(&a, (h, w), &mut values, &mut places);
+                let scratch = &mut PoolScratch::default();
+                window.pool_plane(&a, (h, w), &mut values, &mut places, scratch);
                 let values = unsafe { assume_init(values) };
                 for (o, &(value, at)) in expected.iter().enumerate() {
                     let what =
