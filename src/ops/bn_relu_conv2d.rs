@@ -20,6 +20,8 @@
 //! the activations too; its backward holds one gradient buffer of `x`'s size. Outputs equal those of the fused BN op followed by the convolution
 //! exactly: the same statistics, the same arithmetic per value, the same matrix products.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -34,10 +36,11 @@ use super::batch_norm::{planes, stats};
 use super::conv2d::{
     backward_typed, forward_typed, geometry_of, ConvGeometry, Identity, Prologue, Shape,
 };
-use super::cpu::{assume_init, uninit, Dims, Real};
+use super::cpu::{assume_init, fill, simd_fn, uninit, Dims, Real};
+use super::epilogue::kernels::{epilogue_grad_plane, pool_plane};
 use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
-use crate::norm::epilogue::Activation;
+use crate::norm::epilogue::{Activation, Epilogue, Pool};
 use crate::norm::functional::BatchStats;
 
 /// BN → ReLU → Conv as a backend op: Flex, and autodiff over Flex with its own backward.
@@ -157,58 +160,59 @@ impl<E: Real> BnRelu<E> {
 }
 
 impl<E: Element> BnRelu<E> {
-    /// `avg_pool_2x2(relu(γ·x̂ + β))` of `x` `(N, C, H, W)`: `(N, C, ⌊H/2⌋, ⌊W/2⌋)`, each
-    /// window summed row by row and scaled by ¼, as the fused BN op's average-pool epilogue
-    /// computes it.
+    /// `avg_pool_2x2(relu(γ·x̂ + β))` of `x` `(N, C, H, W)`: `(N, C, ⌊H/2⌋, ⌊W/2⌋)`, as the
+    /// fused BN op with its ReLU and average-pool epilogue computes it.
     fn pooled(&self, x: &[E], [n, c, h, w]: [usize; 4]) -> Vec<E> {
         use rayon::prelude::*;
         let (ho, wo) = (h / 2, w / 2);
-        let quarter = E::from_f64(0.25);
         let mut out = uninit::<E>(n * c * ho * wo);
         out.par_chunks_mut(ho * wo)
             .zip(x.par_chunks(h * w))
             .enumerate()
-            .for_each(|(plane, (out, x))| {
-                let f = self.channel(plane % c);
-                for (r, out) in out.chunks_mut(wo).enumerate() {
-                    let (top, bottom) = (&x[2 * r * w..][..w], &x[(2 * r + 1) * w..][..w]);
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let sum = E::ZERO
-                            .add(f(top[2 * j]))
-                            .add(f(top[2 * j + 1]))
-                            .add(f(bottom[2 * j]))
-                            .add(f(bottom[2 * j + 1]));
-                        o.write(sum.mul(quarter));
-                    }
-                }
-            });
+            .for_each_init(
+                || uninit::<E>(h * w),
+                |activated, (plane, (out, x))| {
+                    pool_activated(x, self.channel(plane % c), (h, w), activated, out);
+                },
+            );
         // SAFETY: every plane's ho × wo values were written above.
         unsafe { assume_init(out) }
     }
 }
 
+simd_fn! {
+    /// One plane of [`BnRelu::pooled`]: `f` of each value into `activated`, then the fused BN
+    /// op's 2 × 2 average-pool epilogue over them into `out`.
+    fn pool_activated<E: Real>(
+        x: &[E],
+        f: impl Fn(E) -> E + Copy,
+        plane: (usize, usize),
+        activated: &mut [MaybeUninit<E>],
+        out: &mut [MaybeUninit<E>],
+    ) {
+        let activated = fill(activated, x.iter().map(|&v| f(v)));
+        pool_plane(activated, plane, Pool::Avg(2), out);
+    }
+}
+
 /// The average pool's backward: `dpooled` `(N, C, ⌊H/2⌋, ⌊W/2⌋)` spread over `(N, C, H, W)`,
 /// ¼ of each window's gradient to each of its four places and 0 to a last row or column no
-/// window covers.
+/// window covers, as the fused BN op's average-pool epilogue takes it back.
 fn unpool<E: Element>(dpooled: &[E], [n, c, h, w]: [usize; 4]) -> Vec<E> {
     use rayon::prelude::*;
     let (ho, wo) = (h / 2, w / 2);
-    let quarter = E::from_f64(0.25);
+    let pool_alone = Epilogue {
+        activation: Activation::Identity,
+        pool: Pool::Avg(2),
+    };
     let mut da = uninit::<E>(n * c * h * w);
     da.par_chunks_mut(h * w)
         .zip(dpooled.par_chunks(ho * wo))
         .for_each(|(da, dp)| {
-            for (r, row) in da.chunks_mut(w).enumerate() {
-                let from = (r / 2 < ho).then(|| &dp[(r / 2) * wo..][..wo]);
-                for (j, d) in row.iter_mut().enumerate() {
-                    d.write(match from {
-                        Some(from) if j / 2 < wo => from[j / 2].mul(quarter),
-                        _ => E::ZERO,
-                    });
-                }
-            }
+            // An average pool with no activation reads no activations.
+            epilogue_grad_plane(&[], dp, (h, w), pool_alone, da);
         });
-    // SAFETY: every value of every plane was written above.
+    // SAFETY: epilogue_grad_plane writes every value of every plane.
     unsafe { assume_init(da) }
 }
 
