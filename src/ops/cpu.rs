@@ -385,6 +385,17 @@ pub(crate) fn planes_per_task(dims: Dims) -> usize {
     (4096 / dims.s.max(1)).max(1)
 }
 
+/// How many neighbouring channels a task of BN's per-channel passes takes: enough that each
+/// image's runs of them together span 12 KB (a lone channel's run in W6 is 3 KB, an image
+/// apart from the next, and its reads wait on memory), but few enough to leave each thread
+/// four tasks to balance.
+pub(crate) fn channels_per_task<E>(dims: Dims) -> usize {
+    let run = dims.s * std::mem::size_of::<E>();
+    let wanted = (12usize << 10).div_ceil(run.max(1)).next_power_of_two();
+    let most = dims.c / (4 * rayon::current_num_threads());
+    wanted.min(most).max(1)
+}
+
 /// A slice that was just written in full, as initialised.
 ///
 /// # Safety

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::planes::*;
 use super::stats::{channel_stats, group_stats, ChannelStats};
 use crate::norm::epilogue::Epilogue;
-use crate::ops::cpu::{assume_init, assume_init_mut, uninit, Dims, Real};
+use crate::ops::cpu::{assume_init, assume_init_mut, channels_per_task, uninit, Dims, Real};
 
 /// `buf`'s planes of `plane` values, grouped by channel: group `c` holds channel `c`'s planes
 /// in sample order.
@@ -31,17 +31,6 @@ fn grouped<T>(items: impl IntoIterator<Item = T>, size: usize) -> Vec<Vec<T>> {
         groups.last_mut().expect("pushed above").push(item);
     }
     groups
-}
-
-/// How many neighbouring channels a task of the channel-major passes takes: enough that each
-/// image's runs of them together span 12 KB (a lone channel's run in W6 is 3 KB, an image
-/// apart from the next, and its reads wait on memory), but few enough to leave each thread
-/// four tasks to balance.
-fn channels_per_task<E>(dims: Dims) -> usize {
-    let run = dims.s * std::mem::size_of::<E>();
-    let wanted = (12usize << 10).div_ceil(run).next_power_of_two();
-    let most = dims.c / (4 * rayon::current_num_threads());
-    wanted.min(most).max(1)
 }
 
 /// Whether [`train_forward`] and [`train_backward`] go channel by channel. That keeps a
@@ -219,12 +208,7 @@ pub fn train_backward<E: Real>(
             let channels = t * group..t * group + task.len();
             let stats = &stats[channels.clone()];
             let Some(a) = activations else {
-                let sums: Vec<(f64, f64)> =
-                    dy_sums(x, dims.c * dims.s, dout, dims, channels.clone(), stats)
-                        .into_iter()
-                        .zip(stats)
-                        .map(|((s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
-                        .collect();
+                let sums = group_grad_sums(x, dims.c * dims.s, dout, dims, channels.clone(), stats);
                 let coefficients: Vec<_> = channels
                     .clone()
                     .zip(stats.iter().zip(&sums))

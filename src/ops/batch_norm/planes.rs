@@ -11,7 +11,8 @@ use super::rows::{self, RowsOut};
 use super::stats::ChannelStats;
 use crate::norm::epilogue::{Activation, Epilogue, Pool};
 use crate::ops::cpu::{
-    assume_init, fill, planes_per_task, product_sums, simd_fn, uninit, Centred, Dims, Real,
+    assume_init, channels_per_task, fill, planes_per_task, product_sums, simd_fn, uninit, Centred,
+    Dims, Real,
 };
 use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane, unpool_max2};
 
@@ -238,13 +239,30 @@ pub(crate) fn grad_sums_in<E: Real>(
     stats: &[ChannelStats<E>],
 ) -> Vec<(f64, f64)> {
     debug_assert!(dims.s > 1);
+    let group = channels_per_task::<E>(dims);
     (0..dims.c)
         .into_par_iter()
-        .map(|c| {
-            let st = stats[c];
-            let (sum_dy, sum_dy_d) = dy_sums(x, image, dy, dims, c..c + 1, &stats[c..=c])[0];
-            (sum_dy, sum_dy_d * st.inv_std.to_f64())
+        .step_by(group)
+        .flat_map_iter(|c| {
+            let channels = c..(c + group).min(dims.c);
+            group_grad_sums(x, image, dy, dims, channels.clone(), &stats[channels])
         })
+        .collect()
+}
+
+/// [`grad_sums_in`] of `channels` alone (`stats` theirs).
+pub(crate) fn group_grad_sums<E: Real>(
+    x: &[E],
+    image: usize,
+    dy: &[E],
+    dims: Dims,
+    channels: Range<usize>,
+    stats: &[ChannelStats<E>],
+) -> Vec<(f64, f64)> {
+    let sums = dy_sums(x, image, dy, dims, channels, stats);
+    sums.into_iter()
+        .zip(stats)
+        .map(|((sum_dy, sum_dy_d), st)| (sum_dy, sum_dy_d * st.inv_std.to_f64()))
         .collect()
 }
 
@@ -477,6 +495,44 @@ mod tests {
     use super::super::stats::channel_stats;
     use super::*;
     use crate::ops::cpu::assume_init_mut;
+
+    /// Statistics and backward sums taken for several channels at once, image by image, equal
+    /// those of each channel alone, bit for bit (each channel's planes are added in the same
+    /// order), in tasks of several channels with a shorter last one, and for a dense block's
+    /// first channels.
+    #[test]
+    fn channels_taken_together_sum_as_one_at_a_time() {
+        let dims = Dims {
+            n: 6,
+            c: 43,
+            s: 7 * 7,
+        };
+        let group = channels_per_task::<f32>(dims);
+        assert!(
+            group > 1 && !dims.c.is_multiple_of(group),
+            "{group} channels per task"
+        );
+        let image = (dims.c + 5) * dims.s;
+        let x: Vec<f32> = (0..dims.n * image)
+            .map(|i| 20.0 + ((i * 7919) % 211) as f32 * 0.013)
+            .collect();
+        let dy: Vec<f32> = (0..dims.len())
+            .map(|i| ((i * 104_729) % 97) as f32 * 0.01 - 0.5)
+            .collect();
+        let stats = super::super::stats::channel_stats_in(&x, dims, image, 1e-5);
+        let sums = grad_sums_in(&x, image, &dy, dims, &stats);
+        for c in 0..dims.c {
+            let alone = super::super::stats::group_stats(&x, dims, image, c..c + 1, 1e-5)[0];
+            let (a, b) = (stats[c], alone);
+            assert_eq!(
+                (a.pivot, a.shifted_mean, a.inv_std),
+                (b.pivot, b.shifted_mean, b.inv_std)
+            );
+            assert_eq!((a.mean, a.var), (b.mean, b.var), "channel {c}");
+            let sums_alone = group_grad_sums(&x, image, &dy, dims, c..c + 1, &stats[c..=c]);
+            assert_eq!(sums[c], sums_alone[0], "channel {c}");
+        }
+    }
 
     /// The cache-bypassing stores write what the ordinary passes write, bit for bit, at every
     /// alignment of the output and with a tail.

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::ops::cpu::{product_sums, simd_fn, Centred, Dims, Real};
+use crate::ops::cpu::{channels_per_task, product_sums, simd_fn, Centred, Dims, Real};
 
 /// One channel's batch statistics, kept in the element type for the element-wise passes.
 #[derive(Debug, Clone, Copy)]
@@ -75,9 +75,11 @@ pub(crate) fn channel_stats_in<E: Real>(
     image: usize,
     eps: f64,
 ) -> Vec<ChannelStats<E>> {
+    let group = channels_per_task::<E>(dims);
     (0..dims.c)
         .into_par_iter()
-        .flat_map_iter(|c| group_stats(x, dims, image, c..c + 1, eps))
+        .step_by(group)
+        .flat_map_iter(|c| group_stats(x, dims, image, c..(c + group).min(dims.c), eps))
         .collect()
 }
 
