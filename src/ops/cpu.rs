@@ -252,6 +252,12 @@ pub(crate) fn lane_sums<E: Real>(
     (sf.iter().sum(), sg.iter().sum())
 }
 
+/// `Σ a` in float64 lanes: [`product_sums`]' first sum, with nothing subtracted.
+#[inline(always)]
+pub(crate) fn sum<E: Real>(a: &[E]) -> f64 {
+    product_sums(a, a, Centred::Shifted { pivot: E::ZERO }).0
+}
+
 /// Whether `E` is float32 and the CPU has AVX2: where the explicit float32 kernels
 /// ([`product_sums`], BN's streamed stores) run, their slices cast to `f32`.
 #[cfg(target_arch = "x86_64")]

@@ -34,7 +34,7 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{assume_init, uninit};
+use super::cpu::{assume_init, sum, uninit};
 use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
 
@@ -549,11 +549,8 @@ fn bias_gradient<E: Element>(dy: &[E], s: Shape, imgs: usize) -> Vec<E> {
     let p = s.p();
     (0..s.c_out)
         .map(|co| {
-            (0..imgs).fold(E::ZERO, |acc, i| {
-                dy[(i * s.c_out + co) * p..][..p]
-                    .iter()
-                    .fold(acc, |acc, &v| acc.add(v))
-            })
+            let images = (0..imgs).map(|i| sum(&dy[(i * s.c_out + co) * p..][..p]));
+            E::from_f64(images.sum())
         })
         .collect()
 }
@@ -743,6 +740,21 @@ impl<C: CheckpointStrategy> Conv2dBackend for Autodiff<Flex, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bias gradient adds in float64 and rounds once: 2^24 and 200 ones give 2^24 + 200
+    /// (exact in float32), where adding in float32 would stop at 2^24 (2^24 + 1 rounds back).
+    #[test]
+    fn the_bias_gradient_adds_in_float64() {
+        let geometry = ConvGeometry {
+            stride: 1,
+            padding: 0,
+        };
+        let s = Shape::of(&[3, 1, 67, 1], &[2, 1, 1, 1], geometry);
+        let mut dy = vec![1.0f32; 3 * 2 * 67];
+        dy[0] = 16_777_216.0;
+        let dbias = bias_gradient(&dy, s, 3);
+        assert_eq!(dbias, vec![16_777_416.0, 201.0]);
+    }
 
     #[test]
     fn valid_output_columns_respect_padding_and_stride() {
