@@ -77,7 +77,31 @@ impl MaxPoolWindow {
     ) {
         max_pool_plane(*self, a, plane, values, places, scratch);
     }
+    /// Adds each output's gradient `g` to `da` (a `(h, w)` plane) at its maximum, from its
+    /// place in its window.
+    fn unpool_plane<E: Real>(&self, places: &[u8], g: &[E], (h, w): (usize, usize), da: &mut [E]) {
+        let (ho, wo) = (
+            self.output_side(h).unwrap_or(0),
+            self.output_side(w).unwrap_or(0),
+        );
+        let k = self.kernel;
+        // A place's offset from its window's first (maybe padded) position.
+        let offsets: Vec<isize> = (0..k * k).map(|p| ((p / k) * w + p % k) as isize).collect();
+        let rows = places
+            .chunks_exact(wo.max(1))
+            .zip(g.chunks_exact(wo.max(1)));
+        for (oy, (places, g)) in rows.take(ho).enumerate() {
+            let y0 = (oy * self.stride) as isize - self.padding as isize;
+            for (ox, (&place, &v)) in places.iter().zip(g).enumerate() {
+                let x0 = (ox * self.stride) as isize - self.padding as isize;
+                let at = (y0 * w as isize + x0 + offsets[place as usize]) as usize;
+                da[at] = da[at].add(v);
+            }
+        }
+    }
+
     /// The plane index of output `o`'s maximum, from its place in the window.
+    #[cfg(test)]
     fn source(&self, o: usize, place: u8, (h, w): (usize, usize)) -> usize {
         let wo = self.output_side(w).unwrap_or(1);
         let (_, _, y0) = self.span(o / wo, h);
@@ -335,10 +359,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     da.fill(E::ZERO);
                     let g = &dout[i * out_plane..][..out_plane];
                     let places = &saved.places[i * out_plane..][..out_plane];
-                    for (o, (&place, &v)) in places.iter().zip(g).enumerate() {
-                        let at = window.source(o, place, (h, w));
-                        da[at] = da[at].add(v);
-                    }
+                    window.unpool_plane(places, g, (h, w), &mut da);
                     let (s0, s1) =
                         epilogue_plane_sums(input, a, &da, st[c], (h, w), Epilogue::RELU, dz);
                     sums = (sums.0 + s0, sums.1 + s1);
@@ -493,6 +514,18 @@ mod tests {
                     assert_eq!(values[o].to_bits(), value.to_bits(), "{what}: value");
                     assert_eq!(window.source(o, places[o], (h, w)), at, "{what}: place");
                 }
+                // The backward's scatter puts each output's gradient where `source` says.
+                let g: Vec<f64> = (0..expected.len()).map(|o| (o + 1) as f64).collect();
+                let mut da = vec![0.0; h * w];
+                window.unpool_plane(&places, &g, (h, w), &mut da);
+                let mut want = vec![0.0; h * w];
+                for (o, &v) in g.iter().enumerate() {
+                    want[window.source(o, places[o], (h, w))] += v;
+                }
+                assert_eq!(
+                    da, want,
+                    "{kernel}x{kernel}/{stride} pad {padding} on {h}x{w}: unpool"
+                );
             }
         }
     }
