@@ -143,19 +143,51 @@ impl<E: Real> BnRelu<E> {
     /// by its derivative at `relu(γ·x̂ + β)`, which is recomputed from `x` value by value as
     /// the forward computed it (the mask stored activations would give). `x` and `da` are
     /// `(N, C, S)`, the images of `x` `image` values apart.
-    fn through_relu(&self, x: &[E], image: usize, da: &mut [E], dims: Dims) {
+    ///
+    /// With `stats`, also BN's backward sums over the result, per channel `(Σ dz, Σ dz·x̂)`
+    /// as [`planes::grad_sums_in`] gives them (planes, `S > 1`): each plane is summed right
+    /// after it is taken through, while it is in cache, and the planes' sums are added in
+    /// image order, as that pass adds them.
+    fn through_relu(
+        &self,
+        x: &[E],
+        image: usize,
+        da: &mut [E],
+        dims: Dims,
+        stats: Option<&[stats::ChannelStats<E>]>,
+    ) -> Option<Vec<(f64, f64)>> {
         use rayon::prelude::*;
-        da.par_chunks_mut(dims.c * dims.s)
+        debug_assert!(stats.is_none() || dims.s > 1);
+        let plane_sums: Vec<(f64, f64)> = da
+            .par_chunks_mut(dims.c * dims.s)
             .enumerate()
-            .for_each(|(n, da)| {
+            .flat_map_iter(|(n, da)| {
                 let x = &x[n * image..][..dims.c * dims.s];
-                for (c, (da, x)) in da.chunks_mut(dims.s).zip(x.chunks(dims.s)).enumerate() {
-                    let f = self.channel(c);
-                    for (g, &v) in da.iter_mut().zip(x) {
-                        *g = g.mul(Activation::Relu.derivative_from_output(f(v)));
-                    }
-                }
-            });
+                let planes = da.chunks_mut(dims.s).zip(x.chunks(dims.s)).enumerate();
+                planes
+                    .filter_map(|(c, (da, x))| {
+                        relu_through_plane(self.channel(c), x, da);
+                        stats.map(|st| planes::dz_sums(x, da, st[c]))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let stats = stats?;
+        let channel = |c: usize| {
+            let planes = (0..dims.n).map(|n| plane_sums[n * dims.c + c]);
+            let (s0, s1) = planes.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            (s0, s1 * stats[c].inv_std.to_f64())
+        };
+        Some((0..dims.c).map(channel).collect())
+    }
+}
+
+simd_fn! {
+    /// One plane of [`BnRelu::through_relu`], `f` its channel's BN → ReLU.
+    fn relu_through_plane<E: Real>(f: impl Fn(E) -> E + Copy, x: &[E], da: &mut [E]) {
+        for (g, &v) in da.iter_mut().zip(x) {
+            *g = g.mul(Activation::Relu.derivative_from_output(f(v)));
+        }
     }
 }
 
@@ -233,15 +265,18 @@ pub(crate) fn bn_relu_backward_in_place<E: Real>(
     prologue: &BnRelu<E>,
     need_dx: bool,
 ) -> Vec<(f64, f64)> {
-    prologue.through_relu(x, image, da, dims);
-    if image == dims.c * dims.s {
+    if dims.s == 1 {
+        // (N, C) planes of one value: BN's row passes, as the fused BN op takes them.
+        prologue.through_relu(x, image, da, dims, None);
         let sums = planes::grad_sums(x, da, dims, stats);
         if need_dx {
             planes::input_grad_in_place(x, da, dims, stats, gamma, &sums);
         }
         return sums;
     }
-    let sums = planes::grad_sums_in(x, image, da, dims, stats);
+    let sums = prologue
+        .through_relu(x, image, da, dims, Some(stats))
+        .expect("sums asked for");
     if need_dx {
         planes::input_grad_in_place_in(x, image, da, dims, stats, gamma, &sums);
     }

@@ -207,7 +207,7 @@ simd_fn! {
 
 /// `Σ g` and `Σ g · (x - mean)` over a run of `x` and its gradient `g`: BN's backward sums.
 #[inline(always)]
-fn dz_sums<E: Real>(x: &[E], g: &[E], st: ChannelStats<E>) -> (f64, f64) {
+pub(crate) fn dz_sums<E: Real>(x: &[E], g: &[E], st: ChannelStats<E>) -> (f64, f64) {
     // `centered` as ChannelStats computes it: (x - pivot) - shifted mean.
     let centred = Centred::Gradient {
         pivot: st.pivot,
