@@ -492,7 +492,7 @@ pub(crate) fn input_grad_in_place_in<E: Real>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::stats::channel_stats;
+    use super::super::stats::{channel_stats, channel_stats_in, group_stats};
     use super::*;
     use crate::ops::cpu::assume_init_mut;
 
@@ -519,10 +519,10 @@ mod tests {
         let dy: Vec<f32> = (0..dims.len())
             .map(|i| ((i * 104_729) % 97) as f32 * 0.01 - 0.5)
             .collect();
-        let stats = super::super::stats::channel_stats_in(&x, dims, image, 1e-5);
+        let stats = channel_stats_in(&x, dims, image, 1e-5);
         let sums = grad_sums_in(&x, image, &dy, dims, &stats);
         for c in 0..dims.c {
-            let alone = super::super::stats::group_stats(&x, dims, image, c..c + 1, 1e-5)[0];
+            let alone = group_stats(&x, dims, image, c..c + 1, 1e-5)[0];
             let (a, b) = (stats[c], alone);
             assert_eq!(
                 (a.pivot, a.shifted_mean, a.inv_std),
