@@ -175,8 +175,8 @@ impl<E: Real> BnRelu<E> {
         let stats = stats?;
         let channel = |c: usize| {
             let planes = (0..dims.n).map(|n| plane_sums[n * dims.c + c]);
-            let (s0, s1) = planes.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
-            (s0, s1 * stats[c].inv_std.to_f64())
+            let sums = planes.fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q));
+            stats[c].xhat_sums(sums)
         };
         Some((0..dims.c).map(channel).collect())
     }

@@ -366,7 +366,7 @@ fn backward(saved: &Saved, dout: &FlexTensor) -> [FlexTensor; 3] {
                     // SAFETY: epilogue_plane_sums writes every element of dz.
                     written.push(unsafe { assume_init_mut(dz) });
                 }
-                let sums = (sums.0, sums.1 * st[c].inv_std.to_f64());
+                let sums = st[c].xhat_sums(sums);
                 let coefficient = input_grad_coefficient(dims, st[c], gamma[c], sums);
                 for (n, dz) in written.into_iter().enumerate() {
                     let input = &xs[(n * dims.c + c) * dims.s..][..dims.s];

@@ -246,7 +246,7 @@ pub fn train_backward<E: Real>(
                         // SAFETY: epilogue_plane_sums wrote every element of dz.
                         written.push(unsafe { assume_init_mut(dz) });
                     }
-                    let sums = (sums.0, sums.1 * st.inv_std.to_f64());
+                    let sums = st.xhat_sums(sums);
                     let coefficient = input_grad_coefficient(dims, st, gamma[c], sums);
                     if need_dx {
                         for (n, dz) in written.into_iter().enumerate() {

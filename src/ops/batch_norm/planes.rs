@@ -262,7 +262,7 @@ pub(crate) fn group_grad_sums<E: Real>(
     let sums = dy_sums(x, image, dy, dims, channels, stats);
     sums.into_iter()
         .zip(stats)
-        .map(|((sum_dy, sum_dy_d), st)| (sum_dy, sum_dy_d * st.inv_std.to_f64()))
+        .map(|(sums, st)| st.xhat_sums(sums))
         .collect()
 }
 
@@ -356,7 +356,7 @@ pub fn epilogue_grad_sums<E: Real>(
     }
     sums.iter()
         .zip(stats)
-        .map(|(&(s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+        .map(|(&sums, st)| st.xhat_sums(sums))
         .collect()
 }
 

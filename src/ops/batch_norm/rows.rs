@@ -147,7 +147,7 @@ pub(super) fn grad_sums<E: Real>(
     }
     sums.iter()
         .zip(stats)
-        .map(|(&(s0, s1), st)| (s0, s1 * st.inv_std.to_f64()))
+        .map(|(&sums, st)| st.xhat_sums(sums))
         .collect()
 }
 

@@ -33,6 +33,12 @@ impl<E: Real> ChannelStats<E> {
     pub(crate) fn centered(&self, x: E) -> E {
         x.sub(self.pivot).sub(self.shifted_mean)
     }
+
+    /// BN's backward sums `(Σ dz, Σ dz·x̂)` from `(Σ dz, Σ dz·(x - mean))`.
+    #[inline(always)]
+    pub(crate) fn xhat_sums(&self, (sum, centred): (f64, f64)) -> (f64, f64) {
+        (sum, centred * self.inv_std.to_f64())
+    }
 }
 
 simd_fn! {
