@@ -382,6 +382,19 @@ unsafe fn gemm_into<E: Element>(
     )
 }
 
+/// The `(cols, rows)` transpose of the row-major `rows × cols` matrix `m`.
+fn transpose_rows<E: Element>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
+    assert_eq!(m.len(), rows * cols, "transpose_rows: size");
+    let mut t = uninit::<E>(m.len());
+    for (j, out) in t.chunks_mut(rows.max(1)).enumerate().take(cols) {
+        for (i, o) in out.iter_mut().enumerate() {
+            o.write(m[i * cols + j]);
+        }
+    }
+    // SAFETY: each of the `cols` rows of `rows` values was written above.
+    unsafe { assume_init(t) }
+}
+
 /// Whether gemm itself should use the threads: when there are too few groups to share out.
 fn few_groups(groups: usize) -> bool {
     groups < 2 * rayon::current_num_threads()
@@ -495,11 +508,15 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
             }
         };
         let grads_mat = row_major(grads, s.c_out, imgs * p);
-        let dweight = product(
-            grads_mat,
-            transposed(row_major(&cols, k, imgs * p)),
+        // dWᵀ = cols · dyᵀ, `(K, C_out)`: with the output channels contiguous, gemm makes them
+        // its microkernel's rows and reads `cols` in place, where for `dy · colsᵀ` into
+        // `(C_out, K)` it packs the whole of `cols` first.
+        let dweight_t = product(
+            row_major(&cols, k, imgs * p),
+            transposed(grads_mat),
             parallel,
         );
+        let dweight = transpose_rows(&dweight_t, k, s.c_out);
         let dbias = bias_gradient(dy, s, imgs);
         if let Some(dx) = dx {
             let dcols = product(transposed(w), grads_mat, parallel);
