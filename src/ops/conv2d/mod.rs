@@ -510,25 +510,27 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
         let grads_mat = row_major(grads, s.c_out, imgs * p);
         // dWᵀ = cols · dyᵀ, `(K, C_out)`: with the output channels contiguous, gemm makes them
         // its microkernel's rows and reads `cols` in place, where for `dy · colsᵀ` into
-        // `(C_out, K)` it packs the whole of `cols` first.
+        // `(C_out, K)` it packs the whole of `cols` first. The groups' dWᵀ are summed as they
+        // are and transposed once, below.
         let dweight_t = product(
             row_major(&cols, k, imgs * p),
             transposed(grads_mat),
             parallel,
         );
-        let dweight = transpose_rows(&dweight_t, k, s.c_out);
         let dbias = bias_gradient(dy, s, imgs);
         if let Some(dx) = dx {
             let dcols = product(transposed(w), grads_mat, parallel);
             col2im(&dcols, s, imgs, dx);
         }
-        (dweight, dbias)
+        (dweight_t, dbias)
     };
-    backward_by_groups(weight, dy, s, g, need_dx, group)
+    let (dx, dweight_t, dbias) = backward_by_groups(weight, dy, s, g, need_dx, group);
+    (dx, transpose_rows(&dweight_t, k, s.c_out), dbias)
 }
 
 /// The backward's driver: `group(gi, dx)` for each group of `g` images in parallel, their
-/// `(dweight, dbias)` summed in group order; `dx` by [`dx_by_convolution`] where it applies,
+/// `(dweight, dbias)` summed in group order (element by element, in whatever layout `group`
+/// gives them); `dx` by [`dx_by_convolution`] where it applies,
 /// otherwise each group adds into its slice of a zeroed `dx`, passed to it.
 fn backward_by_groups<E: Element>(
     weight: &[E],
