@@ -223,6 +223,12 @@ const NAMES: [&str; 8] = [
 fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("dense layer 3x3", Case::new(4, 24, 8, 8, 3, 1, 1)),
+        // 20 channels of 32×32: the columns formed in chunks of whole channels (14 and 6 in
+        // float32, 7, 7 and 6 in float64), each chunk's product added onto the last.
+        (
+            "dense layer 3x3, columns in chunks",
+            Case::new(2, 20, 32, 8, 3, 1, 9),
+        ),
         ("transition 1x1", Case::new(3, 16, 16, 8, 1, 0, 2)),
         (
             "small maps, grouped images",

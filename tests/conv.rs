@@ -105,6 +105,9 @@ fn densenet_convolutions_match_burn() {
     // Padding wider than the window allows no convolution for dx; windows wholly in the
     // padding (regions without taps) give the bias alone.
     check(2, 3, 8, 4, 3, 1, 3);
+    // 20 channels of 32×32 maps: the columns in chunks of whole channels (14 and 6 in
+    // float32), the weight gradient's rows written chunk by chunk.
+    check(2, 20, 32, 8, 3, 1, 1);
 }
 
 #[test]

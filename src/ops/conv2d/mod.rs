@@ -41,7 +41,7 @@ use super::{family, Family};
 mod im2col;
 mod regions;
 
-use im2col::{col2im, columns};
+use im2col::{col2im, for_each_chunk};
 pub(crate) use im2col::{Identity, Prologue};
 
 /// Output positions per matrix product, at least (fewer only when the batch runs out).
@@ -298,6 +298,19 @@ fn matmul_strided<E: Element>(
 /// writes every element of its output and reads none.
 fn product<E: Element>(a: Mat<&[E]>, b: Mat<&[E]>, parallel: bool) -> Vec<E> {
     let mut dst = uninit::<E>(a.rows * b.cols);
+    product_into(&mut dst, a, b, parallel);
+    // SAFETY: product_into wrote every element.
+    unsafe { assume_init(dst) }
+}
+
+/// `dst = a · b`, row-major `a.rows × b.cols`, every element written.
+fn product_into<E: Element>(
+    dst: &mut [MaybeUninit<E>],
+    a: Mat<&[E]>,
+    b: Mat<&[E]>,
+    parallel: bool,
+) {
+    assert_eq!(dst.len(), a.rows * b.cols, "product_into: output size");
     // SAFETY: gemm_into without `accumulate` writes all `len` elements (gemm-common sets
     // alpha to zero when it is not to read dst, and its kernels then store without loading;
     // k = 0 is filled here), so the buffer is initialised after it.
@@ -310,8 +323,19 @@ fn product<E: Element>(a: Mat<&[E]>, b: Mat<&[E]>, parallel: bool) -> Vec<E> {
             b,
             false,
             parallel,
-        );
-        assume_init(dst)
+        )
+    }
+}
+
+/// The weight's columns `rows` (those of the input channels a chunk of [`for_each_chunk`]
+/// holds), as a `C_out × rows.len()` matrix read in place.
+fn weight_columns<E>(weight: &[E], s: Shape, rows: std::ops::Range<usize>) -> Mat<&[E]> {
+    Mat {
+        ptr: &weight[rows.start..],
+        rows: s.c_out,
+        cols: rows.len(),
+        row_stride: s.k(),
+        col_stride: 1,
     }
 }
 
@@ -437,23 +461,27 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
     let mut y = uninit::<E>(s.n * s.c_out * p);
     let groups = s.n.div_ceil(g);
     let parallel = few_groups(groups);
-    let w = row_major(weight, s.c_out, s.k());
     y.par_chunks_mut(g * s.c_out * p)
         .enumerate()
         .for_each(|(gi, out)| {
             let imgs = out.len() / (s.c_out * p);
             let x = s.x_group(x, gi, imgs);
-            let cols = columns(x, s, imgs, prologue);
-            let cols = row_major(&cols, s.k(), imgs * p);
+            // Bias first, then each chunk of the columns' product added onto it.
+            let add_products = |product: &mut [E]| {
+                for_each_chunk(x, s, imgs, prologue, |rows, cols| {
+                    let w = weight_columns(weight, s, rows.clone());
+                    let cols = row_major(cols, rows.len(), imgs * p);
+                    matmul(product, w, cols, true, parallel);
+                });
+            };
             if imgs == 1 {
-                // (C_out, P) is already the image's layout: bias first, the product onto it.
-                let out = fill_rows(out, bias, p);
-                matmul(out, w, cols, true, parallel);
+                // (C_out, P) is already the image's layout.
+                add_products(fill_rows(out, bias, p));
                 return;
             }
             let mut buffer = uninit::<E>(s.c_out * imgs * p);
             let product = fill_rows(&mut buffer, bias, imgs * p);
-            matmul(product, w, cols, true, parallel);
+            add_products(product);
             // (C_out, imgs·P) to (imgs, C_out, P).
             for (i, image) in out.chunks_mut(s.c_out * p).enumerate() {
                 for (co, o) in image.chunks_mut(p).enumerate() {
@@ -490,7 +518,6 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
     let group = |gi: usize, dx: Option<&mut [E]>| {
         let imgs = (s.n - gi * g).min(g);
         let x = s.x_group(x, gi, imgs);
-        let cols = columns(x, s, imgs, prologue);
         // dy of the group as (C_out, imgs·P): one image's dy already is.
         let dy = &dy[gi * g * s.c_out * p..][..imgs * s.c_out * p];
         let gathered: Vec<E>;
@@ -512,11 +539,14 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
         // its microkernel's rows and reads `cols` in place, where for `dy · colsᵀ` into
         // `(C_out, K)` it packs the whole of `cols` first. The groups' dWᵀ are summed as they
         // are and transposed once, below.
-        let dweight_t = product(
-            row_major(&cols, k, imgs * p),
-            transposed(grads_mat),
-            parallel,
-        );
+        let mut dweight_t = uninit::<E>(k * s.c_out);
+        for_each_chunk(x, s, imgs, prologue, |rows, cols| {
+            let cols = row_major(cols, rows.len(), imgs * p);
+            let to = &mut dweight_t[rows.start * s.c_out..rows.end * s.c_out];
+            product_into(to, cols, transposed(grads_mat), parallel);
+        });
+        // SAFETY: the chunks' rows cover all K rows.
+        let dweight_t = unsafe { assume_init(dweight_t) };
         let dbias = bias_gradient(dy, s, imgs);
         if let Some(dx) = dx {
             let dcols = product(transposed(w), grads_mat, parallel);
