@@ -93,8 +93,8 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
 /// back from there.
 const CHUNK_BYTES: usize = 512 << 10;
 
-/// The group's [`im2col`] matrix in chunks of whole input channels, in order: `f(rows, cols)` for each, with
-/// `cols` the rows `rows` of the group's matrix (`rows.len() × imgs·P`, row-major). One
+/// The group's [`im2col`] matrix in chunks of whole input channels, in order: `f(rows, cols)`
+/// for each, `cols` the rows `rows` of the matrix (`rows.len() × imgs·P`, row-major). One
 /// image under a 1×1 kernel of stride 1 without padding is its own matrix, borrowed whole.
 /// The prologue is applied once per value: as the columns are formed under a 1×1 kernel,
 /// otherwise into the group's own copy first.
@@ -111,7 +111,8 @@ pub(super) fn for_each_chunk<E: Element, P: Prologue<E>>(
         return f(0..s.k(), &x[..s.image_len()]);
     }
     let per_channel = window * imgs * s.p();
-    let step = (CHUNK_BYTES / (per_channel * std::mem::size_of::<E>())).clamp(1, s.c_in.max(1));
+    let channel_bytes = (per_channel * std::mem::size_of::<E>()).max(1);
+    let step = (CHUNK_BYTES / channel_bytes).clamp(1, s.c_in.max(1));
     let mapped = (!P::IDENTITY && window > 1).then(|| mapped(x, s, imgs, prologue));
     let mut buffer = uninit::<E>(step.min(s.c_in) * per_channel);
     for first in (0..s.c_in).step_by(step) {
@@ -124,7 +125,7 @@ pub(super) fn for_each_chunk<E: Element, P: Prologue<E>>(
             }
             None => im2col(x, s, imgs, cols, prologue, channels.clone()),
         }
-        // SAFETY: im2col_channels wrote every element of the chunk.
+        // SAFETY: im2col wrote every element of the chunk.
         let cols = unsafe { assume_init_mut(cols) };
         f(channels.start * window..channels.end * window, cols);
     }

@@ -1,4 +1,4 @@
-//! The models' 2-d convolution on Flex: im2col and one matrix product per group of images, forward
+//! The models' 2-d convolution on Flex: im2col and matrix products per group of images, forward
 //! and backward, as a backend-extension op with a hand-written backward.
 //!
 //! Burn's Flex convolution converts to channels-last and back around each call, and computes the
@@ -6,8 +6,10 @@
 //! Profiling LeNet-BN put a large share of the training step there (docs/performance.md). Here:
 //!
 //! - forward: `cols = im2col(x)` (`K = C_in·k_h·k_w` rows, one column per output position), then
-//!   `y = W · cols + b`, written straight into NCHW;
-//! - backward: `dW = Σ dy · colsᵀ`, `db = Σ dy`; `dx` (only when `x` needs a gradient: never
+//!   `y = W · cols + b`, written straight into NCHW; `cols` is formed and multiplied in chunks
+//!   of whole input channels that the core's cache holds;
+//! - backward: `dW = Σ dy · colsᵀ` (computed as its transpose, `cols · dyᵀ`, chunk by chunk),
+//!   `db = Σ dy`; `dx` (only when `x` needs a gradient: never
 //!   for the input images) is, for stride 1, the convolution of `dy` with the flipped,
 //!   transposed weight, and otherwise `col2im(Wᵀ · dy)`;
 //! - one image under a 1×1 kernel of stride 1 is its own `cols`: no im2col.
