@@ -223,11 +223,18 @@ const NAMES: [&str; 8] = [
 fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("dense layer 3x3", Case::new(4, 24, 8, 8, 3, 1, 1)),
-        // 20 channels of 32×32: the columns formed in chunks of whole channels (14 and 6 in
-        // float32, 7, 7 and 6 in float64), each chunk's product added onto the last.
+        // 20 channels of 32×32 under a 5×5 window without padding: the columns formed in
+        // chunks of whole channels (6, 6, 6 and 2 in float32, 3 at a time in float64), each
+        // chunk's product added onto the last.
         (
-            "dense layer 3x3, columns in chunks",
-            Case::new(2, 20, 32, 8, 3, 1, 9),
+            "5x5 layer, columns in chunks",
+            Case::new(2, 20, 32, 8, 5, 0, 9),
+        ),
+        // 16 channels of 24×24 (DenseNet's first block): the convolution, its weight gradient
+        // and its dx (a convolution of dy's 16 channels) by taps over a padded grid.
+        (
+            "dense layer 3x3 on a grid",
+            Case::new(2, 16, 24, 16, 3, 1, 10),
         ),
         ("transition 1x1", Case::new(3, 16, 16, 8, 1, 0, 2)),
         (

@@ -4,7 +4,8 @@
 //! padding, ResNet's 3×3 with padding 1 and stride 1 or 2 (on maps down to 1×1, where the
 //! products run by regions of taps), 1×1 shortcuts of stride 2, the
 //! 7×7 stem of stride 2 and padding 3, DenseNet's 3×3 and 1×1 layers of stride 1 (whose dx is a
-//! convolution of dy), and batches that do not fill a group evenly.
+//! convolution of dy), size-keeping windows on maps wide enough to run by taps over a padded
+//! grid, and batches that do not fill a group evenly.
 
 mod common;
 
@@ -98,16 +99,21 @@ fn resnet_convolutions_match_burn() {
 fn densenet_convolutions_match_burn() {
     // Dense layers (more input than output channels) and transitions, on maps of at least
     // 256 positions (one image per group, where a 1×1 kernel needs no im2col) and below.
-    check(3, 40, 16, 8, 3, 1, 1);
     check(5, 24, 6, 8, 3, 1, 1);
     check(3, 24, 16, 12, 1, 1, 0);
     check(9, 24, 6, 12, 1, 1, 0);
     // Padding wider than the window allows no convolution for dx; windows wholly in the
     // padding (regions without taps) give the bias alone.
     check(2, 3, 8, 4, 3, 1, 3);
-    // 20 channels of 32×32 maps: the columns in chunks of whole channels (14 and 6 in
-    // float32), the weight gradient's rows written chunk by chunk.
-    check(2, 20, 32, 8, 3, 1, 1);
+    // 20 channels of 32×32 maps under a 5×5 window: the columns in chunks of whole channels
+    // (6, 6, 6 and 2 in float32), the weight gradient's rows written chunk by chunk.
+    check(2, 20, 32, 8, 5, 1, 0);
+    // Size-keeping windows on maps of 16 columns and more, with 16 input channels and more,
+    // run by taps over a padded grid: 16×16 (dx by im2col: 8 channels of dy), DenseNet's
+    // first block (24×24; dx on a grid too), and a 5×5 window with padding 2.
+    check(3, 40, 16, 8, 3, 1, 1);
+    check(2, 32, 24, 32, 3, 1, 1);
+    check(2, 16, 28, 16, 5, 1, 2);
 }
 
 #[test]

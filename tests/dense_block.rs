@@ -144,6 +144,9 @@ fn cases() -> Vec<(&'static str, Case)> {
             "2 layers on 16x16 (one image per group)",
             Case::new(2, 4, 16, 2, 2, 2),
         ),
+        // 24×24 maps of 16 channels and more: each layer's convolution by taps over a padded
+        // grid, filled from the block's buffer, images wider apart than the layer's input.
+        ("2 layers on 24x24 grids", Case::new(2, 16, 24, 4, 2, 8)),
         // 32 channels of 32k values: the layer-by-layer path's BN goes channel by channel.
         (
             "channel-major BN: 32 channels of 2x128x128",

@@ -195,7 +195,7 @@ fn same_width_row<E: Element>(
 /// stores, because the compiler turns a zeroing loop into a call to `memset`, and one such
 /// call per edge of every row cost more than the row's copy (`perf`, docs/performance.md).
 #[inline(always)]
-fn zero_edge<E: Element>(out: &mut [MaybeUninit<E>]) {
+pub(super) fn zero_edge<E: Element>(out: &mut [MaybeUninit<E>]) {
     for o in out {
         // SAFETY: `o` is a valid, aligned element of the slice; the volatile store only keeps
         // the loop from becoming a `memset` call.

@@ -12,7 +12,10 @@
 //!   `db = Σ dy`; `dx` (only when `x` needs a gradient: never
 //!   for the input images) is, for stride 1, the convolution of `dy` with the flipped,
 //!   transposed weight, and otherwise `col2im(Wᵀ · dy)`;
-//! - one image under a 1×1 kernel of stride 1 is its own `cols`: no im2col.
+//! - one image under a 1×1 kernel of stride 1 is its own `cols`: no im2col;
+//! - a size-keeping window of stride 1 on wide maps (DenseNet's first block) runs without
+//!   im2col, by taps over a zero-padded copy of each image (`grid.rs`); small maps, where most
+//!   windows hang over the edge, by regions of taps (`regions.rs`).
 //!
 //! Images are taken in groups with at least [`MIN_COLUMNS`] output positions between them, so
 //! that the products stay wide when the feature maps are small (ResNet-18 ends at 1×1). Groups
@@ -39,6 +42,7 @@ use super::cpu::{assume_init, sum, uninit};
 use super::flex::{contiguous, slice, tensor, Element};
 use super::{family, Family};
 
+mod grid;
 mod im2col;
 mod products;
 mod regions;
@@ -270,6 +274,9 @@ pub(crate) fn forward_typed<E: Element, P: Prologue<E>>(
         let kernel = regions::Kernel::Plain(weight);
         return regions::forward(x, kernel, bias, s, prologue, &regions);
     }
+    if let Some(grid) = grid::plan(s) {
+        return grid::forward(x, weight, bias, s, prologue, grid);
+    }
     let (p, g) = (s.p(), s.group());
     let mut y = uninit::<E>(s.n * s.c_out * p);
     let groups = s.n.div_ceil(g);
@@ -323,6 +330,9 @@ pub(crate) fn backward_typed<E: Element, P: Prologue<E>>(
 ) -> (Option<Vec<E>>, Vec<E>, Vec<E>) {
     if let Some(regions) = regions::plan(s) {
         return regions::backward(x, weight, dy, s, need_dx, prologue, &regions);
+    }
+    if let Some(grid) = grid::plan(s) {
+        return grid::backward(x, weight, dy, s, need_dx, prologue, grid);
     }
     let (p, g, k) = (s.p(), s.group(), s.k());
     let groups = s.n.div_ceil(g);

@@ -110,20 +110,38 @@ pub(super) fn product_into<E: Element>(
     parallel: bool,
 ) {
     assert_eq!(dst.len(), a.rows * b.cols, "product_into: output size");
-    // SAFETY: gemm_into without `accumulate` writes all `len` elements (gemm-common sets
-    // alpha to zero when it is not to read dst, and its kernels then store without loading;
-    // k = 0 is filled here), so the buffer is initialised after it.
+    product_into_strided(dst, (b.cols, 1), a, b, parallel);
+}
+
+/// `a · b` written into the `a.rows × b.cols` matrix of `dst` whose element `(i, j)` is
+/// `dst[i·strides.0 + j·strides.1]`: each of those elements is written, and no other.
+pub(super) fn product_into_strided<E: Element>(
+    dst: &mut [MaybeUninit<E>],
+    strides: (usize, usize),
+    a: Mat<&[E]>,
+    b: Mat<&[E]>,
+    parallel: bool,
+) {
+    // SAFETY: gemm_into checks the matrix's bounds against `len`; without `accumulate` it
+    // writes each of its elements (gemm-common sets alpha to zero when it is not to read dst,
+    // and its kernels then store without loading; k = 0 is filled there) and reads none.
     unsafe {
         gemm_into(
             dst.as_mut_ptr().cast::<E>(),
             dst.len(),
-            (b.cols, 1),
+            strides,
             a,
             b,
             false,
             parallel,
         )
     }
+}
+
+/// Takes back operations counted by the products that went to columns thrown away (the
+/// padded grid's, `conv2d::grid`): [`product_flops`] counts the convolutions' own.
+pub(super) fn uncount(flops: u64) {
+    PRODUCT_FLOPS.fetch_sub(flops, Ordering::Relaxed);
 }
 
 /// The product into the matrix at `dst` with the given (row, column) strides, within `len`
