@@ -3,12 +3,13 @@
 //! A `k×k` window with padding `(k - 1)/2` reads, for tap `(ky, kx)` and every output position,
 //! the input shifted by that tap. With the image copied once into a zero-padded grid of
 //! `W + 2p` columns, that shifted input is one run of the grid per channel: each tap is one
-//! matrix product of the weight's `(C_out, C_in)` slice for the tap, read in place, with the
-//! grid's run from the tap's offset, also read in place. The output is computed on the grid's
-//! width, and the last `2p` columns of each row, which wrap around into the next row, are
-//! dropped: on 24×24 maps that is 8% more products than im2col's, against writing the nine
-//! shifted copies of the input that im2col forms and reading them back. DenseNet's first dense
-//! block (24×24, 70% of its 3×3 products) and its input gradients run here.
+//! matrix product of the weight's `(C_out, C_in)` matrix for the tap (the weight laid out by
+//! taps once per call) with the grid's runs from the tap's offset, read in place. The output
+//! is computed on the grid's width, and the last `2p` columns of each row, which wrap around
+//! into the next row, are dropped: on 24×24 maps that is 8% more products than im2col's,
+//! against writing the nine shifted copies of the input that im2col forms and reading them
+//! back. DenseNet's first dense block (24×24, 70% of its 3×3 products) and its input
+//! gradients run here.
 
 use rayon::prelude::*;
 
