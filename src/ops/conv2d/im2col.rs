@@ -40,6 +40,24 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
     prologue: &P,
     channels: Range<usize>,
 ) {
+    match s.w_out {
+        0..=4 => narrow::<E, P, 4>(x, s, imgs, cols, prologue, channels),
+        5..=8 => narrow::<E, P, 8>(x, s, imgs, cols, prologue, channels),
+        9..=16 => narrow::<E, P, 16>(x, s, imgs, cols, prologue, channels),
+        _ => by_rows(x, s, imgs, cols, prologue, channels),
+    }
+}
+
+/// [`im2col`] row by row of the matrix: each row `(c, ky, kx)` is formed image by image from
+/// the input plane, its columns under the padding zeroed.
+fn by_rows<E: Element, P: Prologue<E>>(
+    x: &[E],
+    s: Shape,
+    imgs: usize,
+    cols: &mut [MaybeUninit<E>],
+    prologue: &P,
+    channels: Range<usize>,
+) {
     let (p, width) = (s.p(), imgs * s.p());
     for c in channels.clone() {
         let f = prologue.channel(c);
@@ -70,7 +88,9 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
                         // Every column in [lo, hi) reads inside the row (see Shape::columns),
                         // so the loops below write all of them.
                         assert!(hi == lo || first + (hi - lo - 1) * s.stride < s.w);
-                        if s.stride == 1 {
+                        if lo == hi {
+                            // No column of this row reads inside: `first` may lie past it.
+                        } else if s.stride == 1 {
                             for (o, &v) in out[lo..hi].iter_mut().zip(&input[first..]) {
                                 o.write(f(v));
                             }
@@ -84,6 +104,97 @@ pub(super) fn im2col<E: Element, P: Prologue<E>>(
                 }
             }
         }
+    }
+}
+
+/// [`im2col`] on maps whose output rows are at most `RUN` values wide (ResNet-18's 14×14 stem
+/// and its 7×7 and smaller maps, DenseNet's 12×12 and smaller). There, [`by_rows`] spent its
+/// time on the bookkeeping of runs of a few values and on their edges (`perf`,
+/// docs/performance.md). Here each image's plane is copied once into a zero-bordered one (the
+/// padding included), its columns split by their remainder modulo the stride, so that output
+/// row `oy` of matrix row `(c, ky, kx)` is one run of that plane: column `⌊kx/s⌋` of the row
+/// `oy·s + ky` of phase `kx mod s`. Each run is moved as one block of `RUN` values, whose tail
+/// lands on values written after it (the next output row, or the next image's), and only where
+/// no such values follow is a run copied value by value.
+fn narrow<E: Element, P: Prologue<E>, const RUN: usize>(
+    x: &[E],
+    s: Shape,
+    imgs: usize,
+    cols: &mut [MaybeUninit<E>],
+    prologue: &P,
+    channels: Range<usize>,
+) {
+    let (p, width) = (s.p(), imgs * s.p());
+    let (h_pad, w_pad, stride) = (s.h + 2 * s.padding, s.w + 2 * s.padding, s.stride);
+    debug_assert!(s.w_out <= RUN && s.w_out == (w_pad - s.k_w) / stride + 1);
+    // Phase `q` holds the bordered plane's columns `q, q + s, …`: `h_pad` rows of `w_phase`.
+    let w_phase = w_pad.div_ceil(stride);
+    let at = |y: usize, col: usize| ((col % stride) * h_pad + y) * w_phase + col / stride;
+    // The border stays zero: only the interior is written, plane after plane. The `RUN`
+    // values after the last phase keep the last run's block inside.
+    let mut bordered = vec![E::ZERO; stride * h_pad * w_phase + RUN];
+    for c in channels.clone() {
+        let f = prologue.channel(c);
+        for i in 0..imgs {
+            let plane = &x[i * s.x_image + c * s.h * s.w..][..s.h * s.w];
+            for (y, row) in plane.chunks_exact(s.w).enumerate() {
+                let y = y + s.padding;
+                if stride == 1 {
+                    let to = &mut bordered[at(y, s.padding)..][..s.w];
+                    for (t, &v) in to.iter_mut().zip(row) {
+                        *t = f(v);
+                    }
+                } else {
+                    // Column `padding + col` is column `j` of phase `q`, counted without a
+                    // division per value.
+                    let (mut q, mut j) = (s.padding % stride, s.padding / stride);
+                    for &v in row {
+                        bordered[(q * h_pad + y) * w_phase + j] = f(v);
+                        q += 1;
+                        if q == stride {
+                            (q, j) = (0, j + 1);
+                        }
+                    }
+                }
+            }
+            // Values after this image's part of a row that are written later: the next
+            // images' parts of the same row.
+            let later = ((imgs - 1 - i) * p).min(RUN);
+            for ky in 0..s.k_h {
+                for kx in 0..s.k_w {
+                    let r = ((c - channels.start) * s.k_h + ky) * s.k_w + kx;
+                    let out = &mut cols[r * width + i * p..][..p + later];
+                    let from = &bordered[at(ky, kx)..];
+                    copy_runs::<E, RUN>(from, stride * w_phase, out, (s.h_out, s.w_out));
+                }
+            }
+        }
+    }
+}
+
+/// `out[oy·w + ox] = from[oy·stride + ox]` for the `h × w` values at the start of `out`, a
+/// block of `RUN` values at a time while the block fits in `out` (what it writes past a row
+/// the next row, or the caller, overwrites), value by value after that.
+#[inline(always)]
+fn copy_runs<E: Copy, const RUN: usize>(
+    from: &[E],
+    stride: usize,
+    out: &mut [MaybeUninit<E>],
+    (h, w): (usize, usize),
+) {
+    let blocks = match out.len().checked_sub(RUN) {
+        Some(room) => (room / w.max(1) + 1).min(h),
+        None => 0,
+    };
+    for oy in 0..blocks {
+        let src: &[E; RUN] = from[oy * stride..][..RUN].try_into().expect("RUN values");
+        let dst: &mut [MaybeUninit<E>; RUN] =
+            (&mut out[oy * w..][..RUN]).try_into().expect("RUN values");
+        // One move of the whole block (a value at a time, the compiler kept scalar stores).
+        *dst = src.map(MaybeUninit::new);
+    }
+    for oy in blocks..h {
+        out[oy * w..][..w].write_copy_of_slice(&from[oy * stride..][..w]);
     }
 }
 
@@ -230,5 +341,98 @@ pub(super) fn col2im<E: Element>(dcols: &[E], s: Shape, imgs: usize, dx: &mut [E
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv2d::ConvGeometry;
+
+    /// A prologue that changes every value, differently per channel.
+    struct Affine;
+
+    impl<E: Element> Prologue<E> for Affine {
+        const IDENTITY: bool = false;
+        fn channel(&self, c: usize) -> impl Fn(E) -> E + Copy {
+            move |v: E| v.mul(E::from_f64(0.5 + c as f64)).add(E::ONE)
+        }
+    }
+
+    fn formed<E: Element, P: Prologue<E>>(
+        x: &[E],
+        s: Shape,
+        imgs: usize,
+        prologue: &P,
+        channels: Range<usize>,
+        narrow_path: bool,
+    ) -> Vec<E> {
+        let len = channels.len() * s.k_h * s.k_w * imgs * s.p();
+        let mut cols = uninit::<E>(len);
+        match narrow_path {
+            true => im2col(x, s, imgs, &mut cols, prologue, channels),
+            false => by_rows(x, s, imgs, &mut cols, prologue, channels),
+        }
+        // SAFETY: both paths write every element (checked against each other below).
+        unsafe { assume_init(cols) }
+    }
+
+    /// The narrow maps' path gives the same matrix as the row-by-row one, value for value,
+    /// for windows of 1 to 5 with and without padding, from 1 to 4 images (images further
+    /// apart than their size, as a dense block's are), and a part of the channels.
+    fn narrow_equals_by_rows<E: Element>() {
+        for (side, k, padding, stride) in geometries() {
+            {
+                {
+                    let s = Shape::of(&[4, 3, side, side], &[2, 3, k, k], ConvGeometry {
+                        stride,
+                        padding,
+                    });
+                    if s.w_out > 16 {
+                        continue;
+                    }
+                    let s = s.with_x_image(s.image_len() + 5);
+                    let x: Vec<E> = (0..4 * s.x_image)
+                        .map(|v| E::from_f64(((v * 37) % 101) as f64 - 50.0))
+                        .collect();
+                    for imgs in 1..=4 {
+                        for channels in [0..3, 1..3] {
+                            let a = formed(&x, s, imgs, &Affine, channels.clone(), true);
+                            let b = formed(&x, s, imgs, &Affine, channels.clone(), false);
+                            let same = a.iter().zip(&b).all(|(u, v)| u.to_f64() == v.to_f64());
+                            assert!(same, "side {side}, k {k}, padding {padding}, stride {stride}, {imgs} images");
+                            let a = formed(&x, s, imgs, &Identity, channels.clone(), true);
+                            let b = formed(&x, s, imgs, &Identity, channels, false);
+                            assert!(a.iter().zip(&b).all(|(u, v)| u.to_f64() == v.to_f64()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `(side, window, padding, stride)`: windows of 1 to 7 (the stem's), with and without
+    /// padding, at strides 1 to 3, on maps from 1 to 28 wide.
+    fn geometries() -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        let sides = [1, 2, 3, 4, 5, 7, 8, 9, 12, 14, 16, 28];
+        sides.into_iter().flat_map(|side| {
+            [1, 2, 3, 5, 7].into_iter().flat_map(move |k| {
+                (0..k.min(4)).flat_map(move |padding| {
+                    (1..=3)
+                        .filter(move |_| side + 2 * padding >= k)
+                        .map(move |stride| (side, k, padding, stride))
+                })
+            })
+        })
+    }
+
+    #[test]
+    fn narrow_maps_form_the_same_columns_f32() {
+        narrow_equals_by_rows::<f32>();
+    }
+
+    #[test]
+    fn narrow_maps_form_the_same_columns_f64() {
+        narrow_equals_by_rows::<f64>();
     }
 }

@@ -215,7 +215,7 @@ impl Shape {
     /// The valid output columns `[lo, hi)` for kernel column `kx`, and the first input column.
     fn columns(&self, kx: usize) -> (usize, usize) {
         // ix = ox·s - p + kx must lie within [0, w).
-        let lo = self.padding.saturating_sub(kx).div_ceil(self.stride);
+        let lo = (self.padding.saturating_sub(kx).div_ceil(self.stride)).min(self.w_out);
         let hi = (self.w + self.padding)
             .checked_sub(kx)
             .map_or(0, |end| end.div_ceil(self.stride))
