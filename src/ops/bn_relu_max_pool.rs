@@ -111,22 +111,27 @@ impl MaxPoolWindow {
     }
 }
 
-/// The buffers [`max_pool_plane`] reuses from plane to plane.
+/// The buffers [`max_pool_plane`] reuses from plane to plane (of one shape).
 #[derive(Debug, Default)]
 pub(crate) struct PoolScratch<E> {
-    /// Each input row padded with −∞ and split by column modulo the stride.
+    /// The plane padded with −∞ and split by row and column modulo the stride.
     phases: Vec<E>,
-    /// One output row's running maxima, and their places.
+    /// The running maxima over the output grid, and their places.
     max: Vec<E>,
     best: Vec<u32>,
+    /// Each output's first place inside the plane, where its search starts.
+    first_inside: Vec<u32>,
 }
 
 simd_fn! {
-    /// [`MaxPoolWindow::pool_plane`]. Each input row is first padded with −∞ (which never wins,
-    /// so a window's first place inside the plane stays its place when nothing beats −∞) and
-    /// split into its `s` column phases: window column `kx` of outputs `ox = 0, 1, …` is then
-    /// the run `ox + ⌊kx/s⌋` of phase `kx mod s`, and every window position is one vector pass
-    /// over a whole output row, in the same row-major order as a window at a time.
+    /// [`MaxPoolWindow::pool_plane`]. The plane, padded with −∞ (which never wins, so a
+    /// window's first place inside the plane stays its place when nothing beats −∞), is split
+    /// into its `s × s` phases by row and column modulo the stride, each `l` columns wide with
+    /// `l = W_out + ⌊(k-1)/s⌋`: window position `(ky, kx)` of every output is then one run of
+    /// phase `(ky mod s, kx mod s)`, from row `⌊ky/s⌋` and column `⌊kx/s⌋`, when the outputs are
+    /// laid out `l` wide too (the `l - W_out` extra columns are dropped). So each window
+    /// position is one vector pass over the whole output, in the same row-major order of
+    /// positions as a window at a time.
     fn max_pool_plane<E: Real>(
         window: MaxPoolWindow,
         a: &[E],
@@ -137,48 +142,76 @@ simd_fn! {
     ) {
         let (h, w) = plane;
         let (k, s, p) = (window.kernel, window.stride, window.padding);
-        let wo = window.output_side(w).unwrap_or(0);
-        if wo == 0 {
+        let (ho, wo) = (
+            window.output_side(h).unwrap_or(0),
+            window.output_side(w).unwrap_or(0),
+        );
+        if ho == 0 || wo == 0 {
             return;
         }
-        // Phase length: the last output's window reaches run wo - 1 + ⌊(k - 1)/s⌋.
-        let run = wo + (k - 1) / s;
-        let PoolScratch { phases, max, best } = scratch;
+        let reach = (k - 1) / s;
+        let l = wo + reach;
+        // One row more than the outputs' windows reach: the extra columns' reads run past
+        // a phase's last row.
+        let phase_len = (ho + reach + 1) * l;
         let lowest = E::from_f64(f64::NEG_INFINITY);
-        phases.clear();
-        for row in a[..h * w].chunks_exact(w) {
-            for q in 0..s {
-                phases.extend((0..run).map(|j| {
-                    let col = (j * s + q) as isize - p as isize;
-                    if (0..w as isize).contains(&col) {
-                        row[col as usize]
-                    } else {
-                        lowest
-                    }
-                }));
-            }
+        let PoolScratch {
+            phases,
+            max,
+            best,
+            first_inside,
+        } = scratch;
+        if phases.len() != s * s * phase_len {
+            // Outside the plane stays −∞: only places inside are written below.
+            *phases = vec![lowest; s * s * phase_len];
+            *first_inside = (0..ho * l)
+                .map(|o| {
+                    let (ylo, _, _) = window.span(o / l, h);
+                    let (xlo, _, _) = window.span((o % l).min(wo - 1), w);
+                    (ylo * k + xlo) as u32
+                })
+                .collect();
         }
-        let first_inside: Vec<u32> = (0..wo).map(|ox| window.span(ox, w).0 as u32).collect();
-        let rows = values.chunks_mut(wo).zip(places.chunks_mut(wo));
-        for (oy, (values, places)) in rows.enumerate() {
-            let (ylo, yhi, y0) = window.span(oy, h);
-            max.clear();
-            max.resize(wo, lowest);
-            best.clear();
-            best.extend(first_inside.iter().map(|&xlo| (ylo * k) as u32 + xlo));
-            for ky in ylo..yhi {
-                let y = (y0 + ky as isize) as usize;
-                for kx in 0..k {
-                    let from = &phases[(y * s + kx % s) * run + kx / s..][..wo];
-                    let place = (ky * k + kx) as u32;
-                    for ((m, b), &v) in max.iter_mut().zip(best.iter_mut()).zip(from) {
-                        let take = (v > *m) | v.is_nan();
-                        *m = if take { v } else { *m };
-                        *b = if take { place } else { *b };
-                    }
+        for (y, row) in a[..h * w].chunks_exact(w).enumerate() {
+            let (ry, rq) = ((y + p) / s, (y + p) % s);
+            if ry > ho + reach {
+                // Below every window: never read.
+                continue;
+            }
+            for cq in 0..s {
+                // Padded column `j·s + cq` is plane column `j·s + cq - p`.
+                let first = p.saturating_sub(cq).div_ceil(s);
+                let end = (p + w).saturating_sub(cq).div_ceil(s).min(l);
+                if first >= end {
+                    continue;
+                }
+                let at = (rq * s + cq) * phase_len + ry * l;
+                let from = row[first * s + cq - p..].iter().step_by(s);
+                for (t, &v) in phases[at + first..at + end].iter_mut().zip(from) {
+                    *t = v;
                 }
             }
-            for ((value, place), (&m, &b)) in values.iter_mut().zip(places).zip(max.iter().zip(best.iter())) {
+        }
+        max.clear();
+        max.resize(ho * l, lowest);
+        best.clear();
+        best.extend_from_slice(first_inside);
+        for ky in 0..k {
+            for kx in 0..k {
+                let at = ((ky % s) * s + kx % s) * phase_len + (ky / s) * l + kx / s;
+                let from = &phases[at..][..ho * l];
+                let place = (ky * k + kx) as u32;
+                for ((m, b), &v) in max.iter_mut().zip(best.iter_mut()).zip(from) {
+                    let take = (v > *m) | v.is_nan();
+                    *m = if take { v } else { *m };
+                    *b = if take { place } else { *b };
+                }
+            }
+        }
+        let rows = values.chunks_mut(wo).zip(places.chunks_mut(wo));
+        for (oy, (values, places)) in rows.enumerate() {
+            let (max, best) = (&max[oy * l..][..wo], &best[oy * l..][..wo]);
+            for ((value, place), (&m, &b)) in values.iter_mut().zip(places).zip(max.iter().zip(best)) {
                 value.write(m);
                 *place = b as u8;
             }
