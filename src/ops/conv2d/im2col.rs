@@ -115,7 +115,7 @@ fn by_rows<E: Element, P: Prologue<E>>(
 /// row `oy` of matrix row `(c, ky, kx)` is one run of that plane: column `⌊kx/s⌋` of the row
 /// `oy·s + ky` of phase `kx mod s`. Each run is moved as one block of `RUN` values, whose tail
 /// lands on values written after it (the next output row, or the next image's), and only where
-/// no such values follow is a run copied value by value.
+/// no such values follow is a run copied to its exact length.
 fn narrow<E: Element, P: Prologue<E>, const RUN: usize>(
     x: &[E],
     s: Shape,
@@ -174,7 +174,7 @@ fn narrow<E: Element, P: Prologue<E>, const RUN: usize>(
 
 /// `out[oy·w + ox] = from[oy·stride + ox]` for the `h × w` values at the start of `out`, a
 /// block of `RUN` values at a time while the block fits in `out` (what it writes past a row
-/// the next row, or the caller, overwrites), value by value after that.
+/// the next row, or the caller, overwrites), and to each run's exact length after that.
 #[inline(always)]
 fn copy_runs<E: Copy, const RUN: usize>(
     from: &[E],
