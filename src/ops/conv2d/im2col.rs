@@ -133,6 +133,11 @@ fn narrow<E: Element, P: Prologue<E>, const RUN: usize>(
     // The border stays zero: only the interior is written, plane after plane. The `RUN`
     // values after the last phase keep the last run's block inside.
     let mut bordered = vec![E::ZERO; stride * h_pad * w_phase + RUN];
+    // Where each tap's runs start, and how many runs go as whole blocks (see `copy_runs`):
+    // worked out once, not per plane (a division each).
+    let window = s.k_h * s.k_w;
+    let tap_starts: Vec<usize> = (0..window).map(|t| at(t / s.k_w, t % s.k_w)).collect();
+    let blocks_full = whole_blocks::<RUN>(p + RUN, (s.h_out, s.w_out));
     for c in channels.clone() {
         let f = prologue.channel(c);
         for i in 0..imgs {
@@ -160,32 +165,42 @@ fn narrow<E: Element, P: Prologue<E>, const RUN: usize>(
             // Values after this image's part of a row that are written later: the next
             // images' parts of the same row.
             let later = ((imgs - 1 - i) * p).min(RUN);
-            for ky in 0..s.k_h {
-                for kx in 0..s.k_w {
-                    let r = ((c - channels.start) * s.k_h + ky) * s.k_w + kx;
-                    let out = &mut cols[r * width + i * p..][..p + later];
-                    let from = &bordered[at(ky, kx)..];
-                    copy_runs::<E, RUN>(from, stride * w_phase, out, (s.h_out, s.w_out));
-                }
+            let blocks = if later == RUN {
+                blocks_full
+            } else {
+                whole_blocks::<RUN>(p + later, (s.h_out, s.w_out))
+            };
+            let first_row = (c - channels.start) * window;
+            for (t, &start) in tap_starts.iter().enumerate() {
+                let out = &mut cols[(first_row + t) * width + i * p..][..p + later];
+                let from = &bordered[start..];
+                copy_runs::<E, RUN>(from, stride * w_phase, out, (s.h_out, s.w_out), blocks);
             }
         }
     }
 }
 
-/// `out[oy·w + ox] = from[oy·stride + ox]` for the `h × w` values at the start of `out`, a
-/// block of `RUN` values at a time while the block fits in `out` (what it writes past a row
-/// the next row, or the caller, overwrites), and to each run's exact length after that.
+/// How many of the `h` runs of `w` values that start `w` apart in a slice of `len` values can
+/// be moved as whole blocks of `RUN` values without leaving it.
+fn whole_blocks<const RUN: usize>(len: usize, (h, w): (usize, usize)) -> usize {
+    match len.checked_sub(RUN) {
+        Some(room) => (room / w.max(1) + 1).min(h),
+        None => 0,
+    }
+}
+
+/// `out[oy·w + ox] = from[oy·stride + ox]` for the `h × w` values at the start of `out`: the
+/// first `blocks` runs (at most [`whole_blocks`] of `out`'s length) as blocks of `RUN` values
+/// (what a block writes past its run the next run, or the caller, overwrites), the rest to
+/// their exact length.
 #[inline(always)]
 fn copy_runs<E: Copy, const RUN: usize>(
     from: &[E],
     stride: usize,
     out: &mut [MaybeUninit<E>],
     (h, w): (usize, usize),
+    blocks: usize,
 ) {
-    let blocks = match out.len().checked_sub(RUN) {
-        Some(room) => (room / w.max(1) + 1).min(h),
-        None => 0,
-    };
     for oy in 0..blocks {
         let src: &[E; RUN] = from[oy * stride..][..RUN].try_into().expect("RUN values");
         let dst: &mut [MaybeUninit<E>; RUN] =
