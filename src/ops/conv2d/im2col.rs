@@ -397,33 +397,40 @@ mod tests {
     /// apart than their size, as a dense block's are), and a part of the channels.
     fn narrow_equals_by_rows<E: Element>() {
         for (side, k, padding, stride) in geometries() {
-            {
-                {
-                    let s = Shape::of(&[4, 3, side, side], &[2, 3, k, k], ConvGeometry {
-                        stride,
-                        padding,
-                    });
-                    if s.w_out > 16 {
-                        continue;
-                    }
-                    let s = s.with_x_image(s.image_len() + 5);
-                    let x: Vec<E> = (0..4 * s.x_image)
-                        .map(|v| E::from_f64(((v * 37) % 101) as f64 - 50.0))
-                        .collect();
-                    for imgs in 1..=4 {
-                        for channels in [0..3, 1..3] {
-                            let a = formed(&x, s, imgs, &Affine, channels.clone(), true);
-                            let b = formed(&x, s, imgs, &Affine, channels.clone(), false);
-                            let same = a.iter().zip(&b).all(|(u, v)| u.to_f64() == v.to_f64());
-                            assert!(same, "side {side}, k {k}, padding {padding}, stride {stride}, {imgs} images");
-                            let a = formed(&x, s, imgs, &Identity, channels.clone(), true);
-                            let b = formed(&x, s, imgs, &Identity, channels, false);
-                            assert!(a.iter().zip(&b).all(|(u, v)| u.to_f64() == v.to_f64()));
-                        }
-                    }
+            let geometry = ConvGeometry { stride, padding };
+            let s = Shape::of(&[4, 3, side, side], &[2, 3, k, k], geometry);
+            if s.w_out > 16 {
+                continue;
+            }
+            let s = s.with_x_image(s.image_len() + 5);
+            let x: Vec<E> = (0..4 * s.x_image)
+                .map(|v| E::from_f64(((v * 37) % 101) as f64 - 50.0))
+                .collect();
+            for imgs in 1..=4 {
+                for channels in [0..3, 1..3] {
+                    let what = format!("side {side}, k {k}, padding {padding}, stride {stride}");
+                    assert_paths_agree(&x, s, imgs, &Affine, channels.clone(), &what);
+                    assert_paths_agree(&x, s, imgs, &Identity, channels, &what);
                 }
             }
         }
+    }
+
+    fn assert_paths_agree<E: Element, P: Prologue<E>>(
+        x: &[E],
+        s: Shape,
+        imgs: usize,
+        prologue: &P,
+        channels: Range<usize>,
+        what: &str,
+    ) {
+        let narrow = formed(x, s, imgs, prologue, channels.clone(), true);
+        let rows = formed(x, s, imgs, prologue, channels, false);
+        let same = narrow
+            .iter()
+            .zip(&rows)
+            .all(|(u, v)| u.to_f64() == v.to_f64());
+        assert!(same, "{what}, {imgs} images");
     }
 
     /// `(side, window, padding, stride)`: windows of 1 to 7 (the stem's), with and without

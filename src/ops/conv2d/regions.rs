@@ -303,7 +303,10 @@ pub(super) fn forward<E: Element, P: Prologue<E>>(
                 // One product per tap, each reading its weights in place: gathering the
                 // region's columns of the weight would read all of it for each region.
                 for (t, tap) in r.taps_iter().enumerate() {
-                    let (w, cols) = (kernel.tap(s, tap), tap_rows(&xt, &cols, s, r, (t, tap), imgs));
+                    let (w, cols) = (
+                        kernel.tap(s, tap),
+                        tap_rows(&xt, &cols, s, r, (t, tap), imgs),
+                    );
                     matmul(product, w, cols, true, parallel);
                 }
                 scatter(out, product, s, imgs, r);
