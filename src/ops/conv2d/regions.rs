@@ -167,13 +167,7 @@ fn tap_rows<'a, E>(
     match r.positions() {
         1 => {
             let position = (r.rows.start, r.cols.start);
-            Mat {
-                ptr: &xt[input_at(s, position, tap) * imgs..],
-                rows: s.c_in,
-                cols: n,
-                row_stride: s.h * s.w * imgs,
-                col_stride: 1,
-            }
+            at_position(xt, (s.c_in, s.h * s.w), input_at(s, position, tap), imgs)
         }
         _ => Mat {
             ptr: &cols[t * n..],
@@ -219,6 +213,18 @@ fn images_last<E: Element, P: Prologue<E>>(
         });
     // SAFETY: every channel's block was written above, each position for every image.
     unsafe { assume_init(out) }
+}
+
+/// The `(channels, imgs)` matrix of position `at` of `t`, `(channels, plane, imgs)` in the
+/// [`images_last`] layout, read in place.
+fn at_position<E>(t: &[E], (channels, plane): (usize, usize), at: usize, imgs: usize) -> Mat<&[E]> {
+    Mat {
+        ptr: &t[at * imgs..],
+        rows: channels,
+        cols: imgs,
+        row_stride: plane * imgs,
+        col_stride: 1,
+    }
 }
 
 /// The group's input in the [`images_last`] layout.
@@ -363,13 +369,10 @@ pub(super) fn backward<E: Element, P: Prologue<E>>(
             let copied = output_columns(&dyt, s, imgs, r);
             let grads = match r.positions() {
                 // One position's gradients, read in place: `(C_out, imgs)`.
-                1 => Mat {
-                    ptr: &dyt[(r.rows.start * s.w_out + r.cols.start) * imgs..],
-                    rows: s.c_out,
-                    cols: n,
-                    row_stride: p * imgs,
-                    col_stride: 1,
-                },
+                1 => {
+                    let at = r.rows.start * s.w_out + r.cols.start;
+                    at_position(&dyt, (s.c_out, p), at, imgs)
+                }
                 _ => row_major(&copied, s.c_out, n),
             };
             let mut dcols = match dx {
