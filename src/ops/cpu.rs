@@ -464,6 +464,32 @@ pub(crate) fn channels_per_task<E>(dims: Dims) -> usize {
     wanted.min(most).max(1)
 }
 
+/// The size of the CPU's last-level cache as Linux reports it (the highest-level cache of CPU
+/// 0 in sysfs), or 32 MB where it cannot be read.
+pub fn last_level_cache_bytes() -> usize {
+    const FALLBACK: usize = 32 << 20;
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let sizes = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+            let level: usize = read("level")?.trim().parse().ok()?;
+            let size = read("size")?;
+            let size = size.trim();
+            let bytes = match size.strip_suffix('K') {
+                Some(k) => k.parse::<usize>().ok()? << 10,
+                None => match size.strip_suffix('M') {
+                    Some(m) => m.parse::<usize>().ok()? << 20,
+                    None => size.parse().ok()?,
+                },
+            };
+            Some((level, bytes))
+        });
+    sizes.max().map_or(FALLBACK, |(_, bytes)| bytes)
+}
+
 /// A slice that was just written in full, as initialised.
 ///
 /// # Safety

@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use super::planes::*;
 use super::stats::{channel_stats, group_stats, ChannelStats};
 use crate::norm::epilogue::Epilogue;
-use crate::ops::cpu::{assume_init, assume_init_mut, channels_per_task, uninit, Dims, Real};
+use crate::ops::cpu::{
+    assume_init, assume_init_mut, channels_per_task, last_level_cache_bytes, uninit, Dims, Real,
+};
 
 /// `buf`'s planes of `plane` values, grouped by channel: group `c` holds channel `c`'s planes
 /// in sample order.
@@ -50,32 +52,6 @@ fn streams<E>(dims: Dims) -> bool {
     static LAST_LEVEL_CACHE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cache = *LAST_LEVEL_CACHE.get_or_init(last_level_cache_bytes);
     dims.len() * std::mem::size_of::<E>() >= cache / 2
-}
-
-/// The size of the CPU's last-level cache as Linux reports it (the highest-level cache of CPU
-/// 0 in sysfs), or 32 MB where it cannot be read.
-fn last_level_cache_bytes() -> usize {
-    const FALLBACK: usize = 32 << 20;
-    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
-    let sizes = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
-            let level: usize = read("level")?.trim().parse().ok()?;
-            let size = read("size")?;
-            let size = size.trim();
-            let bytes = match size.strip_suffix('K') {
-                Some(k) => k.parse::<usize>().ok()? << 10,
-                None => match size.strip_suffix('M') {
-                    Some(m) => m.parse::<usize>().ok()? << 20,
-                    None => size.parse().ok()?,
-                },
-            };
-            Some((level, bytes))
-        });
-    sizes.max().map_or(FALLBACK, |(_, bytes)| bytes)
 }
 
 /// The training-mode forward, statistics included: `(stats, activations, pooled)` as
