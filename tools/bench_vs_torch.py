@@ -133,10 +133,13 @@ def main():
         rows.append((f"W6 BatchNorm2d(64) fwd+bwd, --norm {r['norm']}", f"{r['ms_per_fwd_bwd']:.1f} ms",
                      f"{t_w6:.1f} ms ({t_w6_threads}t)", r["ms_per_fwd_bwd"] / t_w6, "time ≤ 0.8"))
         # The second W6 target: its least traffic (five tensors) at ≥ 70% of the rate a
-        # plain copy reaches, both measured by bnlab in one process.
+        # plain copy from memory reaches, both at the median and measured by bnlab in one
+        # process; the copy left in cache is shown beside it.
         if r.get("gb_per_sec") and r.get("copy_gb_per_sec"):
-            rows.append((f"W6 --norm {r['norm']}: GB/s of its least traffic, share of a copy's",
-                         f"{r['gb_per_sec']:.1f}", f"copy {r['copy_gb_per_sec']:.1f}",
+            in_cache = r.get("copy_in_cache_gb_per_sec")
+            beside = f"; {in_cache:.1f} in cache" if in_cache else ""
+            rows.append((f"W6 --norm {r['norm']}: GB/s of its least traffic, share of a copy's from memory",
+                         f"{r['gb_per_sec']:.1f}", f"copy {r['copy_gb_per_sec']:.1f}{beside}",
                          r["gb_per_sec"] / r["copy_gb_per_sec"], "≥ 0.70"))
     for r in (r for r in ours if r["workload"].startswith("W7")):
         variant = "BN folded" if r.get("folded") else "BN unfolded"

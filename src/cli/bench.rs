@@ -42,8 +42,10 @@ pub(crate) fn bench(
                 _ => String::new(),
             };
             if let (Some(rate), Some(copy)) = (r.gb_per_sec, r.copy_gb_per_sec) {
+                let in_cache = r.copy_in_cache_gb_per_sec.unwrap_or(f64::NAN);
                 figure += &format!(
-                    ", {rate:.1} GB/s of its least traffic ({:.0}% of a copy's {copy:.1})",
+                    ", {rate:.1} GB/s of its least traffic at the median ({:.0}% of a copy's \
+                     {copy:.1} from memory; {in_cache:.1} in cache)",
                     100.0 * rate / copy
                 );
             }
