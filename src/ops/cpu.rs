@@ -454,12 +454,12 @@ pub(crate) fn planes_per_task(dims: Dims) -> usize {
 }
 
 /// How many neighbouring channels a task of BN's per-channel passes takes: enough that each
-/// image's runs of them together span 12 KB (a lone channel's run in W6 is 3 KB, an image
+/// image's runs of them together span 24 KB (a lone channel's run in W6 is 3 KB, an image
 /// apart from the next, and its reads wait on memory), but few enough to leave each thread
 /// four tasks to balance.
 pub(crate) fn channels_per_task<E>(dims: Dims) -> usize {
     let run = dims.s * std::mem::size_of::<E>();
-    let wanted = (12usize << 10).div_ceil(run.max(1)).next_power_of_two();
+    let wanted = (24usize << 10).div_ceil(run.max(1)).next_power_of_two();
     let most = dims.c / (4 * rayon::current_num_threads());
     wanted.min(most).max(1)
 }

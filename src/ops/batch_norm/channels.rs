@@ -244,7 +244,7 @@ mod tests {
     use super::*;
     use crate::norm::epilogue::{Activation, Pool};
 
-    /// large enough to take them, with and without an epilogue: 32 channels of 64×64 planes,
+    /// large enough to take them, with and without an epilogue: 32 channels of 96×96 planes,
     /// a task each, and 34 channels of 28×28 planes, in tasks of several channels (the last
     /// one shorter).
     #[test]
@@ -252,7 +252,7 @@ mod tests {
         let single = Dims {
             n: 8,
             c: 32,
-            s: 64 * 64,
+            s: 96 * 96,
         };
         let several = Dims {
             n: 48,
@@ -264,7 +264,7 @@ mod tests {
             channels_per_task::<f32>(several) > 1
                 && !several.c.is_multiple_of(channels_per_task::<f32>(several))
         );
-        for (dims, plane) in [(single, (64, 64)), (several, (28, 28))] {
+        for (dims, plane) in [(single, (96, 96)), (several, (28, 28))] {
             channel_major_case(dims, plane);
         }
     }
