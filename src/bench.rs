@@ -7,7 +7,7 @@
 //! | W1 | LeNet-BN training, SGD lr 1.0, batch 256, one epoch, per `--norm` | examples/s |
 //! | W4 | ResNet-18 on 28×28, batch 128, Adam 1e-3, 30 steps after 3 warm-up | examples/s, conv GFLOP/s |
 //! | W5 | DenseNet on 96×96, batch 64, Adam 1e-3, 10 steps after 2 warm-up | examples/s, conv GFLOP/s, peak RSS |
-//! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms, GB/s of its least traffic and share of a plain copy's |
+//! | W6 | BatchNorm2d(64) forward+backward on (128,64,28,28), 50 iterations after 5 | ms, GB/s of its least traffic at the median and share of a plain copy's from memory |
 //! | W7 | eval-mode inference on the test set, LeNet-BN and ResNet-18 | examples/s |
 //! | W8 | W5 at the recipe's batch of 256, 4 steps after 1 warm-up | examples/s, conv GFLOP/s, peak RSS |
 //! | RSS | peak resident memory of a LeNet-BN training process (one epoch) | MB |
