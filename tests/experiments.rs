@@ -376,6 +376,18 @@ fn bench_reports_every_workload() {
         .chain(named("W8"))
         .all(|r| r["examples_per_sec"].as_f64().unwrap() > 0.0));
     assert!(named("W6").all(|r| r["ms_per_fwd_bwd"].as_f64().unwrap() > 0.0));
+    // W6's least traffic (five float32 tensors of (128, 64, 28, 28)) over its median time,
+    // beside the two copies' rates it is shown against.
+    for r in named("W6") {
+        let median_ms = r["ms_per_fwd_bwd_median"].as_f64().expect("median");
+        let rate = r["gb_per_sec"].as_f64().expect("GB/s");
+        let least_traffic = 5.0 * (128 * 64 * 28 * 28 * 4) as f64;
+        let want = least_traffic / (median_ms / 1e3) / 1e9;
+        assert!((rate - want).abs() <= 1e-9 * want, "{r}");
+        for copy in ["copy_gb_per_sec", "copy_in_cache_gb_per_sec"] {
+            assert!(r[copy].as_f64().expect(copy) > 0.0, "{r}");
+        }
+    }
     let inference: Vec<(&str, bool)> = named("W7")
         .map(|r| {
             (
