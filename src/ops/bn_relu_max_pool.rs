@@ -111,9 +111,12 @@ impl MaxPoolWindow {
     }
 }
 
-/// The buffers [`max_pool_plane`] reuses from plane to plane (of one shape).
+/// The buffers [`max_pool_plane`] reuses from plane to plane, laid out for one window and
+/// plane shape; another shape lays them out afresh.
 #[derive(Debug, Default)]
 pub(crate) struct PoolScratch<E> {
+    /// The window and `(h, w)` the buffers below are laid out for.
+    laid_out_for: Option<(MaxPoolWindow, (usize, usize))>,
     /// The plane padded with −∞ and split by row and column modulo the stride.
     phases: Vec<E>,
     /// The running maxima over the output grid, and their places.
@@ -156,12 +159,14 @@ simd_fn! {
         let phase_len = (ho + reach + 1) * l;
         let lowest = E::from_f64(f64::NEG_INFINITY);
         let PoolScratch {
+            laid_out_for,
             phases,
             max,
             best,
             first_inside,
         } = scratch;
-        if phases.len() != s * s * phase_len {
+        if *laid_out_for != Some((window, plane)) {
+            *laid_out_for = Some((window, plane));
             // Outside the plane stays −∞: only places inside are written below.
             *phases = vec![lowest; s * s * phase_len];
             *first_inside = (0..ho * l)

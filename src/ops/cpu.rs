@@ -466,7 +466,7 @@ pub(crate) fn channels_per_task<E>(dims: Dims) -> usize {
 
 /// The size of the CPU's last-level cache as Linux reports it (the highest-level cache of CPU
 /// 0 in sysfs), or 32 MB where it cannot be read.
-pub fn last_level_cache_bytes() -> usize {
+pub(crate) fn last_level_cache_bytes() -> usize {
     const FALLBACK: usize = 32 << 20;
     let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
     let sizes = std::fs::read_dir(dir)

@@ -266,6 +266,25 @@ fn input_columns<E: Element>(xt: &[E], s: Shape, imgs: usize, r: &Region) -> Vec
     unsafe { assume_init(cols) }
 }
 
+/// The `(C_out, n)` output gradients of a region: `copied`, those [`output_columns`] copied,
+/// or, for a region of one position (which copies none), read in place from the group's `dy`
+/// in the [`images_last`] layout `dyt`, as [`tap_rows`] reads the input.
+fn gradient_rows<'a, E>(
+    dyt: &'a [E],
+    copied: &'a [E],
+    s: Shape,
+    r: &Region,
+    imgs: usize,
+) -> Mat<&'a [E]> {
+    match r.positions() {
+        1 => {
+            let at = r.rows.start * s.w_out + r.cols.start;
+            at_position(dyt, (s.c_out, s.p()), at, imgs)
+        }
+        _ => row_major(copied, s.c_out, imgs * r.positions()),
+    }
+}
+
 /// The region's output gradients from the group's `dy` in the [`images_last`] layout `dyt`:
 /// `(C_out, positions·imgs)`, columns as [`input_columns`] orders them.
 fn output_columns<E: Element>(dyt: &[E], s: Shape, imgs: usize, r: &Region) -> Vec<E> {
@@ -367,14 +386,7 @@ pub(super) fn backward<E: Element, P: Prologue<E>>(
             let n = imgs * r.positions();
             let cols = input_columns(&xt, s, imgs, r);
             let copied = output_columns(&dyt, s, imgs, r);
-            let grads = match r.positions() {
-                // One position's gradients, read in place: `(C_out, imgs)`.
-                1 => {
-                    let at = r.rows.start * s.w_out + r.cols.start;
-                    at_position(&dyt, (s.c_out, p), at, imgs)
-                }
-                _ => row_major(&copied, s.c_out, n),
-            };
+            let grads = gradient_rows(&dyt, &copied, s, r, imgs);
             let mut dcols = match dx {
                 Some(_) => vec![E::ZERO; s.c_in * r.taps() * n],
                 None => Vec::new(),
