@@ -277,6 +277,38 @@ pub(crate) enum Centred<E> {
     Gradient { pivot: E, shifted_mean: E },
 }
 
+impl<E: Real> Centred<E> {
+    /// The same runs' parameters in float32, for the float32 kernels (`E` is float32 there,
+    /// so nothing is rounded).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn as_f32(self) -> Centred<f32> {
+        match self {
+            Centred::Shifted { pivot } => Centred::Shifted {
+                pivot: pivot.to_f64() as f32,
+            },
+            Centred::Gradient {
+                pivot,
+                shifted_mean,
+            } => Centred::Gradient {
+                pivot: pivot.to_f64() as f32,
+                shifted_mean: shifted_mean.to_f64() as f32,
+            },
+        }
+    }
+}
+
+/// `s` as float32.
+///
+/// # Safety
+/// `E` must be `f32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn as_f32<E>(s: &[E]) -> &[f32] {
+    // SAFETY: E is f32, so the slice is one of f32 already.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
+}
+
 impl Centred<f32> {
     /// `(pivot, shifted mean, whether u is b)`: [`Centred::Shifted`] subtracts a mean of 0.
     #[inline(always)]
@@ -302,25 +334,14 @@ pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f
     // and its lanes' final sum would outweigh them.
     #[cfg(target_arch = "x86_64")]
     if a.len() >= 8 * LANES && f32_with_avx2::<E>() {
-        // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2.
+        // SAFETY: E is f32 (same type, same layout), and the CPU has AVX2 (and AVX-512F
+        // where that kernel runs).
         unsafe {
-            let cast = |s: &[E]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
-            let centred = match centred {
-                Centred::Shifted { pivot } => Centred::Shifted {
-                    pivot: pivot.to_f64() as f32,
-                },
-                Centred::Gradient {
-                    pivot,
-                    shifted_mean,
-                } => Centred::Gradient {
-                    pivot: pivot.to_f64() as f32,
-                    shifted_mean: shifted_mean.to_f64() as f32,
-                },
-            };
+            let (a, b, centred) = (as_f32(a), as_f32(b), centred.as_f32());
             if std::arch::is_x86_feature_detected!("avx512f") {
-                return product_sums_f32_avx512(cast(a), cast(b), centred);
+                return product_sums_f32_avx512([a], [b], centred)[0];
             }
-            return product_sums_f32_avx2(cast(a), cast(b), centred);
+            return product_sums_f32_avx2(a, b, centred);
         }
     }
     match centred {
@@ -411,41 +432,111 @@ fn finish_lanes(
     (su.iter().sum(), sw.iter().sum())
 }
 
-/// [`product_sums_f32_avx2`] with AVX-512: the same eight float64 lanes, now one register
-/// per sum, so each step widens eight values in one conversion, where AVX2 takes two halves
-/// and an extract (the conversions bound the AVX2 kernel). Bit for bit the same sums.
+/// [`product_sums_f32_avx2`] with AVX-512 over `K` equally long runs side by side: the same
+/// eight float64 lanes per run, now one register per sum, so each step widens eight values in
+/// one conversion, where AVX2 takes two halves and an extract (the conversions bound the AVX2
+/// kernel). Each run's sums are bit for bit those of [`lane_sums`] over it alone; the runs
+/// only share the loop, so that their reads from memory are in flight together.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `b` must be as long as `a` for [`Centred::Gradient`].
+/// The CPU must have AVX-512F; every `a[k]` must be as long as `a[0]`, and `b[k]` at least as
+/// long for [`Centred::Gradient`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn product_sums_f32_avx512(a: &[f32], b: &[f32], centred: Centred<f32>) -> (f64, f64) {
+unsafe fn product_sums_f32_avx512<const K: usize>(
+    a: [&[f32]; K],
+    b: [&[f32]; K],
+    centred: Centred<f32>,
+) -> [(f64, f64); K] {
     use std::arch::x86_64::*;
     let (pivot, shifted_mean, gradient) = centred.parts();
-    assert!(!gradient || b.len() >= a.len());
-    let steps = a.len() / LANES;
-    let (vp, vm) = (_mm256_set1_ps(pivot), _mm256_set1_ps(shifted_mean));
-    let (mut su, mut sw) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    for i in 0..steps {
-        // SAFETY: i·8 + 8 ≤ a.len() (and b.len() when read).
-        let d = _mm256_sub_ps(_mm256_loadu_ps(a.as_ptr().add(i * LANES)), vp);
-        let (u, w) = match gradient {
-            true => {
-                let u = _mm512_cvtps_pd(_mm256_loadu_ps(b.as_ptr().add(i * LANES)));
-                (u, _mm512_cvtps_pd(_mm256_sub_ps(d, vm)))
-            }
-            false => {
-                let d = _mm512_cvtps_pd(d);
-                (d, d)
-            }
-        };
-        su = _mm512_add_pd(su, u);
-        sw = _mm512_add_pd(sw, _mm512_mul_pd(u, w));
+    let len = a[0].len();
+    for k in 0..K {
+        assert!(a[k].len() == len && (!gradient || b[k].len() >= len));
     }
-    let (mut lanes_u, mut lanes_w) = ([0.0f64; LANES], [0.0f64; LANES]);
-    _mm512_storeu_pd(lanes_u.as_mut_ptr(), su);
-    _mm512_storeu_pd(lanes_w.as_mut_ptr(), sw);
-    finish_lanes(a, b, steps * LANES, centred, (lanes_u, lanes_w))
+    let steps = len / LANES;
+    let (vp, vm) = (_mm256_set1_ps(pivot), _mm256_set1_ps(shifted_mean));
+    let (mut su, mut sw) = ([_mm512_setzero_pd(); K], [_mm512_setzero_pd(); K]);
+    for i in 0..steps {
+        for k in 0..K {
+            // SAFETY: i·8 + 8 ≤ len, the length of a[k] (and of b[k] when read).
+            let d = _mm256_sub_ps(_mm256_loadu_ps(a[k].as_ptr().add(i * LANES)), vp);
+            let (u, w) = match gradient {
+                true => {
+                    let u = _mm512_cvtps_pd(_mm256_loadu_ps(b[k].as_ptr().add(i * LANES)));
+                    (u, _mm512_cvtps_pd(_mm256_sub_ps(d, vm)))
+                }
+                false => {
+                    let d = _mm512_cvtps_pd(d);
+                    (d, d)
+                }
+            };
+            su[k] = _mm512_add_pd(su[k], u);
+            sw[k] = _mm512_add_pd(sw[k], _mm512_mul_pd(u, w));
+        }
+    }
+    // A loop, not a closure over the registers: a closure takes them by reference, and the
+    // loop above then stores them to memory at every step.
+    let mut sums = [(0.0, 0.0); K];
+    for k in 0..K {
+        let (mut lanes_u, mut lanes_w) = ([0.0f64; LANES], [0.0f64; LANES]);
+        _mm512_storeu_pd(lanes_u.as_mut_ptr(), su[k]);
+        _mm512_storeu_pd(lanes_w.as_mut_ptr(), sw[k]);
+        sums[k] = finish_lanes(a[k], b[k], steps * LANES, centred, (lanes_u, lanes_w));
+    }
+    sums
+}
+
+/// How many images' runs [`sums_over_images`] reads side by side.
+pub(crate) const RUNS: usize = 4;
+
+/// Per item `j` of `sums`, adds `Σ_n product_sums(a, b, centred)` over the images `n` in
+/// `0..images`, in image order, where `run(n, j)` gives image `n`'s `(a, b, centred)` (the
+/// same `centred` and run length for every image). Each run's sums and the order they are
+/// added in are those of one [`product_sums`] call per run, bit for bit; on float32 with
+/// AVX-512 the runs of [`RUNS`] images, an image apart in memory, go through one kernel, so
+/// that the core reads several streams at once where a lone run's reads wait on memory.
+#[inline(always)]
+pub(crate) fn sums_over_images<'a, E: Real>(
+    images: usize,
+    sums: &mut [(f64, f64)],
+    run: impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
+) {
+    let add = |sum: &mut (f64, f64), (s, q): (f64, f64)| *sum = (sum.0 + s, sum.1 + q);
+    let mut first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if f32_with_avx2::<E>() && std::arch::is_x86_feature_detected!("avx512f") {
+        while first + RUNS <= images {
+            for (j, sum) in sums.iter_mut().enumerate() {
+                let runs: [_; RUNS] = std::array::from_fn(|k| run(first + k, j));
+                if runs[0].0.len() < 8 * LANES {
+                    // Short runs: as product_sums takes them, one by one.
+                    for (a, b, centred) in runs {
+                        add(sum, product_sums(a, b, centred));
+                    }
+                    continue;
+                }
+                // SAFETY: E is f32 and the CPU has AVX-512F; the runs are equally long.
+                let got = unsafe {
+                    product_sums_f32_avx512(
+                        runs.map(|r| as_f32(r.0)),
+                        runs.map(|r| as_f32(r.1)),
+                        runs[0].2.as_f32(),
+                    )
+                };
+                for sums in got {
+                    add(sum, sums);
+                }
+            }
+            first += RUNS;
+        }
+    }
+    for n in first..images {
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let (a, b, centred) = run(n, j);
+            add(sum, product_sums(a, b, centred));
+        }
+    }
 }
 
 /// Planes per rayon task, so that each task has a few thousand values to work on.
@@ -543,7 +634,7 @@ mod tests {
                 ),
                 (
                     std::arch::is_x86_feature_detected!("avx512f"),
-                    product_sums_f32_avx512,
+                    |a, b, c| unsafe { product_sums_f32_avx512([a], [b], c)[0] },
                 ),
             ] {
                 if has {
@@ -552,6 +643,57 @@ mod tests {
                     let shifted_here = run(Centred::Shifted { pivot });
                     assert_eq!((shifted_here, run(centred)), (shifted, gradient), "{len}");
                 }
+            }
+        }
+    }
+
+    /// Runs of several images through one kernel add up as one lane loop per run does, in
+    /// image order, bit for bit: seven images (a group of four and three alone), runs long
+    /// enough for the kernel (with a tail) and too short for it, both kinds of sums.
+    #[test]
+    fn sums_over_images_equal_one_lane_loop_per_run() {
+        let images = 7;
+        for len in [13, 787] {
+            let a: Vec<f32> = (0..images * len)
+                .map(|i| 1000.0 + ((i * 37) % 101) as f32 * 0.013)
+                .collect();
+            let b: Vec<f32> = (0..images * len)
+                .map(|i| ((i * 53) % 97) as f32 * 0.021 - 1.0)
+                .collect();
+            // Two items: the second reads its runs shifted by one value.
+            let run = |t: &'static [f32], n: usize, j: usize| &t[n * len + j..][..len - 1];
+            let (a, b): (&'static [f32], &'static [f32]) = (a.leak(), b.leak());
+            let (pivot, shifted_mean) = (1000.25f32, 0.37f32);
+            let d = |v: f32| (v - pivot) as f64;
+            for gradient in [false, true] {
+                let centred = match gradient {
+                    false => Centred::Shifted { pivot },
+                    true => Centred::Gradient {
+                        pivot,
+                        shifted_mean,
+                    },
+                };
+                let mut got = [(0.0, 0.0); 2];
+                sums_over_images(images, &mut got, |n, j| {
+                    (run(a, n, j), run(b, n, j), centred)
+                });
+                let mut want = [(0.0, 0.0); 2];
+                for n in 0..images {
+                    for (j, sum) in want.iter_mut().enumerate() {
+                        let (x, g) = (run(a, n, j), run(b, n, j));
+                        let (s, q) = match gradient {
+                            false => lane_sums(x, x, |v, _| d(v), |v, _| d(v) * d(v)),
+                            true => lane_sums(
+                                x,
+                                g,
+                                |_, g| g as f64,
+                                |v, g| g as f64 * ((v - pivot) - shifted_mean) as f64,
+                            ),
+                        };
+                        *sum = (sum.0 + s, sum.1 + q);
+                    }
+                }
+                assert_eq!(got, want, "runs of {len}, gradient {gradient}");
             }
         }
     }

@@ -11,8 +11,8 @@ use super::rows::{self, RowsOut};
 use super::stats::ChannelStats;
 use crate::norm::epilogue::{Activation, Epilogue, Pool};
 use crate::ops::cpu::{
-    assume_init, channels_per_task, fill, planes_per_task, product_sums, simd_fn, uninit, Centred,
-    Dims, Real,
+    assume_init, channels_per_task, fill, planes_per_task, product_sums, simd_fn, sums_over_images,
+    uninit, Dims, Real,
 };
 use crate::ops::epilogue::kernels::{epilogue_grad_plane, pool_plane, unpool_max2};
 
@@ -193,14 +193,11 @@ simd_fn! {
     /// [`shifted_sums`](super::stats::shifted_sums) reads.
     pub(crate) fn dy_sums<E: Real>(x: &[E], image: usize, dy: &[E], dims: Dims, channels: Range<usize>, stats: &[ChannelStats<E>]) -> Vec<(f64, f64)> {
         let mut sums = vec![(0.0, 0.0); channels.len()];
-        for n in 0..dims.n {
-            for (c, (sum, &st)) in channels.clone().zip(sums.iter_mut().zip(stats)) {
-                let start = (n * dims.c + c) * dims.s;
-                let xs = &x[n * image + c * dims.s..][..dims.s];
-                let (a, b) = dz_sums(xs, &dy[start..][..dims.s], st);
-                *sum = (sum.0 + a, sum.1 + b);
-            }
-        }
+        sums_over_images(dims.n, &mut sums, |n, j| {
+            let c = channels.start + j;
+            let xs = &x[n * image + c * dims.s..][..dims.s];
+            (xs, &dy[(n * dims.c + c) * dims.s..][..dims.s], stats[j].gradient_runs())
+        });
         sums
     }
 }
@@ -208,12 +205,7 @@ simd_fn! {
 /// `Σ g` and `Σ g · (x - mean)` over a run of `x` and its gradient `g`: BN's backward sums.
 #[inline(always)]
 pub(crate) fn dz_sums<E: Real>(x: &[E], g: &[E], st: ChannelStats<E>) -> (f64, f64) {
-    // `centered` as ChannelStats computes it: (x - pivot) - shifted mean.
-    let centred = Centred::Gradient {
-        pivot: st.pivot,
-        shifted_mean: st.shifted_mean,
-    };
-    product_sums(x, g, centred)
+    product_sums(x, g, st.gradient_runs())
 }
 
 /// Per-channel `Σ dy` and `Σ dy · x̂`, the reductions of the backward pass, for BN alone.

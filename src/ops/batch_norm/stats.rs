@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::ops::cpu::{channels_per_task, product_sums, simd_fn, Centred, Dims, Real};
+use crate::ops::cpu::{channels_per_task, simd_fn, sums_over_images, Centred, Dims, Real};
 
 /// One channel's batch statistics, kept in the element type for the element-wise passes.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,16 @@ impl<E: Real> ChannelStats<E> {
         x.sub(self.pivot).sub(self.shifted_mean)
     }
 
+    /// The runs of BN's backward sums: `x` centred as [`Self::centered`] centres it, beside
+    /// its gradient.
+    #[inline(always)]
+    pub(crate) fn gradient_runs(&self) -> Centred<E> {
+        Centred::Gradient {
+            pivot: self.pivot,
+            shifted_mean: self.shifted_mean,
+        }
+    }
+
     /// BN's backward sums `(Σ dz, Σ dz·x̂)` from `(Σ dz, Σ dz·(x - mean))`.
     #[inline(always)]
     pub(crate) fn xhat_sums(&self, (sum, centred): (f64, f64)) -> (f64, f64) {
@@ -44,8 +54,9 @@ impl<E: Real> ChannelStats<E> {
 simd_fn! {
     /// Per channel of `channels`, `Σ (x - pivot)` and `Σ (x - pivot)²` (`pivots` in the same
     /// order), the images of `x` `image` values apart (`C·S` when `x` is its own tensor). Image
-    /// by image, a run of each channel in turn: contiguous reads, where channel after channel
-    /// reads runs an image apart; each channel's sum is still taken run by run in image order.
+    /// by image (a few side by side), a run of each channel in turn: contiguous reads, where
+    /// channel after channel reads runs an image apart; each channel's sum is still taken run
+    /// by run in image order.
     pub(crate) fn shifted_sums<E: Real>(x: &[E], dims: Dims, image: usize, channels: Range<usize>, pivots: &[E]) -> Vec<(f64, f64)> {
         let mut sums = vec![(0.0, 0.0); channels.len()];
         if dims.s == 1 {
@@ -56,13 +67,10 @@ simd_fn! {
             }
             return sums;
         }
-        for n in 0..dims.n {
-            for (c, (sum, &pivot)) in channels.clone().zip(sums.iter_mut().zip(pivots)) {
-                let run = &x[n * image + c * dims.s..][..dims.s];
-                let (s, q) = product_sums(run, run, Centred::Shifted { pivot });
-                *sum = (sum.0 + s, sum.1 + q);
-            }
-        }
+        sums_over_images(dims.n, &mut sums, |n, j| {
+            let run = &x[n * image + (channels.start + j) * dims.s..][..dims.s];
+            (run, run, Centred::Shifted { pivot: pivots[j] })
+        });
         sums
     }
 }
