@@ -341,7 +341,7 @@ pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f
             if std::arch::is_x86_feature_detected!("avx512f") {
                 return product_sums_f32_avx512([a], [b], centred)[0];
             }
-            return product_sums_f32_avx2(a, b, centred);
+            return product_sums_f32_avx2([a], [b], centred)[0];
         }
     }
     match centred {
@@ -369,44 +369,57 @@ pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f
 /// The CPU must have AVX2; `b` must be as long as `a` for [`Centred::Gradient`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn product_sums_f32_avx2(a: &[f32], b: &[f32], centred: Centred<f32>) -> (f64, f64) {
+unsafe fn product_sums_f32_avx2<const K: usize>(
+    a: [&[f32]; K],
+    b: [&[f32]; K],
+    centred: Centred<f32>,
+) -> [(f64, f64); K] {
     use std::arch::x86_64::*;
     let (pivot, shifted_mean, gradient) = centred.parts();
-    assert!(!gradient || b.len() >= a.len());
-    let steps = a.len() / LANES;
-    let (vp, vm) = (_mm256_set1_ps(pivot), _mm256_set1_ps(shifted_mean));
-    let (mut su_lo, mut su_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    let (mut sw_lo, mut sw_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    for i in 0..steps {
-        // SAFETY: i·8 + 8 ≤ a.len() (and b.len() when read).
-        let va = _mm256_loadu_ps(a.as_ptr().add(i * LANES));
-        let d = _mm256_sub_ps(va, vp);
-        let (u, w) = match gradient {
-            true => (
-                _mm256_loadu_ps(b.as_ptr().add(i * LANES)),
-                _mm256_sub_ps(d, vm),
-            ),
-            false => (d, d),
-        };
-        let (u_lo, u_hi) = (
-            _mm256_cvtps_pd(_mm256_castps256_ps128(u)),
-            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(u)),
-        );
-        let (w_lo, w_hi) = (
-            _mm256_cvtps_pd(_mm256_castps256_ps128(w)),
-            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)),
-        );
-        su_lo = _mm256_add_pd(su_lo, u_lo);
-        su_hi = _mm256_add_pd(su_hi, u_hi);
-        sw_lo = _mm256_add_pd(sw_lo, _mm256_mul_pd(u_lo, w_lo));
-        sw_hi = _mm256_add_pd(sw_hi, _mm256_mul_pd(u_hi, w_hi));
+    let len = a[0].len();
+    for k in 0..K {
+        assert!(a[k].len() == len && (!gradient || b[k].len() >= len));
     }
-    let (mut su, mut sw) = ([0.0f64; LANES], [0.0f64; LANES]);
-    _mm256_storeu_pd(su.as_mut_ptr(), su_lo);
-    _mm256_storeu_pd(su.as_mut_ptr().add(4), su_hi);
-    _mm256_storeu_pd(sw.as_mut_ptr(), sw_lo);
-    _mm256_storeu_pd(sw.as_mut_ptr().add(4), sw_hi);
-    finish_lanes(a, b, steps * LANES, centred, (su, sw))
+    let steps = len / LANES;
+    let (vp, vm) = (_mm256_set1_ps(pivot), _mm256_set1_ps(shifted_mean));
+    let (mut su_lo, mut su_hi) = ([_mm256_setzero_pd(); K], [_mm256_setzero_pd(); K]);
+    let (mut sw_lo, mut sw_hi) = ([_mm256_setzero_pd(); K], [_mm256_setzero_pd(); K]);
+    for i in 0..steps {
+        for k in 0..K {
+            // SAFETY: i·8 + 8 ≤ len, the length of a[k] (and of b[k] when read).
+            let va = _mm256_loadu_ps(a[k].as_ptr().add(i * LANES));
+            let d = _mm256_sub_ps(va, vp);
+            let (u, w) = match gradient {
+                true => (
+                    _mm256_loadu_ps(b[k].as_ptr().add(i * LANES)),
+                    _mm256_sub_ps(d, vm),
+                ),
+                false => (d, d),
+            };
+            let (u_lo, u_hi) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(u)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(u)),
+            );
+            let (w_lo, w_hi) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(w)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)),
+            );
+            su_lo[k] = _mm256_add_pd(su_lo[k], u_lo);
+            su_hi[k] = _mm256_add_pd(su_hi[k], u_hi);
+            sw_lo[k] = _mm256_add_pd(sw_lo[k], _mm256_mul_pd(u_lo, w_lo));
+            sw_hi[k] = _mm256_add_pd(sw_hi[k], _mm256_mul_pd(u_hi, w_hi));
+        }
+    }
+    let mut sums = [(0.0, 0.0); K];
+    for k in 0..K {
+        let (mut su, mut sw) = ([0.0f64; LANES], [0.0f64; LANES]);
+        _mm256_storeu_pd(su.as_mut_ptr(), su_lo[k]);
+        _mm256_storeu_pd(su.as_mut_ptr().add(4), su_hi[k]);
+        _mm256_storeu_pd(sw.as_mut_ptr(), sw_lo[k]);
+        _mm256_storeu_pd(sw.as_mut_ptr().add(4), sw_hi[k]);
+        sums[k] = finish_lanes(a[k], b[k], steps * LANES, centred, (su, sw));
+    }
+    sums
 }
 
 /// The kernels' last step: the values from `from` on (fewer than [`LANES`]) added to the
@@ -487,56 +500,76 @@ unsafe fn product_sums_f32_avx512<const K: usize>(
     sums
 }
 
-/// How many images' runs [`sums_over_images`] reads side by side.
-pub(crate) const RUNS: usize = 4;
-
 /// Per item `j` of `sums`, adds `Σ_n product_sums(a, b, centred)` over the images `n` in
 /// `0..images`, in image order, where `run(n, j)` gives image `n`'s `(a, b, centred)` (the
 /// same `centred` and run length for every image). Each run's sums and the order they are
-/// added in are those of one [`product_sums`] call per run, bit for bit; on float32 with
-/// AVX-512 the runs of [`RUNS`] images, an image apart in memory, go through one kernel, so
-/// that the core reads several streams at once where a lone run's reads wait on memory.
+/// added in are those of one [`product_sums`] call per run, bit for bit; on float32 the runs
+/// of a few images (four with AVX-512, two with AVX2, as many as the registers hold), an image
+/// apart in memory, go through one kernel, so that the core reads several streams at once
+/// where a lone run's reads wait on memory.
 #[inline(always)]
 pub(crate) fn sums_over_images<'a, E: Real>(
     images: usize,
     sums: &mut [(f64, f64)],
     run: impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
 ) {
-    let add = |sum: &mut (f64, f64), (s, q): (f64, f64)| *sum = (sum.0 + s, sum.1 + q);
     let mut first = 0;
     #[cfg(target_arch = "x86_64")]
-    if f32_with_avx2::<E>() && std::arch::is_x86_feature_detected!("avx512f") {
-        while first + RUNS <= images {
-            for (j, sum) in sums.iter_mut().enumerate() {
-                let runs: [_; RUNS] = std::array::from_fn(|k| run(first + k, j));
-                if runs[0].0.len() < 8 * LANES {
-                    // Short runs: as product_sums takes them, one by one.
-                    for (a, b, centred) in runs {
-                        add(sum, product_sums(a, b, centred));
-                    }
-                    continue;
-                }
-                // SAFETY: E is f32 and the CPU has AVX-512F; the runs are equally long.
-                let got = unsafe {
-                    product_sums_f32_avx512(
-                        runs.map(|r| as_f32(r.0)),
-                        runs.map(|r| as_f32(r.1)),
-                        runs[0].2.as_f32(),
-                    )
-                };
-                for sums in got {
-                    add(sum, sums);
-                }
-            }
-            first += RUNS;
-        }
+    if f32_with_avx2::<E>() {
+        first = match std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            true => runs_side_by_side::<_, 4>(images, sums, &run, |a, b, c| unsafe {
+                product_sums_f32_avx512(a, b, c)
+            }),
+            // SAFETY: the CPU has AVX2.
+            false => runs_side_by_side::<_, 2>(images, sums, &run, |a, b, c| unsafe {
+                product_sums_f32_avx2(a, b, c)
+            }),
+        };
     }
     for n in first..images {
         for (j, sum) in sums.iter_mut().enumerate() {
             let (a, b, centred) = run(n, j);
-            add(sum, product_sums(a, b, centred));
+            add_sums(sum, product_sums(a, b, centred));
         }
     }
+}
+
+#[inline(always)]
+fn add_sums(sum: &mut (f64, f64), (s, q): (f64, f64)) {
+    *sum = (sum.0 + s, sum.1 + q);
+}
+
+/// [`sums_over_images`]' float32 part: the images `K` at a time through `kernel`, as far as
+/// whole groups of `K` go; returns the first image left. Short runs (ResNet-18's small maps)
+/// go one by one, as [`product_sums`] takes them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn runs_side_by_side<'a, E: Real, const K: usize>(
+    images: usize,
+    sums: &mut [(f64, f64)],
+    run: &impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
+    kernel: impl Fn([&[f32]; K], [&[f32]; K], Centred<f32>) -> [(f64, f64); K],
+) -> usize {
+    let mut first = 0;
+    while first + K <= images {
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let runs: [_; K] = std::array::from_fn(|k| run(first + k, j));
+            if runs[0].0.len() < 8 * LANES {
+                for (a, b, centred) in runs {
+                    add_sums(sum, product_sums(a, b, centred));
+                }
+                continue;
+            }
+            // SAFETY: E is f32 (sums_over_images checked); the runs are equally long.
+            let (a, b) = unsafe { (runs.map(|r| as_f32(r.0)), runs.map(|r| as_f32(r.1))) };
+            for sums in kernel(a, b, runs[0].2.as_f32()) {
+                add_sums(sum, sums);
+            }
+        }
+        first += K;
+    }
+    first
 }
 
 /// Planes per rayon task, so that each task has a few thousand values to work on.
@@ -630,7 +663,8 @@ mod tests {
             for (has, kernel) in [
                 (
                     std::arch::is_x86_feature_detected!("avx2"),
-                    product_sums_f32_avx2 as unsafe fn(&[f32], &[f32], Centred<f32>) -> _,
+                    (|a, b, c| unsafe { product_sums_f32_avx2([a], [b], c)[0] })
+                        as unsafe fn(&[f32], &[f32], Centred<f32>) -> _,
                 ),
                 (
                     std::arch::is_x86_feature_detected!("avx512f"),
@@ -648,8 +682,9 @@ mod tests {
     }
 
     /// Runs of several images through one kernel add up as one lane loop per run does, in
-    /// image order, bit for bit: seven images (a group of four and three alone), runs long
-    /// enough for the kernel (with a tail) and too short for it, both kinds of sums.
+    /// image order, bit for bit: seven images (groups of four or two, and the rest alone),
+    /// runs long enough for the kernels (with a tail) and too short for them, both kinds of
+    /// sums, through each kernel this CPU has.
     #[test]
     fn sums_over_images_equal_one_lane_loop_per_run() {
         let images = 7;
@@ -694,6 +729,36 @@ mod tests {
                     }
                 }
                 assert_eq!(got, want, "runs of {len}, gradient {gradient}");
+                // Each kernel this CPU can run, whichever sums_over_images picks.
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let runs = |n, j| (run(a, n, j), run(b, n, j), centred);
+                    let rest = |first, sums: &mut [(f64, f64)]| {
+                        for n in first..images {
+                            for (j, sum) in sums.iter_mut().enumerate() {
+                                add_sums(sum, product_sums(run(a, n, j), run(b, n, j), centred));
+                            }
+                        }
+                    };
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        let mut two = [(0.0, 0.0); 2];
+                        // SAFETY: the CPU has AVX2.
+                        let first = runs_side_by_side(images, &mut two, &runs, |a, b, c| unsafe {
+                            product_sums_f32_avx2::<2>(a, b, c)
+                        });
+                        rest(first, &mut two);
+                        assert_eq!(two, want, "AVX2, runs of {len}, gradient {gradient}");
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        let mut four = [(0.0, 0.0); 2];
+                        // SAFETY: the CPU has AVX-512F.
+                        let first = runs_side_by_side(images, &mut four, &runs, |a, b, c| unsafe {
+                            product_sums_f32_avx512::<4>(a, b, c)
+                        });
+                        rest(first, &mut four);
+                        assert_eq!(four, want, "AVX-512, runs of {len}, gradient {gradient}");
+                    }
+                }
             }
         }
     }
