@@ -98,6 +98,7 @@ pub fn train_forward<E: Real>(
         .flat_map_iter(|(t, task)| {
             let channels = t * group..t * group + task.len();
             let stats = group_stats(x, dims, dims.c * dims.s, channels.clone(), eps);
+            let streams = StreamedStores::new();
             let mut task: Vec<_> = task
                 .into_iter()
                 .map(|(outs, pooled)| (outs.into_iter(), pooled.map(|p| p.into_iter())))
@@ -108,7 +109,7 @@ pub fn train_forward<E: Real>(
                     let out = outs.next().expect("one per image");
                     let input = &x[(n * dims.c + c) * dims.s..][..dims.s];
                     let scale = E::from_f64(gamma[c].to_f64() * st.inv_std.to_f64());
-                    if stream && stream_plane(input, st, (scale, beta[c]), None, out) {
+                    if stream && stream_plane(&streams, input, st, (scale, beta[c]), None, out) {
                         continue;
                     }
                     let pooled = pooled.as_mut().map(|p| p.next().expect("one per plane"));
@@ -191,6 +192,7 @@ pub fn train_backward<E: Real>(
                     .map(|(c, (&st, &sums))| input_grad_coefficient(dims, st, gamma[c], sums))
                     .collect();
                 let mut task: Vec<_> = task.into_iter().map(Vec::into_iter).collect();
+                let streams = StreamedStores::new();
                 for n in 0..dims.n {
                     for (c, (outs, (&st, &coefficient))) in channels
                         .clone()
@@ -200,7 +202,7 @@ pub fn train_backward<E: Real>(
                         let at = (n, c, dims.c);
                         let (xs, gs) = (plane_of(x, at, dims.s), plane_of(dout, at, dims.s));
                         let (a, b, k) = coefficient;
-                        if !(stream && stream_plane(xs, st, (b, k), Some((gs, a)), out)) {
+                        if !(stream && stream_plane(&streams, xs, st, (b, k), Some((gs, a)), out)) {
                             input_grad_plane(xs, gs, st, coefficient, out);
                         }
                     }

@@ -106,7 +106,9 @@ simd_fn! {
 /// (without an epilogue) write. For outputs larger than the cache can keep beside their
 /// input: an ordinary store first reads each line it writes, a seventh tensor's traffic in
 /// W6's five. Returns false, writing nothing, where it has no kernel (not float32, no AVX2).
+/// The stores are fenced when `_streams` ends.
 pub(crate) fn stream_plane<E: Real>(
+    _streams: &StreamedStores,
     x: &[E],
     st: ChannelStats<E>,
     (b, k): (E, E),
@@ -129,8 +131,30 @@ pub(crate) fn stream_plane<E: Real>(
     false
 }
 
+/// A scope of [`stream_plane`]'s stores: a store fence when it is dropped, on the thread that
+/// made them (it cannot be sent to another), so that their output is in memory before any
+/// other thread reads it. One fence for a task's planes, not one a plane: each fence waits
+/// for the stores before it to drain.
+pub(crate) struct StreamedStores(std::marker::PhantomData<*const ()>);
+
+impl StreamedStores {
+    pub(crate) fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl Drop for StreamedStores {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE, sfence's one feature, is part of x86-64.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
+    }
+}
+
 /// [`stream_plane`] on float32 with AVX2: a scalar head up to a 32-byte boundary of `out`,
-/// eight values a step with `vmovntps`, a scalar tail, then a store fence.
+/// eight values a step with `vmovntps`, a scalar tail; unfenced.
 ///
 /// # Safety
 /// The CPU must have AVX2; `x` (and `g`) at least as long as `out`.
@@ -183,7 +207,6 @@ unsafe fn stream_plane_f32_avx2(
     for (i, o) in out[tail..].iter_mut().enumerate() {
         o.write(value(tail + i));
     }
-    _mm_sfence();
 }
 
 simd_fn! {
@@ -552,7 +575,7 @@ mod tests {
             let (want_out, got_out) = (&mut want[offset..][..len], &mut got[offset..][..len]);
             let plane = (1, len);
             forward_plane(x, st, scale, shift, Epilogue::NONE, plane, want_out, None);
-            if !stream_plane(x, st, (scale, shift), None, got_out) {
+            if !stream_plane(&StreamedStores::new(), x, st, (scale, shift), None, got_out) {
                 return; // no kernel on this CPU: nothing to compare
             }
             // SAFETY: both planes were written in full above.
@@ -561,6 +584,7 @@ mod tests {
             let coefficients = (a, scale, shift);
             input_grad_plane(x, g, st, coefficients, want_out_of(w));
             assert!(stream_plane(
+                &StreamedStores::new(),
                 x,
                 st,
                 (scale, shift),
