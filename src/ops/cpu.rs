@@ -361,12 +361,14 @@ pub(crate) fn product_sums<E: Real>(a: &[E], b: &[E], centred: Centred<E>) -> (f
     }
 }
 
-/// [`product_sums`] on float32 with AVX2: eight values a step, their `u` and `w` formed in
-/// float32, widened in two halves of four, and summed into the same eight float64 lanes as
-/// [`lane_sums`] (lanes 0–3 the low half); the tail goes to the first lanes, as there.
+/// [`product_sums`] on float32 with AVX2, over `K` equally long runs side by side: eight
+/// values a step, their `u` and `w` formed in float32, widened in two halves of four, and
+/// summed into each run's own eight float64 lanes as [`lane_sums`] sums them (lanes 0–3 the
+/// low half); the tail goes to the first lanes, as there.
 ///
 /// # Safety
-/// The CPU must have AVX2; `b` must be as long as `a` for [`Centred::Gradient`].
+/// The CPU must have AVX2; every `a[k]` must be as long as `a[0]`, and `b[k]` at least as
+/// long for [`Centred::Gradient`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn product_sums_f32_avx2<const K: usize>(
