@@ -515,20 +515,35 @@ pub(crate) fn sums_over_images<'a, E: Real>(
     sums: &mut [(f64, f64)],
     run: impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
 ) {
-    let mut first = 0;
     #[cfg(target_arch = "x86_64")]
     if f32_with_avx2::<E>() {
-        first = match std::arch::is_x86_feature_detected!("avx512f") {
+        return match std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            true => runs_side_by_side::<_, 4>(images, sums, &run, |a, b, c| unsafe {
+            true => sums_through::<_, 4>(images, sums, &run, |a, b, c| unsafe {
                 product_sums_f32_avx512(a, b, c)
             }),
             // SAFETY: the CPU has AVX2.
-            false => runs_side_by_side::<_, 2>(images, sums, &run, |a, b, c| unsafe {
+            false => sums_through::<_, 2>(images, sums, &run, |a, b, c| unsafe {
                 product_sums_f32_avx2(a, b, c)
             }),
         };
     }
+    add_runs_from(0, images, sums, &run);
+}
+
+#[inline(always)]
+fn add_sums(sum: &mut (f64, f64), (s, q): (f64, f64)) {
+    *sum = (sum.0 + s, sum.1 + q);
+}
+
+/// [`sums_over_images`]' images from `first` on, one run at a time.
+#[inline(always)]
+fn add_runs_from<'a, E: Real>(
+    first: usize,
+    images: usize,
+    sums: &mut [(f64, f64)],
+    run: &impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
+) {
     for n in first..images {
         for (j, sum) in sums.iter_mut().enumerate() {
             let (a, b, centred) = run(n, j);
@@ -537,32 +552,22 @@ pub(crate) fn sums_over_images<'a, E: Real>(
     }
 }
 
-#[inline(always)]
-fn add_sums(sum: &mut (f64, f64), (s, q): (f64, f64)) {
-    *sum = (sum.0 + s, sum.1 + q);
-}
-
-/// [`sums_over_images`]' float32 part: the images `K` at a time through `kernel`, as far as
-/// whole groups of `K` go; returns the first image left. Short runs (ResNet-18's small maps)
-/// go one by one, as [`product_sums`] takes them.
+/// [`sums_over_images`] on float32: the images `K` at a time through `kernel` as far as whole
+/// groups of `K` go, the rest one by one. Short runs (ResNet-18's small maps) all go one by
+/// one, as [`product_sums`] takes them.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn runs_side_by_side<'a, E: Real, const K: usize>(
+fn sums_through<'a, E: Real, const K: usize>(
     images: usize,
     sums: &mut [(f64, f64)],
     run: &impl Fn(usize, usize) -> (&'a [E], &'a [E], Centred<E>),
     kernel: impl Fn([&[f32]; K], [&[f32]; K], Centred<f32>) -> [(f64, f64); K],
-) -> usize {
+) {
     let mut first = 0;
-    while first + K <= images {
+    let long = images > 0 && !sums.is_empty() && run(0, 0).0.len() >= 8 * LANES;
+    while long && first + K <= images {
         for (j, sum) in sums.iter_mut().enumerate() {
             let runs: [_; K] = std::array::from_fn(|k| run(first + k, j));
-            if runs[0].0.len() < 8 * LANES {
-                for (a, b, centred) in runs {
-                    add_sums(sum, product_sums(a, b, centred));
-                }
-                continue;
-            }
             // SAFETY: E is f32 (sums_over_images checked); the runs are equally long.
             let (a, b) = unsafe { (runs.map(|r| as_f32(r.0)), runs.map(|r| as_f32(r.1))) };
             for sums in kernel(a, b, runs[0].2.as_f32()) {
@@ -571,7 +576,7 @@ fn runs_side_by_side<'a, E: Real, const K: usize>(
         }
         first += K;
     }
-    first
+    add_runs_from(first, images, sums, run);
 }
 
 /// Planes per rayon task, so that each task has a few thousand values to work on.
@@ -727,7 +732,7 @@ mod tests {
                                 |v, g| g as f64 * ((v - pivot) - shifted_mean) as f64,
                             ),
                         };
-                        *sum = (sum.0 + s, sum.1 + q);
+                        add_sums(sum, (s, q));
                     }
                 }
                 assert_eq!(got, want, "runs of {len}, gradient {gradient}");
@@ -735,29 +740,20 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 {
                     let runs = |n, j| (run(a, n, j), run(b, n, j), centred);
-                    let rest = |first, sums: &mut [(f64, f64)]| {
-                        for n in first..images {
-                            for (j, sum) in sums.iter_mut().enumerate() {
-                                add_sums(sum, product_sums(run(a, n, j), run(b, n, j), centred));
-                            }
-                        }
-                    };
                     if std::arch::is_x86_feature_detected!("avx2") {
                         let mut two = [(0.0, 0.0); 2];
                         // SAFETY: the CPU has AVX2.
-                        let first = runs_side_by_side(images, &mut two, &runs, |a, b, c| unsafe {
+                        sums_through(images, &mut two, &runs, |a, b, c| unsafe {
                             product_sums_f32_avx2::<2>(a, b, c)
                         });
-                        rest(first, &mut two);
                         assert_eq!(two, want, "AVX2, runs of {len}, gradient {gradient}");
                     }
                     if std::arch::is_x86_feature_detected!("avx512f") {
                         let mut four = [(0.0, 0.0); 2];
                         // SAFETY: the CPU has AVX-512F.
-                        let first = runs_side_by_side(images, &mut four, &runs, |a, b, c| unsafe {
+                        sums_through(images, &mut four, &runs, |a, b, c| unsafe {
                             product_sums_f32_avx512::<4>(a, b, c)
                         });
-                        rest(first, &mut four);
                         assert_eq!(four, want, "AVX-512, runs of {len}, gradient {gradient}");
                     }
                 }
