@@ -397,9 +397,10 @@ def crosscheck(args):
 
 
 def train_epoch(args):
-    """One epoch of SGD from the weights in STATE, in file order (bnlab's --no-shuffle), and
-    the epoch's mean training loss: what `bnlab train --init STATE --no-shuffle --epochs 1`
-    must reproduce."""
+    """One epoch of SGD (or Adam) from the weights in STATE, in file order (bnlab's
+    --no-shuffle), and the epoch's mean training loss: what `bnlab train --init STATE
+    --no-shuffle --epochs 1` (with the same --optimizer, --lr, --batch-size, --resize and
+    --limit-batches) must reproduce. Each step's loss is printed too."""
     state, raw_meta = read_safetensors(args.state)
     meta = json.loads(raw_meta.get("bnlab", "{}"))
     kind = args.model or meta.get("model", "lenet-bn")
@@ -410,15 +411,24 @@ def train_epoch(args):
     dtype = torch.float64 if args.float64 else torch.float32
     net = net.to(dtype)
     net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr)
+    if args.optimizer == "adam":
+        # bnlab's Adam: PyTorch's defaults (betas 0.9, 0.999; eps 1e-8).
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
     images = read_idx(find(args.data_dir, "train-images-idx3-ubyte"))
     labels = read_idx(find(args.data_dir, "train-labels-idx1-ubyte")).astype(np.int64)
     bs = args.batch_size or 256  # bnlab train's default
     n = len(images) if args.limit_batches is None else min(len(images), args.limit_batches * bs)
-    total, seen = 0.0, 0
+    total, seen, steps = 0.0, 0, []
     for i in range(0, n, bs):
-        x = torch.from_numpy(images[i:i + bs].astype(np.float32) / 255.0).unsqueeze(1).to(dtype)
+        x = torch.from_numpy(images[i:i + bs].astype(np.float32) / 255.0).unsqueeze(1)
+        if args.size and args.size != 28:
+            # bnlab's resize: bilinear with half-pixel centres, in float32.
+            x = F.interpolate(x, size=(args.size, args.size), mode="bilinear",
+                              align_corners=False)
+        x = x.to(dtype)
         y = torch.from_numpy(labels[i:i + bs])
         loss = loss_fn(net(x), y)
         opt.zero_grad()
@@ -426,9 +436,11 @@ def train_epoch(args):
         opt.step()
         total += loss.item() * len(y)
         seen += len(y)
+        steps.append(loss.item())
     if args.save_trained:
         write_safetensors(net.float().state_dict(), args.save_trained)
-    print(json.dumps({"model": kind, "norm": norm, "lr": args.lr, "batch_size": bs,
+    print(json.dumps({"model": kind, "norm": norm, "optimizer": args.optimizer, "lr": args.lr,
+                      "batch_size": bs, "size": args.size or 28, "step_losses": steps,
                       "dtype": str(dtype).replace("torch.", ""),
                       "examples": seen, "train_loss": total / seen,
                       "torch_version": torch.__version__}))
@@ -459,6 +471,8 @@ def main():
     ap.add_argument("--train-epoch", action="store_true",
                     help="train one SGD epoch in file order from STATE and print its train loss")
     ap.add_argument("--lr", type=float, default=1.0, help="with --train-epoch (default 1.0)")
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                    help="with --train-epoch (default sgd)")
     ap.add_argument("--limit-batches", type=int, help="with --train-epoch: only the first N batches")
     ap.add_argument("--float64", action="store_true",
                     help="with --train-epoch: train in float64, as a reference for float32 runs")
