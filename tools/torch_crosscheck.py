@@ -421,13 +421,13 @@ def train_epoch(args):
     labels = read_idx(find(args.data_dir, "train-labels-idx1-ubyte")).astype(np.int64)
     bs = args.batch_size or 256  # bnlab train's default
     n = len(images) if args.limit_batches is None else min(len(images), args.limit_batches * bs)
+    size = args.size or int(meta.get("image_size", "28"))
     total, seen, steps = 0.0, 0, []
     for i in range(0, n, bs):
         x = torch.from_numpy(images[i:i + bs].astype(np.float32) / 255.0).unsqueeze(1)
-        if args.size and args.size != 28:
+        if size != 28:
             # bnlab's resize: bilinear with half-pixel centres, in float32.
-            x = F.interpolate(x, size=(args.size, args.size), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = x.to(dtype)
         y = torch.from_numpy(labels[i:i + bs])
         loss = loss_fn(net(x), y)
@@ -440,7 +440,7 @@ def train_epoch(args):
     if args.save_trained:
         write_safetensors(net.float().state_dict(), args.save_trained)
     print(json.dumps({"model": kind, "norm": norm, "optimizer": args.optimizer, "lr": args.lr,
-                      "batch_size": bs, "size": args.size or 28, "step_losses": steps,
+                      "batch_size": bs, "size": size, "step_losses": steps,
                       "dtype": str(dtype).replace("torch.", ""),
                       "examples": seen, "train_loss": total / seen,
                       "torch_version": torch.__version__}))
