@@ -469,7 +469,7 @@ def main():
                          "named children (resnet18, densenet); default: the file's bnlab "
                          "metadata, or d2l")
     ap.add_argument("--train-epoch", action="store_true",
-                    help="train one SGD epoch in file order from STATE and print its train loss")
+                    help="train one epoch (SGD or Adam) in file order from STATE and print its train loss")
     ap.add_argument("--lr", type=float, default=1.0, help="with --train-epoch (default 1.0)")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                     help="with --train-epoch (default sgd)")
